@@ -1,0 +1,579 @@
+"""Dataflow trace of one forward pass: leaf-module calls and the torch functions between them.
+
+Forward hooks on every leaf module plus a ``TorchFunctionMode`` record what the forward
+actually does, so fusion and quant/dequant boundaries never depend on module names or on
+``torch.fx`` being able to trace the model (data-dependent ``if``, Python loops and
+``x.view(x.size(0), -1)`` are all fine). Tensors are identified by *value*: an in-place op
+(``ReLU(inplace=True)``, ``out += identity``) produces a new value of the same tensor, so the
+recorded dataflow is a DAG.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode, resolve_name
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["Call", "Scope", "Trace", "Value", "function_name", "trace"]
+
+# Calls that read only a tensor's metadata. They are not data consumers (fusing or
+# quantizing the producer cannot change their result), so they are not recorded.
+_METADATA_METHODS = frozenset(
+    f"torch.Tensor.{name}"
+    for name in (
+        "size",
+        "dim",
+        "ndimension",
+        "numel",
+        "nelement",
+        "stride",
+        "storage_offset",
+        "is_contiguous",
+        "element_size",
+        "is_floating_point",
+        "is_complex",
+        "is_signed",
+        "get_device",
+        "data_ptr",
+        "__len__",
+        "has_names",
+        "is_pinned",
+        "is_shared",
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """One version of one tensor seen during the trace.
+
+    ``producer`` is the index of the ``Call`` that made it (``None`` for model inputs,
+    parameters, buffers and tensors created outside what the trace sees). ``version_of`` is
+    the value an in-place op overwrote to make this one (same tensor object). ``name`` is
+    ``"args[0]"``/``"kwargs['mask']"`` for model inputs and the dotted name for a parameter
+    or buffer used outside a leaf module (``"scale"``).
+    """
+
+    id: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    producer: int | None
+    version_of: int | None
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One leaf-module call or one torch function/method call outside leaf modules.
+
+    ``target`` is the module's first dotted path (``paths`` lists every path that names the
+    same module object) or the function's name as ``torch.overrides.resolve_name`` spells it
+    (``"torch.flatten"``, ``"torch.Tensor.view"``, ``"torch.Tensor.add_"`` for ``+=``,
+    ``"torch.nn.functional.relu"``). ``inputs``/``outputs`` are value ids, flattened from
+    nested tuples, lists and dicts; an input modified in place appears in ``outputs`` as a new
+    value, and a call that returns its input unchanged (``nn.Identity``) repeats its id.
+    """
+
+    index: int
+    kind: Literal["module", "function"]
+    target: str
+    module_type: type[nn.Module] | None
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """One call of a container (non-leaf) module; ``calls[start:stop]`` ran inside it.
+
+    ``Trace.scopes`` lists them in the order they finish (inner blocks before their parent);
+    the model itself has no scope.
+    """
+
+    target: str
+    paths: tuple[str, ...]
+    module_type: type[nn.Module]
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    start: int
+    stop: int
+
+
+class Trace:
+    """The recorded forward pass: calls in execution order, values, model inputs and outputs.
+
+    >>> t = trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), (torch.randn(1, 2),))
+    >>> [c.target for c in t.consumers(t.calls[0].outputs[0])]
+    ['1']
+    """
+
+    def __init__(
+        self,
+        calls: list[Call],
+        values: dict[int, Value],
+        inputs: tuple[int, ...],
+        outputs: tuple[int, ...],
+        output_paths: tuple[str, ...],
+        scopes: list[Scope],
+    ) -> None:
+        self.calls = calls
+        self.values = values
+        self.inputs = inputs
+        self.outputs = outputs
+        self.output_paths = output_paths
+        self.scopes = scopes
+        self._output_set = frozenset(outputs)
+        self._consumers: dict[int, list[Call]] = {}
+        self._by_path: dict[str, list[Call]] = {}
+        for call in calls:
+            seen: set[int] = set()
+            for vid in call.inputs:
+                if vid not in seen:
+                    seen.add(vid)
+                    self._consumers.setdefault(vid, []).append(call)
+            for path in call.paths:
+                self._by_path.setdefault(path, []).append(call)
+
+    def consumers(self, value_id: int) -> list[Call]:
+        """Calls that read ``value_id``, in execution order, each once (model outputs not included)."""
+        return list(self._consumers.get(value_id, ()))
+
+    def producer(self, value_id: int) -> Call | None:
+        """The call that produced ``value_id``, or ``None`` for inputs, parameters and constants."""
+        index = self.values[value_id].producer
+        return None if index is None else self.calls[index]
+
+    def calls_of(self, module_path: str) -> list[Call]:
+        """Every call of the module object named ``module_path`` (any of its paths), in order."""
+        return list(self._by_path.get(module_path, ()))
+
+    def is_output(self, value_id: int) -> bool:
+        """Whether ``value_id`` is (part of) what the model returns."""
+        return value_id in self._output_set
+
+    def module_calls(self) -> list[Call]:
+        """The leaf-module calls, in execution order."""
+        return [c for c in self.calls if c.kind == "module"]
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def __iter__(self) -> Iterator[Call]:
+        return iter(self.calls)
+
+    def __repr__(self) -> str:
+        return f"<Trace {len(self.calls)} calls, {len(self.values)} values>"
+
+    def __str__(self) -> str:
+        def ids(vids: tuple[int, ...]) -> str:
+            return ", ".join(f"%{v}" for v in vids)
+
+        lines = [f"inputs: {ids(self.inputs)}"]
+        for c in self.calls:
+            kind = c.module_type.__name__ if c.module_type is not None else "fn"
+            lines.append(
+                f"#{c.index} {ids(c.outputs) or '-'} = {c.target} [{kind}]({ids(c.inputs)})"
+            )
+        lines.append(f"outputs: {ids(self.outputs)}")
+        return "\n".join(lines)
+
+
+def _flatten(obj: Any, path: str, out: list[tuple[str, torch.Tensor]]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append((path, obj))
+    elif isinstance(obj, (tuple, list)):
+        for i, item in enumerate(obj):
+            _flatten(item, f"{path}[{i}]", out)
+    elif isinstance(obj, Mapping):
+        for key, item in obj.items():
+            _flatten(item, f"{path}[{key!r}]", out)
+
+
+def _tensors(obj: Any, out: list[torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _tensors(item, out)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            _tensors(item, out)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return int(t._version)
+    except RecursionError:
+        raise
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+def _looks_inplace(name: str, module: nn.Module | None) -> bool:
+    """Fallback for tensors without a version counter (made under ``torch.inference_mode``)."""
+    if module is not None:
+        return bool(getattr(module, "inplace", False))
+    last = name.rsplit(".", 1)[-1]
+    return (last.endswith("_") and not last.endswith("__")) or last.startswith("__i")
+
+
+_NAMES: dict[Any, str] = {}
+
+
+def function_name(func: Callable[..., Any]) -> str:
+    """The name a ``Call`` records for a torch function, as ``torch.overrides.resolve_name`` has it.
+
+    Use it inside your own ``TorchFunctionMode`` to match the calls of a ``Trace``.
+
+    >>> function_name(torch.Tensor.add_), function_name(torch.flatten)
+    ('torch.Tensor.add_', 'torch.flatten')
+    """
+    name = _NAMES.get(func)
+    if name is None:
+        resolved = resolve_name(func)
+        if resolved is None:
+            module = getattr(func, "__module__", None) or "torch"
+            resolved = f"{module}.{getattr(func, '__qualname__', repr(func))}"
+        name = _NAMES[func] = resolved
+    return name
+
+
+class _Tracer(TorchFunctionMode):
+    """Hook targets and function mode for one trace; all state lives here."""
+
+    def __init__(self, params: dict[int, str], module_paths: dict[int, tuple[str, ...]]) -> None:
+        super().__init__()
+        self.depth = 0
+        self.calls: list[Call] = []
+        self.values: dict[int, Value] = {}
+        self.scopes: list[Scope] = []
+        self.params = params
+        self.module_paths = module_paths
+        # id(tensor) -> [value id, version counter when that value was assigned, weakref]
+        self.live: dict[int, list[Any]] = {}
+        self.pending: list[tuple[list[torch.Tensor], list[int], list[int]] | None] = []
+        self.scope_stack: list[tuple[tuple[int, ...], int] | None] = []
+
+    # -- values ---------------------------------------------------------------------------
+    def _forget(self, key: int, ref: weakref.ref[torch.Tensor]) -> None:
+        entry = self.live.get(key)
+        if entry is not None and entry[2] is ref:
+            del self.live[key]
+
+    def new_value(
+        self,
+        t: torch.Tensor,
+        producer: int | None,
+        version_of: int | None = None,
+        name: str | None = None,
+    ) -> int:
+        vid = len(self.values)
+        self.values[vid] = Value(vid, tuple(t.shape), t.dtype, producer, version_of, name)
+        key = id(t)
+        entry = self.live.get(key)
+        if entry is not None:  # same object, new version: keep its weakref
+            entry[0] = vid
+            entry[1] = _version(t)
+        else:
+
+            def forget(r: weakref.ref[torch.Tensor], k: int = key) -> None:
+                self._forget(k, r)
+
+            ref = weakref.ref(t, forget)
+            self.live[key] = [vid, _version(t), ref]
+        return vid
+
+    def lookup(self, t: torch.Tensor) -> int:
+        """Current value id of ``t``; unknown tensors become constants (or named parameters)."""
+        entry = self.live.get(id(t))
+        if entry is None:
+            return self.new_value(t, None, None, self.params.get(id(t)))
+        version = _version(t)
+        if version != entry[1]:  # mutated where the trace could not see it (e.g. via a view)
+            return self.new_value(t, None, entry[0], None)
+        vid: int = entry[0]
+        return vid
+
+    def record(
+        self,
+        kind: Literal["module", "function"],
+        target: str,
+        module: nn.Module | None,
+        in_tensors: list[torch.Tensor],
+        in_ids: list[int],
+        in_versions: list[int],
+        result: Any,
+    ) -> None:
+        index = len(self.calls)
+        out_tensors: list[torch.Tensor] = []
+        _tensors(result, out_tensors)
+        mutated: dict[int, int] = {}  # id(tensor) -> new value id
+        for t, vid, version in zip(in_tensors, in_ids, in_versions):
+            key = id(t)
+            if key in mutated:
+                continue
+            now = _version(t)
+            if now != version or (
+                version == -1
+                and any(o is t for o in out_tensors)
+                and _looks_inplace(target, module)
+            ):
+                mutated[key] = self.new_value(t, index, vid)
+        out_ids: list[int] = []
+        for t in out_tensors:
+            key = id(t)
+            if key in mutated:
+                out_ids.append(mutated[key])
+            elif key in self.live and any(t is i for i in in_tensors):
+                out_ids.append(self.lookup(t))  # returned an input unchanged
+            else:
+                out_ids.append(self.new_value(t, index))
+        for key, vid in mutated.items():
+            if vid not in out_ids:
+                out_ids.append(vid)  # mutated but not returned (``x[0] = 1``)
+        module_type = type(module) if module is not None else None
+        paths = self.module_paths.get(id(module), ()) if module is not None else ()
+        self.calls.append(
+            Call(index, kind, target, module_type, tuple(in_ids), tuple(out_ids), paths)
+        )
+
+    def inputs_of(self, tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+        ids = [self.lookup(t) for t in tensors]
+        return ids, [_version(t) for t in tensors]
+
+    # -- functions ------------------------------------------------------------------------
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        if self.depth:
+            return func(*args, **kwargs)
+        name = function_name(func)
+        if name in _METADATA_METHODS:
+            return func(*args, **kwargs)
+        if name.endswith(".__get__"):
+            result = func(*args, **kwargs)
+            if not isinstance(result, torch.Tensor):
+                return result  # a metadata getter (.shape, .dtype, .device, ...)
+            in_tensors: list[torch.Tensor] = []
+            _tensors(args, in_tensors)
+            in_ids, versions = self.inputs_of(in_tensors)
+            self.record("function", name, None, in_tensors, in_ids, versions, result)
+            return result
+        in_tensors = []
+        _tensors(args, in_tensors)
+        if kwargs:
+            _tensors(kwargs, in_tensors)
+        in_ids, versions = self.inputs_of(in_tensors)
+        result = func(*args, **kwargs)
+        self.record("function", name, None, in_tensors, in_ids, versions, result)
+        return result
+
+    # -- leaf modules -----------------------------------------------------------------------
+    def enter(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.depth += 1
+
+    def leaf_pre(self, module: nn.Module, args: Any, kwargs: Any, entered: bool) -> None:
+        if not entered:
+            self.depth += 1
+        if self.depth != 1:  # a leaf called from inside another leaf: part of that call
+            self.pending.append(None)
+            return
+        tensors: list[torch.Tensor] = []
+        _tensors(args, tensors)
+        if kwargs:
+            _tensors(kwargs, tensors)
+        ids, versions = self.inputs_of(tensors)
+        self.pending.append((tensors, ids, versions))
+
+    def leaf_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        entry = self.pending.pop()
+        if entry is not None:
+            tensors, ids, versions = entry
+            target = self.module_paths.get(id(module), ("",))[0]
+            self.record("module", target, module, tensors, ids, versions, output)
+        self.depth -= 1
+
+    # -- containers -------------------------------------------------------------------------
+    def scope_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.depth:
+            self.scope_stack.append(None)
+            return
+        self.depth += 1  # our own bookkeeping is not part of the forward
+        tensors: list[torch.Tensor] = []
+        _tensors(args, tensors)
+        if kwargs:
+            _tensors(kwargs, tensors)
+        ids = tuple(self.lookup(t) for t in tensors)
+        self.depth -= 1
+        self.scope_stack.append((ids, len(self.calls)))
+
+    def scope_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        entry = self.scope_stack.pop()
+        if entry is None:
+            return
+        self.depth += 1
+        tensors: list[torch.Tensor] = []
+        _tensors(output, tensors)
+        out_ids = tuple(self.lookup(t) for t in tensors)
+        self.depth -= 1
+        paths = self.module_paths[id(module)]
+        self.scopes.append(
+            Scope(paths[0], paths, type(module), entry[0], out_ids, entry[1], len(self.calls))
+        )
+
+
+def _never(path: str, module: nn.Module) -> bool:
+    return False
+
+
+def _default_leaf(path: str, module: nn.Module) -> bool:
+    # torch.ao.nn.intrinsic fused containers (ConvReLU2d, ...) run as one op.
+    return type(module).__module__.startswith("torch.ao.nn.intrinsic")
+
+
+def _has_children(module: nn.Module) -> bool:
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        if name == "parametrizations" and hasattr(module, "parametrizations"):
+            continue  # torch.nn.utils.parametrize keeps its modules here; still a leaf
+        return True
+    return False
+
+
+def _walk(
+    model: nn.Module, leaf: Callable[[str, nn.Module], bool]
+) -> tuple[dict[int, tuple[str, ...]], list[nn.Module], list[nn.Module]]:
+    """Every path of every module object, plus the leaves and containers (each object once)."""
+    paths: dict[int, list[str]] = {}
+    leaf_ids: set[int] = set()
+    leaves: list[nn.Module] = []
+    containers: list[nn.Module] = []
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        key = id(module)
+        known = paths.get(key)
+        if known is None:
+            paths[key] = [path]
+            childless = not _has_children(module)
+            if module is model and childless and not type(module).__module__.startswith("torch."):
+                # a user-written model without submodules: trace its functional ops instead
+                childless = False
+            if childless or leaf(path, module) or _default_leaf(path, module):
+                leaf_ids.add(key)
+                leaves.append(module)
+                continue
+            containers.append(module)
+        else:
+            if any(path.startswith(f"{p}.") or not p for p in known):
+                continue  # a module inside itself: do not loop
+            known.append(path)
+            if key in leaf_ids:
+                continue
+        prefix = f"{path}." if path else ""
+        stack.extend(
+            (f"{prefix}{name}", child)
+            for name, child in reversed(module._modules.items())
+            if child is not None
+            and not (name == "parametrizations" and hasattr(module, "parametrizations"))
+        )
+    return {k: tuple(v) for k, v in paths.items()}, leaves, containers
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | torch.Tensor,
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    leaf: Callable[[str, nn.Module], bool] | None = None,
+) -> Trace:
+    """Run ``model(*example_inputs, **example_kwargs)`` once under ``no_grad`` and record its dataflow.
+
+    Leaves are modules without children (``torch.ao.nn.intrinsic`` fused modules count as
+    leaves; a user-written model without submodules is traced op by op). ``leaf(path, module)``
+    may mark more modules as leaves: one call each, their insides not traced. The model runs
+    in its current train/eval mode and is not modified: hooks are removed (also when the
+    forward raises) and buffers a training-mode forward updates are restored.
+
+    >>> t = trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), (torch.randn(1, 3, 8, 8),))
+    >>> [(c.target, c.module_type.__name__) for c in t.calls]
+    [('0', 'Conv2d'), ('1', 'BatchNorm2d')]
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    module_paths, leaves, containers = _walk(model, leaf or _never)
+    params: dict[int, str] = {}
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for m in (*leaves, *containers):
+        prefix = module_paths[id(m)][0]
+        prefix = f"{prefix}." if prefix else ""
+        for tensors in (m._parameters, m._buffers):
+            for name, tensor in tensors.items():
+                if tensor is not None:
+                    params.setdefault(id(tensor), f"{prefix}{name}")
+        if m.training:  # a training-mode forward may update buffers (BatchNorm statistics)
+            saved.extend((b, b.clone()) for b in m._buffers.values() if b is not None)
+    tracer = _Tracer(params, module_paths)
+    handles: list[RemovableHandle] = []
+    try:
+        for m in leaves:
+            has_pre = bool(m._forward_pre_hooks)
+            if has_pre:
+                handles.append(
+                    m.register_forward_pre_hook(tracer.enter, prepend=True, with_kwargs=True)
+                )
+
+            def pre(mod: nn.Module, args: Any, kw: Any, _entered: bool = has_pre) -> None:
+                tracer.leaf_pre(mod, args, kw, _entered)
+
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(tracer.leaf_post, with_kwargs=True))
+        for m in containers:
+            if m is model:
+                continue
+            handles.append(m.register_forward_pre_hook(tracer.scope_pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(tracer.scope_post, with_kwargs=True))
+
+        named_inputs: list[tuple[str, torch.Tensor]] = []
+        _flatten(tuple(example_inputs), "args", named_inputs)
+        for key, value in kwargs.items():
+            _flatten(value, f"kwargs[{key!r}]", named_inputs)
+        input_ids = tuple(tracer.new_value(t, None, None, n) for n, t in named_inputs)
+
+        with torch.no_grad(), tracer:
+            result = model(*example_inputs, **kwargs)
+            named_outputs: list[tuple[str, torch.Tensor]] = []
+            tracer.depth += 1
+            _flatten(result, "output", named_outputs)
+            tracer.depth -= 1
+            output_ids = tuple(tracer.lookup(t) for _, t in named_outputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        if saved:
+            with torch.no_grad():
+                for buffer, copy in saved:
+                    buffer.copy_(copy)
+    return Trace(
+        tracer.calls,
+        tracer.values,
+        input_ids,
+        output_ids,
+        tuple(name for name, _ in named_outputs),
+        tracer.scopes,
+    )
