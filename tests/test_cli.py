@@ -114,3 +114,28 @@ def test_unknown_command_exits_2_with_usage() -> None:
     proc = run_cli("frobnicate")
     assert proc.returncode == 2
     assert "usage:" in proc.stderr
+
+
+def test_validate_turns_the_whole_bad_config_corpus_into_exit_2(tmp_path: Path) -> None:
+    """Every bad config of the corpus gives one `error:` line with its file:line:col, no traceback."""
+    bad = REPO / "tests" / "bad_configs"
+    cases = json.loads((bad / "cases.json").read_text(encoding="utf-8"))["cases"]
+    files: list[str] = []
+    expected: list[str] = []
+    for case in cases:
+        if "generate_bytes" in case:
+            path = tmp_path / case["file"]
+            path.write_bytes(b"version: 1\n".ljust(case["generate_bytes"], b"#"))
+        else:
+            path = bad / case["file"]
+        files.append(str(path))
+        # an error inside an `extends` parent names that parent's file instead
+        source = case.get("source") or path.name
+        expected.append(f"{source}:{case['line']}:{case['col']}")
+    proc = run_cli("validate", "--quiet", *files)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == len(files)
+    for line, path, location in zip(errors, files, expected):
+        assert location in line, (path, line)
