@@ -1,7 +1,29 @@
-"""qswap: quantize any PyTorch model from a declarative config and a scoped registry."""
+"""qswap: quantize any PyTorch model from a declarative config and a scoped registry.
+
+>>> import torch, qswap
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+>>> qmodel = qswap.quantize(model, "w8a8_minmax", calib_data=[torch.randn(8, 4)], progress=False)
+>>> qmodel(torch.randn(2, 4)).shape
+torch.Size([2, 4])
+
+Importing qswap registers nothing and reads no file: the default registry is built on the
+first call of :func:`default_registry`.
+"""
 
 from __future__ import annotations
 
+from qswap.config import (
+    ComponentRef,
+    Match,
+    QConfig,
+    QuantSpec,
+    QuantSpecPatch,
+    Rule,
+    dump_config,
+    list_presets,
+    load_config,
+)
+from qswap.convert import convert, quantize
 from qswap.exceptions import (
     CalibrationError,
     ConfigError,
@@ -13,17 +35,57 @@ from qswap.exceptions import (
     RegistrationError,
     UnsupportedModuleError,
 )
+from qswap.observe import calibrate, prepare
+from qswap.quantizers import Observer, QParams, Quantizer
+from qswap.registry import (
+    Backend,
+    ComponentEntry,
+    FusionPattern,
+    MappingEntry,
+    Registry,
+    default_registry,
+)
+from qswap.trace import Trace, trace
+from qswap.walker import Decision, LayerSpec, Plan, plan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backend",
     "CalibrationError",
+    "ComponentEntry",
+    "ComponentRef",
     "ConfigError",
+    "Decision",
     "FrozenRegistryError",
+    "FusionPattern",
+    "LayerSpec",
+    "MappingEntry",
+    "Match",
     "NotRegisteredError",
+    "Observer",
+    "Plan",
     "PlanError",
     "PluginError",
+    "QConfig",
+    "QParams",
     "QSwapError",
+    "QuantSpec",
+    "QuantSpecPatch",
+    "Quantizer",
+    "Registry",
     "RegistrationError",
+    "Rule",
+    "Trace",
     "UnsupportedModuleError",
+    "calibrate",
+    "convert",
+    "default_registry",
+    "dump_config",
+    "list_presets",
+    "load_config",
+    "plan",
+    "prepare",
+    "quantize",
+    "trace",
 ]
