@@ -1,0 +1,1355 @@
+"""Real int8 on CPU: lower a calibrated model to PyTorch's quantized kernels (x86, qnnpack).
+
+This is the only qswap module that touches ``torch.ao.nn.quantized`` and
+``torch.ao.nn.intrinsic.quantized``, which torch 2.13 marks deprecated; their deprecation
+warnings are silenced here, by category and message, where that API is imported and used.
+
+Lowering swaps every layer whose counterpart is one of the classes below for a
+``torch.ao.nn.quantized`` module built from the calibrated ``QParams``, and places
+quant/dequant boundaries from a dataflow trace of the fused model: integer modules hand
+integer tensors to integer consumers, ``+``/``cat`` between them run as quantized ops, and
+every other consumer (a float module, a functional op without a kernel, the caller) gets a
+float tensor. Nothing in the user's model code is edited: no QuantStub, no FloatFunctional.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode, resolve_name
+
+from qswap.exceptions import UnsupportedModuleError
+from qswap.trace import Call, Trace, trace
+
+if TYPE_CHECKING:
+    from qswap.quantizers import QParams
+    from qswap.registry import Registry
+    from qswap.walker import LayerSpec
+
+__all__ = [
+    "IntegerPassthrough",
+    "QuantizedBNReLU2d",
+    "QuantizedBNReLU3d",
+    "QuantizedBatchNorm2d",
+    "QuantizedBatchNorm3d",
+    "QuantizedConv1d",
+    "QuantizedConv2d",
+    "QuantizedConv3d",
+    "QuantizedConvReLU1d",
+    "QuantizedConvReLU2d",
+    "QuantizedConvReLU3d",
+    "QuantizedLinear",
+    "QuantizedLinearReLU",
+    "describe_lowering",
+    "lower_qnnpack",
+    "lower_x86",
+    "register",
+]
+
+# torch 2.13 warns (once per process, from C++) when a quantized tensor is first created, and
+# torch.ao's Python modules may warn on import. Only these two messages are silenced, and only
+# around qswap's own use of that API; every other warning still reaches the user.
+_QTENSOR_DEPRECATION = (
+    r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor "
+    r"creation functions"
+)
+_AO_DEPRECATION = r"(?s).*torch\.ao\.(nn\.)?(quantized|intrinsic|quantization)\b.*deprecated"
+
+
+@contextlib.contextmanager
+def _torch_ao_deprecations_silenced() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_QTENSOR_DEPRECATION, category=UserWarning)
+        warnings.filterwarnings("ignore", message=_AO_DEPRECATION, category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=_AO_DEPRECATION, category=FutureWarning)
+        yield
+
+
+with _torch_ao_deprecations_silenced():
+    import torch.ao.nn.intrinsic as nni
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.quantized as nnq
+
+_QTENSOR_WARNING_SEEN = False
+
+
+def _consume_qtensor_warning() -> None:
+    """Trigger torch's once-per-process quantized-tensor warning where it is silenced."""
+    global _QTENSOR_WARNING_SEEN
+    if not _QTENSOR_WARNING_SEEN:
+        with _torch_ao_deprecations_silenced():
+            torch._empty_affine_quantized([1], scale=1.0, zero_point=0, dtype=torch.quint8)
+        _QTENSOR_WARNING_SEEN = True
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def _qparams(spec: LayerSpec, key: str, module: nn.Module) -> QParams:
+    qp = spec.qparams.get(key)
+    if qp is None:
+        raise UnsupportedModuleError(
+            f"{spec.name or type(module).__name__}: int8 lowering needs calibrated {key!r} "
+            f"qparams, but the layer has only {sorted(spec.qparams) or 'none'}; quantize its "
+            f"{key} (config `{'weight' if key == 'weight' else 'activation'}`) or skip the layer"
+        )
+    return qp
+
+
+def _activation_qparams(qp: QParams, where: str) -> tuple[float, int]:
+    """Per-tensor ``(scale, zero_point)`` of a ``quint8`` tensor equivalent to ``qp``.
+
+    A signed 8-bit range is the unsigned one shifted by 128, so signed activation qparams
+    map exactly onto torch's ``quint8`` kernels.
+    """
+    if qp.scale.numel() != 1:
+        raise UnsupportedModuleError(
+            f"{where}: torch's int8 kernels need per-tensor activation qparams, got "
+            f"{tuple(qp.scale.shape)} scales; set `granularity: per_tensor` for activations"
+        )
+    zero_point = int(qp.zero_point.item())
+    shift = 128 if qp.quant_min < 0 else 0
+    if qp.quant_min + shift < 0 or qp.quant_max + shift > 255:
+        raise UnsupportedModuleError(
+            f"{where}: activation range [{qp.quant_min}, {qp.quant_max}] does not fit 8 bits; "
+            "torch's int8 kernels need bits <= 8"
+        )
+    return float(qp.scale.item()), zero_point + shift
+
+
+def _quantize_weight(weight: Tensor, qp: QParams, where: str) -> Tensor:
+    """A ``qint8`` tensor holding exactly ``clamp(round(w / s) + z, qmin, qmax)``."""
+    _consume_qtensor_warning()
+    w = weight.detach().to(torch.float32)
+    shift = -128 if qp.quant_min >= 0 and qp.quant_max > 127 else 0
+    qmin, qmax = qp.quant_min + shift, qp.quant_max + shift
+    if qmin < -128 or qmax > 127:
+        raise UnsupportedModuleError(
+            f"{where}: weight range [{qp.quant_min}, {qp.quant_max}] does not fit 8 bits; "
+            "torch's int8 kernels need weight bits <= 8"
+        )
+    scale = qp.scale.detach().to(torch.float32)
+    zero_point = qp.zero_point.detach().to(torch.int32) + shift
+    if scale.numel() == 1 and qp.axis is None or scale.dim() == 0:
+        s, z = float(scale.item()), int(zero_point.item())
+        on_grid = torch.fake_quantize_per_tensor_affine(w, s, z, qmin, qmax)
+        return torch.quantize_per_tensor(on_grid, s, z, torch.qint8)
+    if qp.axis != 0 or scale.dim() != 1 or scale.numel() != w.shape[0]:
+        raise UnsupportedModuleError(
+            f"{where}: torch's int8 kernels take per-tensor or per-channel (axis 0) weights, got "
+            f"scales of shape {tuple(scale.shape)} on axis {qp.axis}; use `granularity: "
+            "per_channel, axis: 0` or per_tensor for weights"
+        )
+    on_grid = torch.fake_quantize_per_channel_affine(w, scale, zero_point, 0, qmin, qmax)
+    return torch.quantize_per_channel(
+        on_grid, scale.to(torch.float64), zero_point.to(torch.int64), 0, torch.qint8
+    )
+
+
+# --------------------------------------------------------------------------- counterparts
+
+
+class _IntegerModuleState(dict[str, Any]):
+    """Marks the extra state that ``_IntegerModule.__getstate__`` adds."""
+
+
+class _IntegerModule(nn.Module):
+    """Mixin: quantize a float input with the calibrated input qparams, then run the kernel."""
+
+    input_scale: float = 1.0
+    input_zero_point: int = 0
+    scale: Any  # output qparams, as the torch.ao.nn.quantized class keeps them
+    zero_point: Any
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:
+        """Build the int8 module from a float one and its calibrated qparams."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch._C.DisableTorchFunction():
+            if not x.is_quantized:
+                if x.dtype is not torch.float32:
+                    x = x.to(torch.float32)
+                x = torch.quantize_per_tensor(
+                    x, self.input_scale, self.input_zero_point, torch.quint8
+                )
+            out: Tensor = super().forward(x)
+            return out
+
+    # torch.ao's quantized convolutions copy and pickle through a fixed tuple of fields;
+    # keep the input qparams and hooks along with it.
+    _EXTRA_STATE = (
+        "input_scale",
+        "input_zero_point",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+    )
+
+    def __getstate__(self) -> Any:
+        extra = {k: self.__dict__[k] for k in self._EXTRA_STATE if k in self.__dict__}
+        return (_IntegerModuleState(extra), cast(Any, super()).__getstate__())
+
+    def __setstate__(self, state: Any) -> None:
+        if "_parameters" not in self.__dict__:  # unpickling: torch.ao's tuple state needs this
+            nn.Module.__init__(self)
+        if (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and isinstance(state[0], _IntegerModuleState)
+        ):
+            cast(Any, super()).__setstate__(state[1])
+            self.__dict__.update(state[0])
+        else:
+            cast(Any, super()).__setstate__(state)
+
+    def _set_input(self, spec: LayerSpec, module: nn.Module) -> None:
+        qp = spec.qparams.get("input")
+        if qp is not None:
+            self.input_scale, self.input_zero_point = _activation_qparams(qp, f"{spec.name} input")
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, input_scale={self.input_scale:.6g}, "
+            f"input_zero_point={self.input_zero_point}"
+        )
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "input_scale"] = torch.tensor(self.input_scale, dtype=torch.float64)
+        destination[prefix + "input_zero_point"] = torch.tensor(self.input_zero_point)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        for key, convert_to in (("input_scale", float), ("input_zero_point", int)):
+            value = state_dict.pop(prefix + key, None)
+            if value is not None:
+                setattr(self, key, convert_to(value))
+            elif strict:
+                missing_keys.append(prefix + key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _out(spec: LayerSpec, module: nn.Module) -> tuple[float, int]:
+    return _activation_qparams(_qparams(spec, "output", module), f"{spec.name} output")
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach().to(torch.float32)
+
+
+def _inner(module: nn.Module, fused: type[nn.Module]) -> nn.Module:
+    """The conv/linear/bn inside a torch.ao.nn.intrinsic fused container, else the module."""
+    if isinstance(module, fused):
+        first: nn.Module = module[0]  # type: ignore[index]
+        return first
+    return module
+
+
+def _build_linear(
+    cls: type[_IntegerModule], module: nn.Module, spec: LayerSpec, fused: type[nn.Module]
+) -> nn.Module:
+    linear = _inner(module, fused)
+    if not isinstance(linear, nn.Linear):
+        raise UnsupportedModuleError(
+            f"{spec.name}: expected nn.Linear (or {fused.__name__}), got {type(module).__name__}"
+        )
+    qweight = _quantize_weight(
+        linear.weight, _qparams(spec, "weight", module), f"{spec.name} weight"
+    )
+    scale, zero_point = _out(spec, module)
+    with _torch_ao_deprecations_silenced():
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, torch.qint8)
+        q.set_weight_bias(qweight, _bias(linear))  # type: ignore[operator]
+    q.scale = scale
+    q.zero_point = zero_point
+    q._set_input(spec, module)
+    return q
+
+
+def _build_conv(
+    cls: type[_IntegerModule],
+    module: nn.Module,
+    spec: LayerSpec,
+    float_cls: type[nn.Module],
+    fused: type[nn.Module],
+) -> nn.Module:
+    conv = _inner(module, fused)
+    if not isinstance(conv, float_cls) or not isinstance(conv, nn.modules.conv._ConvNd):
+        raise UnsupportedModuleError(
+            f"{spec.name}: expected {float_cls.__name__} (or {fused.__name__}), got "
+            f"{type(module).__name__}"
+        )
+    if isinstance(conv.padding, str):
+        raise UnsupportedModuleError(
+            f"{spec.name}: torch's quantized convolutions take numeric padding, not "
+            f"padding={conv.padding!r}; write the padding as numbers or skip the layer"
+        )
+    if conv.padding_mode not in ("zeros", "reflect"):
+        raise UnsupportedModuleError(
+            f"{spec.name}: torch's quantized convolutions support padding_mode 'zeros' and "
+            f"'reflect', not {conv.padding_mode!r}; skip the layer with a rule"
+        )
+    qweight = _quantize_weight(conv.weight, _qparams(spec, "weight", module), f"{spec.name} weight")
+    scale, zero_point = _out(spec, module)
+    with _torch_ao_deprecations_silenced():
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+        )
+        q.set_weight_bias(qweight, _bias(conv))  # type: ignore[operator]
+    q.scale = scale
+    q.zero_point = zero_point
+    q._set_input(spec, module)
+    return q
+
+
+def _build_batchnorm(
+    cls: type[_IntegerModule], module: nn.Module, spec: LayerSpec, fused: type[nn.Module]
+) -> nn.Module:
+    bn = _inner(module, fused)
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise UnsupportedModuleError(
+            f"{spec.name}: expected a BatchNorm, got {type(module).__name__}"
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        raise UnsupportedModuleError(
+            f"{spec.name}: a quantized BatchNorm needs running statistics, but this one has "
+            "track_running_stats=False; skip the layer with a rule"
+        )
+    scale, zero_point = _out(spec, module)
+    with _torch_ao_deprecations_silenced():
+        q = cls(bn.num_features, bn.eps, bn.momentum)
+    n = bn.num_features
+    with torch.no_grad():
+        q.weight.copy_(bn.weight.detach() if bn.weight is not None else torch.ones(n))  # type: ignore[operator]
+        q.bias.copy_(bn.bias.detach() if bn.bias is not None else torch.zeros(n))  # type: ignore[operator]
+        q.running_mean.copy_(bn.running_mean)  # type: ignore[operator]
+        q.running_var.copy_(bn.running_var)  # type: ignore[operator]
+        q.scale = torch.tensor(scale)
+        q.zero_point = torch.tensor(zero_point)
+    q._set_input(spec, module)
+    return q
+
+
+class QuantizedLinear(_IntegerModule, nnq.Linear):
+    """int8 ``nn.Linear`` (torch.ao.nn.quantized.Linear) that also accepts float input."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from a float ``nn.Linear`` and calibrated weight/input/output qparams."""
+        return _build_linear(cls, module, spec, nni.LinearReLU)
+
+
+class QuantizedLinearReLU(_IntegerModule, nniq.LinearReLU):
+    """int8 ``Linear`` + ``ReLU`` in one kernel (from ``torch.ao.nn.intrinsic.LinearReLU``)."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from ``LinearReLU`` (or a Linear followed by ReLU); output qparams after ReLU."""
+        return _build_linear(cls, module, spec, nni.LinearReLU)
+
+
+class QuantizedConv1d(_IntegerModule, nnq.Conv1d):
+    """int8 ``nn.Conv1d`` that also accepts float input."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from a float ``nn.Conv1d`` and calibrated qparams."""
+        return _build_conv(cls, module, spec, nn.Conv1d, nni.ConvReLU1d)
+
+
+class QuantizedConv2d(_IntegerModule, nnq.Conv2d):
+    """int8 ``nn.Conv2d`` that also accepts float input."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from a float ``nn.Conv2d`` and calibrated qparams."""
+        return _build_conv(cls, module, spec, nn.Conv2d, nni.ConvReLU2d)
+
+
+class QuantizedConv3d(_IntegerModule, nnq.Conv3d):
+    """int8 ``nn.Conv3d`` that also accepts float input."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from a float ``nn.Conv3d`` and calibrated qparams."""
+        return _build_conv(cls, module, spec, nn.Conv3d, nni.ConvReLU3d)
+
+
+class QuantizedConvReLU1d(_IntegerModule, nniq.ConvReLU1d):
+    """int8 ``Conv1d`` + ``ReLU`` in one kernel."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from ``torch.ao.nn.intrinsic.ConvReLU1d``; output qparams after ReLU."""
+        return _build_conv(cls, module, spec, nn.Conv1d, nni.ConvReLU1d)
+
+
+class QuantizedConvReLU2d(_IntegerModule, nniq.ConvReLU2d):
+    """int8 ``Conv2d`` + ``ReLU`` in one kernel."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from ``torch.ao.nn.intrinsic.ConvReLU2d``; output qparams after ReLU."""
+        return _build_conv(cls, module, spec, nn.Conv2d, nni.ConvReLU2d)
+
+
+class QuantizedConvReLU3d(_IntegerModule, nniq.ConvReLU3d):
+    """int8 ``Conv3d`` + ``ReLU`` in one kernel."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from ``torch.ao.nn.intrinsic.ConvReLU3d``; output qparams after ReLU."""
+        return _build_conv(cls, module, spec, nn.Conv3d, nni.ConvReLU3d)
+
+
+class QuantizedBatchNorm2d(_IntegerModule, nnq.BatchNorm2d):
+    """int8 ``BatchNorm2d`` for a BatchNorm that could not be folded into a convolution."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from a float ``nn.BatchNorm2d`` (running statistics) and output qparams."""
+        return _build_batchnorm(cls, module, spec, nni.BNReLU2d)
+
+
+class QuantizedBatchNorm3d(_IntegerModule, nnq.BatchNorm3d):
+    """int8 ``BatchNorm3d`` for a BatchNorm that could not be folded into a convolution."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from a float ``nn.BatchNorm3d`` (running statistics) and output qparams."""
+        return _build_batchnorm(cls, module, spec, nni.BNReLU3d)
+
+
+class QuantizedBNReLU2d(_IntegerModule, nniq.BNReLU2d):
+    """int8 ``BatchNorm2d`` + ``ReLU`` (from ``torch.ao.nn.intrinsic.BNReLU2d``)."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from ``BNReLU2d``; output qparams after ReLU."""
+        return _build_batchnorm(cls, module, spec, nni.BNReLU2d)
+
+
+class QuantizedBNReLU3d(_IntegerModule, nniq.BNReLU3d):
+    """int8 ``BatchNorm3d`` + ``ReLU`` (from ``torch.ao.nn.intrinsic.BNReLU3d``)."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from ``BNReLU3d``; output qparams after ReLU."""
+        return _build_batchnorm(cls, module, spec, nni.BNReLU3d)
+
+
+class IntegerPassthrough:
+    """Counterpart of parameter-free modules that run on quantized tensors as they are.
+
+    ``ReLU``, ``MaxPool2d``, ``AdaptiveAvgPool2d``, ``Flatten``, ``Dropout`` … have kernels for
+    quantized input that keep its scale and zero point, so lowering keeps the module itself:
+    it returns an integer tensor for integer input and a float tensor for float input.
+    """
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:
+        """Return ``module`` unchanged (it already runs on quantized tensors)."""
+        return module
+
+
+class _IntegerReLU(nn.ReLU):
+    """``nn.ReLU`` on integer tensors without torch-function dispatch.
+
+    A quantized tensor whose zero point is 0 holds no negative value (the ReLU fused into
+    the kernel before it already ran), so the ReLU hands it back as it is.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        with torch._C.DisableTorchFunction():
+            if input.is_quantized and input.q_zero_point() == 0 and input.dtype == torch.quint8:
+                return input
+            return torch.relu_(input) if self.inplace else torch.relu(input)
+
+    def _get_name(self) -> str:
+        return "ReLU"
+
+
+_WEIGHTED: tuple[type[_IntegerModule], ...] = (
+    QuantizedLinear,
+    QuantizedLinearReLU,
+    QuantizedConv1d,
+    QuantizedConv2d,
+    QuantizedConv3d,
+    QuantizedConvReLU1d,
+    QuantizedConvReLU2d,
+    QuantizedConvReLU3d,
+    QuantizedBatchNorm2d,
+    QuantizedBatchNorm3d,
+    QuantizedBNReLU2d,
+    QuantizedBNReLU3d,
+)
+# A conv/linear whose only consumer is a ReLU is lowered to the fused kernel (see _fold_relu).
+_WITH_RELU: dict[type[_IntegerModule], type[_IntegerModule]] = {
+    QuantizedLinear: QuantizedLinearReLU,
+    QuantizedConv1d: QuantizedConvReLU1d,
+    QuantizedConv2d: QuantizedConvReLU2d,
+    QuantizedConv3d: QuantizedConvReLU3d,
+}
+
+
+# --------------------------------------------------------------------------- function names
+
+
+def _resolve_name(func: Callable[..., Any]) -> str:
+    """The same spelling ``qswap.trace`` records (``torch.Tensor.add_`` for ``+=``)."""
+    name = resolve_name(func)
+    if name is None:
+        module = getattr(func, "__module__", None) or "torch"
+        name = f"{module}.{getattr(func, '__qualname__', repr(func))}"
+    return str(name)
+
+
+_NAMES: dict[Any, str] = {}
+
+
+def _name_of(func: Callable[..., Any]) -> str:
+    try:
+        return _NAMES[func]
+    except KeyError:
+        name = _NAMES[func] = _resolve_name(func)
+        return name
+    except TypeError:  # unhashable callable
+        return _resolve_name(func)
+
+
+# Functions that torch runs on quantized tensors and that keep scale and zero point.
+_NATIVE = frozenset(
+    [
+        "torch.flatten",
+        "torch.reshape",
+        "torch.squeeze",
+        "torch.unsqueeze",
+        "torch.relu",
+        "torch.relu_",
+        "torch.transpose",
+        "torch.permute",
+        "torch.chunk",
+        "torch.split",
+        "torch.nn.functional.relu",
+        "torch.nn.functional.relu6",
+        "torch.nn.functional.hardtanh",
+        "torch.nn.functional.max_pool1d",
+        "torch.nn.functional.max_pool2d",
+        "torch.nn.functional.max_pool3d",
+        "torch.nn.functional.adaptive_avg_pool1d",
+        "torch.nn.functional.adaptive_avg_pool2d",
+        "torch.nn.functional.adaptive_avg_pool3d",
+        "torch.nn.functional.avg_pool1d",
+        "torch.nn.functional.avg_pool2d",
+        "torch.nn.functional.avg_pool3d",
+        "torch.nn.functional.dropout",
+        "torch.nn.functional.dropout1d",
+        "torch.nn.functional.dropout2d",
+        "torch.nn.functional.dropout3d",
+    ]
+    + [
+        f"torch.Tensor.{m}"
+        for m in (
+            "view",
+            "reshape",
+            "flatten",
+            "contiguous",
+            "squeeze",
+            "unsqueeze",
+            "transpose",
+            "permute",
+            "relu",
+            "relu_",
+            "clone",
+            "detach",
+            "chunk",
+            "split",
+            "__getitem__",
+            "size",
+            "dim",
+            "ndimension",
+            "numel",
+            "nelement",
+            "stride",
+            "is_contiguous",
+            "element_size",
+            "is_floating_point",
+            "get_device",
+            "__len__",
+            "q_scale",
+            "q_zero_point",
+            "qscheme",
+            "int_repr",
+            "dequantize",
+            "to",
+            "cpu",
+        )
+    ]
+)
+_RELU_FUNCTIONS = frozenset(
+    [
+        "torch.relu",
+        "torch.relu_",
+        "torch.nn.functional.relu",
+        "torch.Tensor.relu",
+        "torch.Tensor.relu_",
+    ]
+)
+_ADD = frozenset(
+    [
+        "torch.add",
+        "torch.Tensor.add",
+        "torch.Tensor.add_",
+        "torch.Tensor.__add__",
+        "torch.Tensor.__iadd__",
+        "torch.Tensor.__radd__",
+    ]
+)
+_CAT = frozenset(["torch.cat", "torch.concat", "torch.concatenate"])
+
+
+# --------------------------------------------------------------------------- the plan
+
+# Parameter-free modules whose result on a quantized tensor is exactly the quantized float
+# result (they only select or clamp values). They run on integer tensors even where the plan
+# left them out (e.g. the nn.Identity that fusion leaves behind, or a ReLU kept in place
+# because it also runs after a skip connection), since that loses nothing.
+_EXACT_PASSTHROUGH: frozenset[type[nn.Module]] = frozenset(
+    [
+        nn.Identity,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.Hardtanh,
+        nn.MaxPool1d,
+        nn.MaxPool2d,
+        nn.MaxPool3d,
+        nn.Flatten,
+        nn.Dropout,
+    ]
+)
+
+
+class _Act(NamedTuple):
+    """Per-tensor quint8 qparams of an activation, with the calibrated integer range."""
+
+    scale: float
+    zero_point: int
+    quant_min: int
+    quant_max: int
+
+    def clipped_to_relu(self) -> _Act:
+        """Qparams covering ``[0, max]`` when a ReLU follows (the negative half is wasted)."""
+        if self.zero_point <= self.quant_min:
+            return self
+        high = (self.quant_max - self.zero_point) * self.scale
+        if high <= 0.0:
+            return self
+        return _Act(high / (self.quant_max - self.quant_min), self.quant_min, *self[2:])
+
+
+def _act(qp: QParams, where: str) -> _Act:
+    scale, zero_point = _activation_qparams(qp, where)
+    shift = 128 if qp.quant_min < 0 else 0
+    return _Act(scale, zero_point, qp.quant_min + shift, qp.quant_max + shift)
+
+
+@dataclasses.dataclass(frozen=True)
+class _IntegerOp:
+    """A functional op between integer modules that runs as a quantized kernel."""
+
+    index: int  # position of the call in the trace
+    name: str
+    kind: str  # "add", "add_relu", "cat"
+    operands: tuple[tuple[float, int], ...]  # expected (scale, zero_point) of each operand
+    scale: float
+    zero_point: int
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.name, self.operands)
+
+
+@dataclasses.dataclass
+class _Lowering:
+    """What the analysis of one trace decided."""
+
+    integer_ops: list[_IntegerOp]
+    relu_folds: dict[str, _Act]  # layer path -> output qparams of the fused conv/linear + ReLU
+    dequantize_inputs: set[str]  # float leaf modules that receive integer tensors
+    float_fed: set[str]  # weighted layers that some call feeds a float tensor
+    integer_relus: set[str]  # nn.ReLU modules that only ever see integer tensors
+    notes: list[str]
+
+
+def _analyse(
+    t: Trace,
+    kinds: Mapping[str, str],
+    out_q: Mapping[str, _Act],
+    in_q: Mapping[str, _Act],
+    relu_out_q: Mapping[str, _Act],
+    foldable: set[str],
+) -> _Lowering:
+    """Give every traced value a domain (integer or float) and plan the ops between modules.
+
+    ``kinds`` maps module paths to "weighted" (an int8 counterpart) or "passthrough" (runs on
+    quantized tensors as it is); other modules are float. ``out_q``/``in_q`` are the output
+    qparams of weighted layers and the input qparams of integer layers; ``relu_out_q`` the
+    output qparams of integer ReLU modules.
+    """
+    qp: dict[int, _Act] = {}  # value id -> qparams, for integer values only
+    ops: list[_IntegerOp] = []
+    folds: dict[str, _Act] = {}
+    dequantize_inputs: set[str] = set()
+    float_fed: set[str] = set()
+    relus: dict[str, bool] = {}  # ReLU module -> whether every call gets an integer tensor
+    notes: list[str] = []
+
+    def path_of(call: Call) -> str | None:
+        for p in call.paths or (call.target,):
+            if p in kinds:
+                return p
+        return None
+
+    def effective_consumers(vid: int) -> list[Call]:
+        # Calls that hand the same value back (nn.Identity, Dropout in eval) are transparent.
+        return [c for c in t.consumers(vid) if not (c.outputs and set(c.outputs) == {vid})]
+
+    def single_consumer(vid: int) -> Call | None:
+        consumers = effective_consumers(vid)
+        if len(consumers) != 1 or t.is_output(vid):
+            return None
+        return consumers[0]
+
+    def only_consumer_is_relu(vid: int) -> Call | None:
+        c = single_consumer(vid)
+        if c is None or len(c.outputs) != 1 or set(c.inputs) != {vid}:
+            return None
+        if c.module_type is nn.ReLU if c.kind == "module" else c.target in _RELU_FUNCTIONS:
+            return c
+        return None
+
+    def input_qparams_downstream(vid: int, depth: int = 0) -> _Act | None:
+        """Input qparams that an integer module downstream observed on exactly this value."""
+        for c in effective_consumers(vid):
+            p = path_of(c)
+            if c.kind == "module" and p is not None and p in in_q:
+                return in_q[p]
+        only = single_consumer(vid)
+        if (
+            depth < 8
+            and only is not None
+            and only.kind == "module"
+            and only.module_type in _EXACT_PASSTHROUGH
+            and only.module_type is not nn.ReLU
+            and len(only.outputs) == 1
+        ):
+            return input_qparams_downstream(only.outputs[0], depth + 1)
+        return None
+
+    def after_relu_qparams(relu: Call) -> _Act | None:
+        """Qparams for the output of ``relu``: observed downstream, else by the ReLU itself."""
+        found = input_qparams_downstream(relu.outputs[0])
+        if found is not None:
+            return found
+        p = path_of(relu)
+        if p is not None and p in relu_out_q:
+            return relu_out_q[p]
+        if p is not None and p in in_q:
+            return in_q[p].clipped_to_relu()
+        return None
+
+    def consumer_qparams(vid: int) -> tuple[str, _Act] | None:
+        relu = only_consumer_is_relu(vid)
+        if relu is not None:
+            act = after_relu_qparams(relu)
+            if act is not None:
+                return "relu", act
+        act = input_qparams_downstream(vid)
+        return None if act is None else ("plain", act)
+
+    for call in t.calls:
+        ins = call.inputs
+        if call.kind == "module":
+            p = path_of(call)
+            kind = kinds.get(p) if p is not None else None
+            if kind == "weighted" and p is not None:
+                if any(v not in qp for v in ins):
+                    float_fed.add(p)
+                out = out_q[p]
+                relu = only_consumer_is_relu(call.outputs[0]) if len(call.outputs) == 1 else None
+                if p in foldable and len(t.calls_of(p)) == 1 and relu is not None:
+                    out = folds[p] = after_relu_qparams(relu) or out.clipped_to_relu()
+                for vid in call.outputs:
+                    qp[vid] = out
+            elif kind == "passthrough" or call.module_type in _EXACT_PASSTHROUGH:
+                integer_in = bool(ins) and all(v in qp for v in ins)
+                if integer_in:
+                    for vid in call.outputs:
+                        qp[vid] = qp[ins[0]]
+                if call.module_type is nn.ReLU:
+                    target = call.paths[0] if call.paths else call.target
+                    relus[target] = relus.get(target, True) and integer_in
+            elif any(v in qp for v in ins):
+                dequantize_inputs.add(call.paths[0] if call.paths else call.target)
+            continue
+        # a function call between modules
+        if not any(v in qp for v in ins):
+            continue
+        name = call.target
+        if name in _NATIVE or name.endswith(".__get__"):
+            if all(v in qp for v in ins):
+                for vid in call.outputs:
+                    qp[vid] = qp[ins[0]]
+            continue
+        if (name in _ADD and len(ins) == 2 or name in _CAT) and all(v in qp for v in ins):
+            if len(call.outputs) == 1:
+                found = consumer_qparams(call.outputs[0])
+                if found is not None:
+                    how, act = found
+                    kind_name = "cat" if name in _CAT else ("add_relu" if how == "relu" else "add")
+                    operands = tuple((qp[v].scale, qp[v].zero_point) for v in ins)
+                    ops.append(
+                        _IntegerOp(call.index, name, kind_name, operands, act.scale, act.zero_point)
+                    )
+                    qp[call.outputs[0]] = act
+                    continue
+            notes.append(
+                f"call #{call.index} {name}: no integer consumer gives its output qparams, so "
+                "it runs in float"
+            )
+            continue
+        notes.append(f"call #{call.index} {name}: no int8 kernel, so it runs in float")
+    integer_relus = {p for p, always in relus.items() if always}
+    return _Lowering(ops, folds, dequantize_inputs, float_fed, integer_relus, notes)
+
+
+# --------------------------------------------------------------------------- run time
+
+
+def _has_quantized(args: Sequence[Any]) -> bool:
+    for a in args:
+        if isinstance(a, Tensor):
+            if a.is_quantized:
+                return True
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, Tensor) and b.is_quantized:
+                    return True
+    return False
+
+
+def _dequantize(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, Tensor):
+        if obj.is_quantized:
+            # contiguous like the float model's tensors (int8 convs return channels-last)
+            out = obj.dequantize().contiguous()
+            return out if dtype is torch.float32 else out.to(dtype)
+        return obj
+    if isinstance(obj, list):
+        return [_dequantize(o, dtype) for o in obj]
+    if isinstance(obj, tuple):
+        items = [_dequantize(o, dtype) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, dict):
+        return type(obj)((k, _dequantize(v, dtype)) for k, v in obj.items())
+    return obj
+
+
+def _operand_qparams(args: Sequence[Any]) -> tuple[tuple[float, int], ...] | None:
+    out = []
+    for a in args:
+        if (
+            not isinstance(a, Tensor)
+            or not a.is_quantized
+            or a.qscheme() != torch.per_tensor_affine
+        ):
+            return None
+        out.append((a.q_scale(), a.q_zero_point()))
+    return tuple(out)
+
+
+_swap_tensor_impl: Callable[[Tensor, Tensor], None] | None = getattr(
+    torch._C, "_swap_tensor_impl", None
+)
+
+
+def _write_back(target: Tensor, result: Tensor) -> Tensor:
+    """Make ``target`` (the caller's tensor object) hold ``result``; return it.
+
+    Quantized tensors have no in-place kernels and cannot change dtype in place, so the
+    contents of the two tensor objects are swapped instead (``torch.utils.swap_tensors``).
+    """
+    if (
+        _swap_tensor_impl is not None
+        and type(target) is Tensor
+        and type(result) is Tensor
+        and cast(Any, target)._use_count() == 1
+        and cast(Any, result)._use_count() == 1
+        and not weakref.getweakrefs(target)
+        and not weakref.getweakrefs(result)
+    ):
+        _swap_tensor_impl(target, result)  # plain tensors: nothing else to swap
+        return target
+    try:
+        cast(Any, torch.utils).swap_tensors(target, result)
+    except (RuntimeError, TypeError):
+        return result  # still right for ``out += x``, which rebinds ``out``
+    return target
+
+
+class _Dispatch(TorchFunctionMode):
+    """Active during one forward of a lowered model: quantized ops between modules, else float."""
+
+    def __init__(self, runtime: _Runtime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.seen: dict[tuple[Any, ...], int] = {}
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        if not _has_quantized(args) and not (kwargs and _has_quantized(list(kwargs.values()))):
+            return func(*args, **kwargs)
+        name = _name_of(func)
+        if name.endswith("_") and not name.endswith("__") and name not in _NATIVE:
+            # In place on an integer tensor (``out += identity`` is ``add_``): compute the
+            # result, then make the caller's tensor object hold it, so that code which keeps
+            # using ``out`` (``out.add_(identity)`` as a statement) sees it as well.
+            result = self._dispatch(name, func, args, kwargs)
+            target = args[0] if args else None
+            if isinstance(target, Tensor) and isinstance(result, Tensor) and result is not target:
+                return _write_back(target, result)
+            return result
+        return self._dispatch(name, func, args, kwargs)
+
+    def _dispatch(
+        self, name: str, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> Any:
+        if name in _NATIVE or name.endswith(".__get__"):
+            try:
+                return func(*args, **kwargs)
+            except (RuntimeError, NotImplementedError):
+                # int8 convolutions return channels-last tensors, which .view() cannot
+                # flatten; the float model's were contiguous, so make this one contiguous.
+                if name != "torch.Tensor.view" or not isinstance(args[0], Tensor):
+                    pass
+                else:
+                    try:
+                        return func(args[0].contiguous(), *args[1:], **kwargs)
+                    except (RuntimeError, NotImplementedError):
+                        pass
+        elif name in self.runtime.op_names:
+            result = self._integer_op(name, args, kwargs)
+            if result is not None:
+                return result
+        dtype = self.runtime.float_dtype
+        return func(*_dequantize(tuple(args), dtype), **_dequantize(dict(kwargs), dtype))
+
+    def _integer_op(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        if name in _CAT:
+            if not args or not isinstance(args[0], (list, tuple)):
+                return None
+            tensors = list(args[0])
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if set(kwargs) - {"dim"}:
+                return None
+            operands = _operand_qparams(tensors)
+        else:
+            if kwargs or len(args) != 2:
+                return None
+            tensors = list(args)
+            operands = _operand_qparams(tensors)
+        if operands is None:
+            return None
+        key = (name, operands)
+        candidates = self.runtime.ops_by_key.get(key)
+        if not candidates:
+            return None
+        n = self.seen.get(key, 0)
+        self.seen[key] = n + 1
+        op = candidates[min(n, len(candidates) - 1)]
+        if op.kind == "cat":
+            return torch.ops.quantized.cat.default(tensors, dim, op.scale, op.zero_point)
+        if op.kind == "add_relu":
+            return torch.ops.quantized.add_relu.default(
+                tensors[0], tensors[1], op.scale, op.zero_point
+            )
+        return torch.ops.quantized.add.default(tensors[0], tensors[1], op.scale, op.zero_point)
+
+
+class _Runtime:
+    """Hooks on the lowered model's root: the dispatch mode during forward, float outputs."""
+
+    def __init__(
+        self,
+        ops: list[_IntegerOp],
+        float_dtype: torch.dtype,
+        notes: list[str],
+        backend: str,
+        swapped: dict[str, str],
+    ) -> None:
+        self.ops = ops
+        self.float_dtype = float_dtype
+        self.notes = notes
+        self.backend = backend
+        self.swapped = swapped
+        self._index()
+        self._local = threading.local()
+
+    def _index(self) -> None:
+        self.ops_by_key: dict[tuple[Any, ...], list[_IntegerOp]] = {}
+        for op in self.ops:
+            self.ops_by_key.setdefault(op.key(), []).append(op)
+        self.op_names = frozenset(op.name for op in self.ops)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Runtime:
+        return self  # immutable after lowering; per-call state lives in the dispatch mode
+
+    def enter(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        _consume_qtensor_warning()
+        stack: list[_Dispatch] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        mode = _Dispatch(self)
+        cast(Any, mode).__enter__()
+        stack.append(mode)
+
+    def exit(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        stack: list[_Dispatch] | None = getattr(self._local, "stack", None)
+        if stack:
+            cast(Any, stack.pop()).__exit__(None, None, None)
+        return _dequantize(output, self.float_dtype)
+
+    def dequantize_inputs(self, module: nn.Module, args: Any, kwargs: Any) -> Any:
+        if _has_quantized(args) or (kwargs and _has_quantized(list(kwargs.values()))):
+            return _dequantize(tuple(args), self.float_dtype), _dequantize(
+                dict(kwargs), self.float_dtype
+            )
+        return None
+
+
+def describe_lowering(model: nn.Module) -> str:
+    """Say what int8 lowering did to ``model``: swapped layers, integer ops, notes.
+
+    >>> describe_lowering(torch.nn.Linear(2, 2))
+    'not lowered to int8'
+    """
+    runtime = getattr(model, "_qswap_int8", None)
+    if not isinstance(runtime, _Runtime):
+        return "not lowered to int8"
+    lines = [f"int8 lowering for backend {runtime.backend!r}:"]
+    for path, what in runtime.swapped.items():
+        lines.append(f"  {path}: {what}")
+    for op in runtime.ops:
+        lines.append(f"  call #{op.index} {op.name}: quantized.{op.kind}")
+    lines += [f"  note: {n}" for n in runtime.notes]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- lowering
+
+
+@contextlib.contextmanager
+def _engine(backend: str) -> Iterator[str]:
+    engines = torch.backends.quantized.supported_engines
+    wanted = {"x86": ("x86", "fbgemm"), "qnnpack": ("qnnpack",)}[backend]
+    for engine in wanted:
+        if engine in engines:
+            break
+    else:
+        raise UnsupportedModuleError(
+            f"backend {backend!r} needs torch's quantized engine {wanted[0]!r}, but this build of "
+            f"torch supports only {list(engines)}; use backend "
+            f"{'qnnpack' if backend == 'x86' else 'x86'!r} or 'fake'"
+        )
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield engine
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The user's forward (pre-)hooks on a swapped module move to its replacement."""
+    for name in _HOOK_DICTS:
+        source = getattr(old, name, None)
+        target = getattr(new, name, None)
+        if source and target is not None:
+            target.update(source)
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+
+
+def _lower(
+    backend: str,
+    model: nn.Module,
+    layers: Mapping[str, LayerSpec],
+    example_inputs: tuple[Any, ...] | Tensor,
+    example_kwargs: Mapping[str, Any] | None,
+) -> nn.Module:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type != "cpu":
+            raise UnsupportedModuleError(
+                f"backend {backend!r} runs torch's int8 CPU kernels, but {name} is on "
+                f"{tensor.device}; move the model and its inputs to the CPU first "
+                "(model.cpu()), or use backend 'fake' on this device"
+            )
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    float_dtype = next(
+        (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
+    )
+    model.eval()
+    t = trace(model, tuple(example_inputs), example_kwargs)
+
+    paths_of: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths_of.setdefault(id(module), []).append(path)
+    modules: dict[str, nn.Module] = {}
+    for path in layers:
+        try:
+            modules[path] = model.get_submodule(path)
+        except AttributeError:
+            continue
+    notes: list[str] = []
+    kinds: dict[str, str] = {}
+    built: dict[str, _IntegerModule] = {}
+    out_q: dict[str, _Act] = {}
+    in_q: dict[str, _Act] = {}
+    relu_out_q: dict[str, _Act] = {}
+
+    def aliases(path: str) -> list[str]:
+        return paths_of.get(id(modules[path]), [path])
+
+    with _engine(backend), _torch_ao_deprecations_silenced():
+        for path, spec in layers.items():
+            module = modules.get(path)
+            if module is None:
+                continue
+            cp = spec.counterpart
+            if cp is IntegerPassthrough:
+                try:
+                    acts = {
+                        k: _act(q, f"{path} {k}")
+                        for k, q in spec.qparams.items()
+                        if k in ("input", "output")
+                    }
+                except UnsupportedModuleError as exc:
+                    notes.append(f"{path} runs in float: {exc}")
+                    continue
+                for p in aliases(path):
+                    kinds[p] = "passthrough"
+                    if "input" in acts:
+                        in_q[p] = acts["input"]
+                    if "output" in acts and type(module) is nn.ReLU:
+                        relu_out_q[p] = acts["output"]
+                continue
+            if not (isinstance(cp, type) and issubclass(cp, _IntegerModule)):
+                continue
+            try:
+                q = cp.from_float(module, spec)
+                out = _act(_qparams(spec, "output", module), f"{path} output")
+                inp = (
+                    _act(spec.qparams["input"], f"{path} input")
+                    if "input" in spec.qparams
+                    else None
+                )
+            except UnsupportedModuleError as exc:
+                notes.append(f"{path} stays float: {exc}")
+                continue
+            built[path] = cast(_IntegerModule, q)
+            for p in aliases(path):
+                kinds[p] = "weighted"
+                out_q[p] = out
+                if inp is not None:
+                    in_q[p] = inp
+        foldable = {p for fp, q in built.items() if type(q) in _WITH_RELU for p in aliases(fp)}
+        while True:
+            lowering = _analyse(t, kinds, out_q, in_q, relu_out_q, foldable)
+            stuck = sorted(p for p in lowering.float_fed if p not in in_q)
+            if not stuck:
+                break
+            for p in stuck:  # fed float by the caller or float code, with nothing to quantize it
+                notes.append(
+                    f"{p} stays float: its input comes from float code and it has no "
+                    "calibrated input qparams"
+                )
+                owner = next(fp for fp in built if p in aliases(fp))
+                built.pop(owner)
+                for alias_path in aliases(owner):
+                    kinds.pop(alias_path, None)
+        swapped: dict[str, str] = {}
+        for path, q in built.items():
+            fold = next(
+                (lowering.relu_folds[p] for p in aliases(path) if p in lowering.relu_folds), None
+            )
+            if fold is not None:
+                fused_cls = _WITH_RELU[type(q)]
+                q = cast(_IntegerModule, fused_cls.from_float(modules[path], layers[path]))
+                q.scale, q.zero_point = fold.scale, fold.zero_point
+                notes.append(f"{path}: the ReLU that follows runs fused ({fused_cls.__name__})")
+            _carry_hooks(modules[path], q)
+            for alias_path in aliases(path):
+                if alias_path:
+                    _set_submodule(model, alias_path, q)
+                else:  # the model itself is one layer
+                    model = q
+            swapped[path] = type(q).__name__
+        for path in sorted(lowering.integer_relus):
+            relu = model.get_submodule(path) if path else model
+            if type(relu) is not nn.ReLU:
+                continue
+            fast = _IntegerReLU(inplace=relu.inplace)
+            _carry_hooks(relu, fast)
+            for alias_path in paths_of.get(id(relu), [path]):
+                if alias_path:
+                    _set_submodule(model, alias_path, fast)
+    notes += lowering.notes
+
+    runtime = _Runtime(lowering.integer_ops, float_dtype, notes, backend, swapped)
+    for path in sorted(lowering.dequantize_inputs):
+        try:
+            target = model.get_submodule(path)
+        except AttributeError:
+            continue
+        target.register_forward_pre_hook(runtime.dequantize_inputs, with_kwargs=True, prepend=True)
+    model.register_forward_pre_hook(runtime.enter, with_kwargs=True)
+    model.register_forward_hook(runtime.exit, with_kwargs=True, prepend=True, always_call=True)
+    object.__setattr__(model, "_qswap_int8", runtime)
+    _consume_qtensor_warning()
+    return model
+
+
+def lower_x86(
+    model: nn.Module,
+    layers: Mapping[str, LayerSpec],
+    example_inputs: tuple[Any, ...] | Tensor,
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Lower a calibrated, fused float model to torch's x86 (fbgemm/onednn) int8 kernels.
+
+    Called by ``qswap.convert`` for ``backend: x86``; ``layers`` maps module paths to
+    ``LayerSpec`` with qparams. Returns ``model``, changed in place.
+
+    >>> import torch, qswap
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    >>> qmodel = qswap.quantize(model, "x86_int8", calib_data=[torch.randn(8, 4)], progress=False)
+    >>> type(qmodel[0]).__name__, qmodel(torch.randn(3, 4)).dtype
+    ('QuantizedLinear', torch.float32)
+    """
+    return _lower("x86", model, layers, example_inputs, example_kwargs)
+
+
+def lower_qnnpack(
+    model: nn.Module,
+    layers: Mapping[str, LayerSpec],
+    example_inputs: tuple[Any, ...] | Tensor,
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Lower a calibrated, fused float model to torch's qnnpack (ARM/mobile) int8 kernels.
+
+    >>> import torch, qswap
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    >>> qmodel = qswap.quantize(model, "qnnpack_int8", calib_data=[torch.randn(8, 4)], progress=False)
+    >>> type(qmodel[0]).__name__
+    'QuantizedLinear'
+    """
+    return _lower("qnnpack", model, layers, example_inputs, example_kwargs)
+
+
+def register(reg: Registry) -> None:
+    """Register the ``x86`` and ``qnnpack`` backends (mappings: ``registry/torch_int8.yaml``).
+
+    >>> from qswap.registry import Registry
+    >>> reg = Registry("doc")
+    >>> register(reg)
+    >>> reg.backend("x86").integer
+    True
+    """
+    from qswap.registry import Backend
+
+    reg.register_backend(
+        Backend(
+            "x86",
+            description=(
+                "real int8 on x86 CPUs through torch's fbgemm/onednn kernels "
+                "(torch.ao.nn.quantized); 8-bit weights and activations"
+            ),
+            integer=True,
+            weight_bits=(8, 8),
+            activation_bits=(8, 8),
+            lower=lower_x86,
+        )
+    )
+    reg.register_backend(
+        Backend(
+            "qnnpack",
+            description=(
+                "real int8 on ARM/mobile CPUs through torch's qnnpack kernels "
+                "(torch.ao.nn.quantized); 8-bit weights and activations"
+            ),
+            integer=True,
+            weight_bits=(8, 8),
+            activation_bits=(8, 8),
+            lower=lower_qnnpack,
+        )
+    )

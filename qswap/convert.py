@@ -1,0 +1,252 @@
+"""``convert`` and ``quantize``: turn a calibrated model into a quantized one for its backend.
+
+``convert`` reads each layer's qparams from its observers, removes every observer,
+hook and parametrization qswap added (the float weights and the user's hooks stay),
+then fake-quantizes the layers that run on ``fake`` and hands the rest to the integer
+backend's ``lower``. ``quantize`` is plan + prepare + calibrate + convert in one call.
+
+    >>> import torch, qswap
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    >>> qmodel = qswap.quantize(model, "w8a8_minmax", calib_data=[torch.randn(8, 4)])
+    >>> type(qmodel[0]).__name__
+    'LinearReLU'
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from qswap.backends.fake import (
+    Components,
+    FakeQuantized,
+    activation_slot,
+    detach_activations,
+    detach_parametrizations,
+    install,
+    original_of,
+    param_location,
+    parametrizations_of,
+    refit,
+)
+from qswap.config import QConfig
+from qswap.exceptions import CalibrationError, PlanError
+from qswap.observe import (
+    STATE_ATTR,
+    QSwapState,
+    WeightObserver,
+    calibrate,
+    copy_model,
+    prepare,
+    state_of,
+)
+from qswap.quantizers import QParams
+from qswap.registry import Registry
+from qswap.walker import LayerSpec, Plan, gc_paused
+
+__all__ = ["convert", "quantize"]
+
+
+def convert(prepared: nn.Module, *, backend: str | None = None, inplace: bool = False) -> nn.Module:
+    """The quantized model for the plan's backend, from a prepared and calibrated model.
+
+    ``prepared`` is left as it is unless ``inplace=True``. ``backend`` may only repeat
+    the backend the model was prepared for (observers differ per backend).
+
+    >>> import torch, qswap
+    >>> prepared = qswap.prepare(torch.nn.Linear(4, 2), "w8a8_minmax")
+    >>> qmodel = qswap.convert(qswap.calibrate(prepared, [torch.randn(8, 4)]))
+    >>> sorted(qmodel._qswap.layers[""].qparams)
+    ['input', 'output', 'weight']
+    """
+    state = state_of(prepared)
+    if state is None:
+        raise PlanError(
+            f"convert() needs a model returned by qswap.prepare() and calibrated, got a "
+            f"{type(prepared).__name__} that qswap did not prepare; use qswap.quantize(model, "
+            "config, calib_data=...) to do all steps at once"
+        )
+    if state.stage != "prepared":
+        raise PlanError("convert() got a model that is already converted; convert it only once")
+    the_plan = state.plan
+    target = the_plan.backend
+    if backend is not None and backend != target.name:
+        raise PlanError(
+            f"this model was prepared for backend {target.name!r}, not {backend!r}; the observers "
+            f"differ per backend, so prepare the float model with backend {backend!r}"
+        )
+    with gc_paused():
+        model = prepared if inplace else copy_model(prepared, share=_observers(prepared, the_plan))
+        layers = _collect_qparams(model, the_plan)
+        parts = Components(state.registry)
+        for name, layer in layers.items():
+            module = model.get_submodule(name)
+            on_fake = layer.backend == "fake" or not target.integer
+            if on_fake and layer.counterpart in (None, FakeQuantized):
+                refit(module, layer, parts)  # same result as strip + install, without rebuilding
+                continue
+            _strip(module, layer)
+            if on_fake:
+                model = _swap(model, name, layer)
+        args = state.example_args
+        kwargs = state.example_kwargs
+        if target.integer:
+            lower = target.lower
+            if lower is None:
+                raise PlanError(
+                    f"backend {target.name!r} is an integer backend without a lower function; "
+                    "register it with Backend(..., lower=...)"
+                )
+            if args is None:
+                raise CalibrationError(
+                    f"convert() for backend {target.name!r} needs example inputs to place "
+                    "quant/dequant boundaries; pass example_inputs= to prepare() or run "
+                    "calibrate() first"
+                )
+            model.train(False)
+            own = {name: layer for name, layer in layers.items() if layer.backend == target.name}
+            model = lower(model, own, tuple(args), dict(kwargs))
+    object.__setattr__(
+        model,
+        STATE_ATTR,
+        QSwapState(
+            plan=the_plan,
+            registry=state.registry,
+            stage="converted",
+            example_args=args,
+            example_kwargs=dict(kwargs),
+            layers=layers,
+        ),
+    )
+    return model
+
+
+def _collect_qparams(model: nn.Module, the_plan: Plan) -> dict[str, LayerSpec]:
+    """Each layer's spec with the qparams its observers computed (unseen activations dropped)."""
+    mode = the_plan.config.mode
+    out: dict[str, LayerSpec] = {}
+    for name, layer in the_plan.layers.items():
+        module = model.get_submodule(name)
+        qparams: dict[str, QParams] = {}
+        for slot in layer.param_specs():
+            owner, pname = param_location(module, slot)
+            found = parametrizations_of(owner, pname)
+            if not found:
+                raise PlanError(
+                    f"layer {name!r}: its {slot} observer is missing; was the prepared model "
+                    "modified after qswap.prepare()?"
+                )
+            observer: Any = found[-1]
+            if isinstance(observer, WeightObserver):
+                observer = observer.observer
+            if not observer.seen:
+                # a layer calibration never reached: its weight is known all the same
+                observer = copy.deepcopy(observer)  # may be shared with the prepared model
+                observer(original_of(owner, pname).detach())
+            qparams[slot] = _qparams(observer, name, slot)
+        changes: dict[str, Any] = {}
+        if mode in ("static", "qat"):
+            for which in layer.activation_specs():
+                slot_module = activation_slot(module, which)
+                if slot_module is None or slot_module.observer is None:
+                    raise PlanError(
+                        f"layer {name!r}: its {which} observer is missing; was the prepared model "
+                        "modified after qswap.prepare()?"
+                    )
+                if slot_module.calls == 0:
+                    raise CalibrationError(
+                        f"layer {name!r} ({layer.module_type.__name__}) never ran during "
+                        f"calibration, so its {which} has no range. Make the calibration batches "
+                        f"reach it, or keep it float with a rule: "
+                        f"{{match: {{name: '{name}'}}, skip: true}}"
+                    )
+                if not slot_module.seen_float:
+                    changes[which] = None  # it never received a floating-point tensor there
+                    continue
+                qparams[which] = _qparams(slot_module.observer, name, which)
+        out[name] = dataclasses.replace(layer, qparams=qparams, **changes)
+    return out
+
+
+def _observers(model: nn.Module, the_plan: Plan) -> list[nn.Module]:
+    """The observer modules of a prepared model: convert only reads them, so a copy may share them."""
+    found: list[nn.Module] = []
+    for name, layer in the_plan.layers.items():
+        module = model.get_submodule(name)
+        for slot in layer.param_specs():
+            owner, pname = param_location(module, slot)
+            found.extend(parametrizations_of(owner, pname))
+        for which in ("input", "output"):
+            slot_module = activation_slot(module, which)
+            if slot_module is not None and slot_module.observer is not None:
+                found.append(slot_module.observer)
+    return found
+
+
+def _qparams(observer: Any, name: str, slot: str) -> QParams:
+    try:
+        result: QParams = observer.calculate_qparams()
+    except CalibrationError as exc:
+        raise CalibrationError(f"layer {name!r}, slot {slot!r}: {exc}") from exc
+    return result
+
+
+def _strip(module: nn.Module, layer: LayerSpec) -> None:
+    """Remove qswap's observers, hooks and parametrizations from one layer."""
+    detach_activations(module)
+    for slot in layer.param_specs():
+        owner, pname = param_location(module, slot)
+        detach_parametrizations(owner, pname)
+
+
+def _swap(model: nn.Module, name: str, layer: LayerSpec) -> nn.Module:
+    """Apply the layer's fake counterpart (or generic fake-quant) at every path of the module."""
+    module = model.get_submodule(name)
+    counterpart = layer.counterpart
+    if counterpart is None:
+        result = install(module, layer)
+    else:
+        factory: Any = counterpart
+        result = factory.from_float(module, layer)
+        if not isinstance(result, nn.Module):
+            raise PlanError(
+                f"{counterpart.__name__}.from_float returned {type(result).__name__} for layer "
+                f"{name!r}; a counterpart must return a torch.nn.Module"
+            )
+    if result is module:
+        return model
+    if not name:
+        return result
+    for path in (name, *layer.aliases):
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        parent._modules[child] = result
+    return model
+
+
+def quantize(
+    model: nn.Module,
+    config: QConfig | Plan | Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    calib_data: Iterable[Any],
+    example_inputs: Any = None,
+    registry: Registry | None = None,
+    max_batches: int | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Plan, prepare, calibrate on ``calib_data`` and convert, in one call; ``model`` is untouched.
+
+    >>> import torch, qswap
+    >>> x = torch.randn(16, 4)
+    >>> qmodel = qswap.quantize(torch.nn.Linear(4, 2), "w8a8_minmax", calib_data=[x])
+    >>> qmodel.weight.shape
+    torch.Size([2, 4])
+    """
+    prepared = prepare(model, config, example_inputs=example_inputs, registry=registry)
+    calibrate(prepared, calib_data, max_batches=max_batches, progress=progress)
+    return convert(prepared, inplace=True)

@@ -1,0 +1,447 @@
+"""``prepare`` and ``calibrate``: fuse a copy of the model, attach observers, run data through it.
+
+Nothing is rewritten: weights are observed through ``torch.nn.utils.parametrize``,
+inputs and outputs through forward hooks, with the observers the registry names in
+the config. The prepared model carries its plan on a private attribute (``_qswap``),
+not as a submodule, so its ``state_dict`` holds only tensors.
+
+    >>> import torch, qswap
+    >>> prepared = qswap.prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8_minmax")
+    >>> qswap.calibrate(prepared, [torch.randn(2, 4)]) is prepared
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import sys
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from qswap.backends.fake import (
+    ActivationSlot,
+    Components,
+    attach_activation,
+    attach_parametrization,
+    param_location,
+)
+from qswap.config import QConfig
+from qswap.exceptions import CalibrationError, PlanError
+from qswap.registry import Registry, default_registry
+from qswap.walker import LayerSpec, Plan, gc_paused, plan, split_inputs
+
+__all__ = [
+    "QSwapState",
+    "WeightObserver",
+    "calibrate",
+    "copy_model",
+    "prepare",
+    "state_of",
+]
+
+STATE_ATTR = "_qswap"
+
+
+@dataclass
+class QSwapState:
+    """What qswap keeps on a prepared or converted model (attribute ``_qswap``, not a submodule).
+
+    ``layers`` are the plan's layer specs; after ``convert`` they carry their qparams.
+    """
+
+    plan: Plan
+    registry: Registry
+    stage: Literal["prepared", "converted"]
+    example_args: tuple[Any, ...] | None = None
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, LayerSpec] = field(default_factory=dict)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QSwapState:
+        # The plan, registry and example inputs are read-only: a copied model shares them.
+        return QSwapState(
+            self.plan,
+            self.registry,
+            self.stage,
+            self.example_args,
+            dict(self.example_kwargs),
+            dict(self.layers),
+        )
+
+
+def state_of(model: nn.Module) -> QSwapState | None:
+    """The qswap state of a prepared or converted model, or ``None`` for any other model.
+
+    >>> import torch
+    >>> state_of(torch.nn.Linear(2, 2)) is None
+    True
+    """
+    found = model.__dict__.get(STATE_ATTR)
+    return found if isinstance(found, QSwapState) else None
+
+
+class WeightObserver(nn.Module):
+    """Parametrization that observes a weight (and, in QAT, fake-quantizes it with fresh qparams).
+
+    A weight changes only when it is written to, so a parameter seen unchanged (same
+    storage, same version counter) is not observed again on every calibration batch.
+    """
+
+    def __init__(self, observer: nn.Module, quantizer: nn.Module | None = None) -> None:
+        super().__init__()
+        self.observer = observer
+        self.quantizer = quantizer
+        self._seen: tuple[int, int] | None = None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """Record the weight's statistics; in QAT return it fake-quantized (straight-through)."""
+        key = _version_key(weight)
+        changed = key is None or key != self._seen
+        if changed:
+            self.observer(weight)
+            self._seen = key
+        if self.quantizer is None:
+            return weight
+        quantizer: Any = self.quantizer
+        if changed or quantizer.qparams is None:
+            observer: Any = self.observer
+            quantizer.set_qparams(observer.calculate_qparams())
+        return quantizer(weight)  # type: ignore[no-any-return]
+
+
+def _version_key(weight: torch.Tensor) -> tuple[int, int] | None:
+    """Identity of a parameter's current value, or ``None`` when it cannot be told."""
+    if not isinstance(weight, nn.Parameter):
+        return None  # computed by an earlier parametrization: a new tensor every call
+    try:
+        return weight.data_ptr(), weight._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+# --------------------------------------------------------------------------- copying
+
+
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+_MODULE_GETSTATE = nn.Module.__getstate__
+_MODULE_SETSTATE = nn.Module.__setstate__
+_OBJECT_REDUCE_EX: Any = object.__reduce_ex__
+_OBJECT_REDUCE: Any = object.__reduce__
+
+
+def _parametrized_base(cls: type) -> type | None:
+    """The original class of a ``torch.nn.utils.parametrize`` class, else ``None``."""
+    copier = vars(cls).get("__deepcopy__")
+    if (
+        copier is not None
+        and getattr(copier, "__module__", None) == "torch.nn.utils.parametrize"
+        and len(cls.__bases__) == 1
+    ):
+        return cls.__bases__[0]
+    return None
+
+
+def _plain_module_class(cls: type) -> bool:
+    """Whether ``copy.deepcopy`` of an instance reduces to copying its ``__dict__``."""
+    return bool(
+        getattr(cls, "__deepcopy__", None) is None
+        and getattr(cls, "__reduce_ex__", None) is _OBJECT_REDUCE_EX
+        and getattr(cls, "__reduce__", None) is _OBJECT_REDUCE
+        and getattr(cls, "__getstate__", None) is _MODULE_GETSTATE
+        and getattr(cls, "__setstate__", None) is _MODULE_SETSTATE
+        and not any("__slots__" in vars(k) for k in cls.__mro__[:-1])
+    )
+
+
+def copy_model(model: nn.Module, share: Iterable[nn.Module] = ()) -> nn.Module:
+    """A deep copy of ``model``, as ``copy.deepcopy`` makes it, several times faster on big models.
+
+    Modules whose class copies by ``__dict__`` (nearly all) are copied structurally;
+    everything else (tensors, custom attributes, exotic modules) goes through
+    ``copy.deepcopy`` with one shared memo, so tied and shared objects stay shared.
+    Modules in ``share`` are not copied: the copy refers to the same objects.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> c = copy_model(m)
+    >>> c[0].weight is m[0].weight, torch.equal(c[0].weight, m[0].weight)
+    (False, True)
+    """
+    memo: dict[int, Any] = {id(m): m for m in share}
+    plain: dict[type, bool] = {}
+    return _copy_module(model, memo, plain)
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any], plain: dict[type, bool]) -> nn.Module:
+    done = memo.get(id(module))
+    if done is not None:
+        return done  # type: ignore[no-any-return]
+    cls = type(module)
+    ok = plain.get(cls)
+    if ok is None:
+        base = _parametrized_base(cls)
+        ok = plain[cls] = _plain_module_class(cls if base is None else base)
+    if not ok:
+        return copy.deepcopy(module, memo)
+    if "_qswap_owner" in vars(cls) or _parametrized_base(cls) is not None:
+        # parametrize keeps its properties on a per-module class; give the copy its own
+        # so that changing one module's parametrizations never changes the other's.
+        namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        cls = type(cls.__name__, cls.__bases__, namespace)
+        new = cls.__new__(cls)
+        cls._qswap_owner = id(new)  # type: ignore[attr-defined]
+    else:
+        new = cls.__new__(cls)
+    memo[id(module)] = new
+    keep = memo.setdefault(id(memo), [])
+    keep.append(module)  # as deepcopy does: keep originals alive while ids are memo keys
+    state: dict[str, Any] = {}
+    # Children first: hooks that are bound methods of a child then find it in the memo.
+    children = module.__dict__["_modules"]
+    copied = type(children)()
+    for name, child in children.items():
+        copied[name] = None if child is None else _copy_module(child, memo, plain)
+    for key, value in module.__dict__.items():
+        kind = type(value)
+        if key == "_modules":
+            state[key] = copied
+        elif kind in _PLAIN:
+            state[key] = value
+        elif (kind is OrderedDict or kind is dict or kind is set) and not value:
+            state[key] = kind()
+        elif isinstance(value, BaseModel) and value.model_config.get("frozen"):
+            state[key] = value  # frozen pydantic models (specs, options) are never mutated
+        elif key == "_compiled_call_impl":
+            continue
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return None
+
+
+def prepare(
+    model: nn.Module,
+    config: QConfig | Plan | Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    example_inputs: Any = None,
+    registry: Registry | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """A fused copy of ``model`` with observers attached, ready for ``calibrate``.
+
+    ``config`` is a QConfig, dict, YAML path or text, preset name, or a ``Plan`` made
+    for this model. The user's model is untouched unless ``inplace=True``; devices,
+    dtypes and existing hooks are kept.
+
+    >>> import torch, qswap
+    >>> prepared = qswap.prepare(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), "w8a8_minmax")
+    >>> type(prepared[0]).__name__
+    'ConvReLU2d'
+    """
+    if state_of(model) is not None:
+        raise PlanError(
+            f"this {type(model).__name__} was already prepared or converted by qswap; "
+            "prepare the float model instead"
+        )
+    reg = registry if registry is not None else default_registry()
+    if isinstance(config, Plan):
+        the_plan = config
+        if the_plan.model_type is not type(model):
+            raise PlanError(
+                f"the plan was made for a {the_plan.model_type.__name__}, not for this "
+                f"{type(model).__name__}; call qswap.plan on this model"
+            )
+        reg = the_plan.registry if registry is None else reg
+    else:
+        the_plan = plan(model, config, example_inputs=example_inputs, registry=reg)
+    inputs = split_inputs(example_inputs)
+    with gc_paused():
+        target = model if inplace else copy_model(model)
+        groups = the_plan.fusion_groups
+        if groups:
+            from qswap.fuse import fuse_model
+
+            # Eval-mode BN folding. TODO(qat): mode "qat" should keep BN statistics
+            # updating with folded-weight fake-quant (issue 4); it folds like PTQ for now.
+            fuse_model(target, groups, reg)
+        _attach_observers(target, the_plan, Components(reg))
+    state = QSwapState(
+        plan=the_plan,
+        registry=reg,
+        stage="prepared",
+        example_args=inputs[0] if inputs is not None else None,
+        example_kwargs=inputs[1] if inputs is not None else {},
+        layers=dict(the_plan.layers),
+    )
+    object.__setattr__(target, STATE_ATTR, state)
+    return target
+
+
+def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) -> None:
+    mode = the_plan.config.mode
+    qat = mode == "qat"
+    for name, layer in the_plan.layers.items():
+        module = model.get_submodule(name)
+        for slot, spec in layer.param_specs().items():
+            owner, pname = param_location(module, slot)
+            # TODO(qat, issue 4): learnable quantizers (LSQ) keep their own parameters.
+            quantizer = components.create("quantizer", spec) if qat else None
+            observer = WeightObserver(components.create("observer", spec), quantizer)
+            device = _device_of(owner)
+            if device is not None and device.type != "cpu":
+                observer.to(device)
+            attach_parametrization(owner, pname, observer)
+        if mode not in ("static", "qat"):
+            continue  # weight_only: no activations; dynamic: quantized per batch at run time
+        acts = layer.activation_specs()
+        if not acts:
+            continue
+        device = _device_of(module)
+        for which, spec in acts.items():
+            slot_module = ActivationSlot(
+                observer=components.create("observer", spec),
+                quantizer=components.create("quantizer", spec) if qat else None,
+                requant=qat,
+            )
+            if device is not None and device.type != "cpu":
+                slot_module.to(device)
+            attach_activation(module, which, slot_module)
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def calibrate(
+    prepared: nn.Module,
+    batches: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Run ``batches`` through a prepared model (eval mode, no grad) so its observers see data.
+
+    Each batch is a tensor (one positional argument), a tuple or list (the positional
+    arguments) or a dict (keyword arguments). ``progress`` shows a tqdm bar on stderr
+    (default: only when stderr is a terminal). The first batch becomes the example
+    input when ``prepare`` got none. Returns ``prepared``.
+
+    >>> import torch, qswap
+    >>> prepared = qswap.prepare(torch.nn.Linear(4, 4), "w8a8_minmax")
+    >>> _ = qswap.calibrate(prepared, [torch.randn(2, 4)] * 3, max_batches=2, progress=False)
+    """
+    state = state_of(prepared)
+    if state is None:
+        raise CalibrationError(
+            f"calibrate() needs a model returned by qswap.prepare(), got a "
+            f"{type(prepared).__name__} that qswap did not prepare; call "
+            "prepared = qswap.prepare(model, config) first and calibrate that"
+        )
+    if state.stage != "prepared":
+        raise CalibrationError(
+            "calibrate() got a model that qswap.convert() already converted; its observers are "
+            "gone. Calibrate the prepared model before converting it"
+        )
+    if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
+        raise CalibrationError(
+            f"max_batches must be a positive number of batches (or None for all), got "
+            f"{max_batches!r}"
+        )
+    show = progress if progress is not None else _stderr_is_tty()
+    total: int | None = None
+    try:
+        total = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+        batches = itertools.islice(batches, max_batches)
+    from tqdm.auto import tqdm
+
+    flags = [(m, m.training) for m in prepared.modules()]
+    prepared.train(False)
+    seen = 0
+    first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    try:
+        with torch.no_grad():
+            bar = tqdm(
+                batches,
+                total=total,
+                disable=not show,
+                desc="qswap calibrate",
+                unit="batch",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+            try:
+                for batch in bar:
+                    args, kwargs = _batch_inputs(batch, seen)
+                    _run(prepared, batch, args, kwargs, seen)
+                    if first is None:
+                        first = (args, kwargs)
+                    seen += 1
+            finally:
+                bar.close()
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if first is None:
+        raise CalibrationError(
+            "calibrate() saw no batch: the iterable of batches was empty. Pass an iterable "
+            "with one model input per batch (a tensor, a tuple of positional arguments or a "
+            "dict of keyword arguments), e.g. [x[i:i + 32] for i in range(0, len(x), 32)]"
+        )
+    if state.example_args is None:
+        state.example_args, state.example_kwargs = first
+    return prepared
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _batch_inputs(batch: Any, index: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    split = split_inputs(batch)
+    if split is None:
+        raise CalibrationError(
+            f"calibration batch {index} is None; each batch must be a tensor, a tuple of "
+            "positional arguments or a dict of keyword arguments"
+        )
+    return split
+
+
+def _run(
+    model: nn.Module, batch: Any, args: tuple[Any, ...], kwargs: dict[str, Any], index: int
+) -> None:
+    try:
+        model(*args, **kwargs)
+    except TypeError as exc:
+        pairs = isinstance(batch, (tuple, list)) and len(batch) > 1
+        if index == 0 and pairs and "argument" in str(exc):
+            raise CalibrationError(
+                f"calibration batch 0 is a {type(batch).__name__} of {len(batch)} items, which "
+                f"calibrate() passes as {len(batch)} positional arguments, and the model "
+                f"refused them ({exc}). If the batches are (inputs, labels) pairs, pass "
+                "(x for x, _ in loader) instead"
+            ) from exc
+        raise

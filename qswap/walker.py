@@ -1,0 +1,1186 @@
+"""The plan: one pure walk over a model deciding, per module, what quantization will do to it.
+
+``plan(model, config)`` never touches the model. It resolves the config's rule
+cascade for every module, looks the module's class up in the registry, finds the
+fusion groups, and records one :class:`Decision` per module path -- fuse, quantize,
+wrap (generic fake-quant of a layer no entry covers), passthrough or skip -- each with
+its reason. ``prepare``/``convert`` execute the plan and decide nothing themselves.
+
+    >>> import torch, qswap
+    >>> p = qswap.plan(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8_minmax")
+    >>> p["0"].kind
+    'quantize'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import gc
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qswap.config import QConfig, QuantSpec, QuantSpecPatch, Rule, load_config
+from qswap.exceptions import ConfigError, PlanError
+from qswap.registry import Backend, MappingEntry, Registry, default_registry, qualified_name
+
+if TYPE_CHECKING:
+    import os
+
+    from qswap.fuse import FusionGroup
+    from qswap.quantizers import QParams
+
+__all__ = [
+    "Decision",
+    "DecisionKind",
+    "LayerSpec",
+    "Plan",
+    "describe_spec",
+    "gc_paused",
+    "plan",
+    "split_inputs",
+]
+
+DecisionKind = Literal["fuse", "quantize", "wrap", "passthrough", "skip"]
+_KINDS: tuple[DecisionKind, ...] = ("quantize", "wrap", "fuse", "skip", "passthrough")
+_SPEC_FIELDS = tuple(QuantSpec.model_fields)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class LayerSpec:
+    """What one quantized module gets: its specs per slot, and (after convert) its qparams.
+
+    ``weight``/``input``/``output`` are ``None`` when that slot is not quantized;
+    ``slots`` holds other parameter slots (``bias``, ``kernel``, ...). ``backend`` is the
+    backend that runs the layer (``"fake"`` for a layer that falls back), ``aliases`` the
+    other paths of a module object reachable at several paths.
+    """
+
+    name: str
+    module_type: type
+    counterpart: type | None
+    weight: QuantSpec | None
+    input: QuantSpec | None
+    output: QuantSpec | None
+    slots: dict[str, QuantSpec] = field(default_factory=dict)
+    qparams: dict[str, QParams] = field(default_factory=dict)
+    backend: str = "fake"
+    mode: str = "static"
+    aliases: tuple[str, ...] = ()
+    registry: Registry | None = field(default=None, repr=False, compare=False)
+
+    def param_specs(self) -> dict[str, QuantSpec]:
+        """Parameter slots to quantize (``weight`` first), by slot name."""
+        out: dict[str, QuantSpec] = {}
+        if self.weight is not None:
+            out["weight"] = self.weight
+        out.update(self.slots)
+        return out
+
+    def activation_specs(self) -> dict[str, QuantSpec]:
+        """Activation slots to quantize (``input``, ``output``), by slot name."""
+        out: dict[str, QuantSpec] = {}
+        if self.input is not None:
+            out["input"] = self.input
+        if self.output is not None:
+            out["output"] = self.output
+        return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What quantization does to the module at ``name``, and why.
+
+    ``backend`` is the backend that runs it (``None``: stays float); ``group`` the index
+    of its fusion group in ``Plan.groups``; ``rules`` the indices of the config rules
+    that matched; ``shared_with`` the first path of the same module object when the
+    module is reachable at several paths (it is decided once, there).
+    """
+
+    name: str
+    module_type: type
+    kind: DecisionKind
+    reason: str
+    backend: str | None = None
+    counterpart: type | None = None
+    group: int | None = None
+    rules: tuple[int, ...] = ()
+    shared_with: str | None = None
+    fallback: bool = False
+    layer: LayerSpec | None = None
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A fusion group as the plan sees it: member paths (forward order) and the fused type."""
+
+    paths: tuple[str, ...]
+    types: tuple[type, ...]
+    fused_type: type
+    source: FusionGroup  # handed back to qswap.fuse.fuse_model by prepare
+    kept: tuple[str, ...] = ()  # members folded in *and* left in place (run elsewhere too)
+
+
+class Plan:
+    """Every decision for one model and config; ``print(plan)`` shows them as a table.
+
+    ``plan[path]`` is the :class:`Decision` for a module path, ``plan.layers`` the
+    :class:`LayerSpec` of every module to quantize (one per module object),
+    ``plan.uncovered`` the paths of modules with float parameters that no registry entry
+    covers, ``plan.groups`` the fusion groups (member paths in forward order).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: QConfig,
+        registry: Registry,
+        backend: Backend,
+        model_type: type,
+        decisions: dict[str, Decision],
+        groups: list[_Group],
+        layers: dict[str, LayerSpec],
+        uncovered: list[str],
+        uncovered_reasons: dict[type, str],
+        uncovered_params: dict[type, list[str]] | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.backend = backend
+        self.model_type = model_type
+        self.decisions = decisions
+        self._groups = groups
+        self.layers = layers
+        self.uncovered = uncovered
+        self._uncovered_reasons = uncovered_reasons
+        self._uncovered_params = uncovered_params or {}
+
+    # -- access -------------------------------------------------------------------------
+
+    @property
+    def groups(self) -> list[tuple[str, ...]]:
+        """Fusion groups as tuples of module paths in forward order."""
+        return [g.paths for g in self._groups]
+
+    @property
+    def fusion_groups(self) -> list[FusionGroup]:
+        """The ``qswap.fuse.FusionGroup`` objects that ``prepare`` fuses, in forward order."""
+        return [g.source for g in self._groups]
+
+    def __getitem__(self, name: str) -> Decision:
+        try:
+            return self.decisions[name]
+        except KeyError:
+            raise PlanError(self._unknown(name)) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.decisions
+
+    def __iter__(self) -> Iterator[Decision]:
+        return iter(self.decisions.values())
+
+    def __len__(self) -> int:
+        return len(self.decisions)
+
+    def counts(self) -> dict[str, int]:
+        """How many module paths got each decision kind."""
+        out: dict[str, int] = dict.fromkeys(_KINDS, 0)
+        for d in self.decisions.values():
+            out[d.kind] += 1
+        return out
+
+    def _unknown(self, name: str) -> str:
+        close = difflib.get_close_matches(name, list(self.decisions), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return f"no module named {name!r} in the plan of {self.model_type.__name__}{hint}"
+
+    # -- text ---------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts().items() if v)
+        return (
+            f"<Plan {self.model_type.__name__} backend={self.backend.name!r} "
+            f"mode={self.config.mode!r}: {counts}>"
+        )
+
+    def __str__(self) -> str:
+        rows = [("path", "type", "decision", "detail")]
+        for d in self.decisions.values():
+            rows.append((d.name or "(root)", d.module_type.__name__, d.kind, _detail(d)))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = []
+        for i, r in enumerate(rows):
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths)) + "  " + r[3])
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts().items() if v)
+        head = (
+            f"qswap plan for {self.model_type.__name__}: backend {self.backend.name!r}, "
+            f"mode {self.config.mode!r}, {len(self._groups)} fusion group(s); {counts}"
+        )
+        tail = []
+        if self.uncovered:
+            tail.append(
+                f"{len(self.uncovered)} module(s) with float parameters have no registry entry "
+                "(plan.uncovered_report() shows how to register them): "
+                + ", ".join(self.uncovered[:8])
+                + (", ..." if len(self.uncovered) > 8 else "")
+            )
+        return "\n".join([head, *lines, *tail])
+
+    def explain(self, name: str) -> str:
+        """The rule cascade, registry lookup and final specs that decided module ``name``.
+
+        >>> import torch, qswap
+        >>> print(qswap.plan(torch.nn.Sequential(torch.nn.Linear(2, 2)), "w8a8_minmax").explain("0").splitlines()[0])
+        0 (torch.nn.Linear): quantize
+        """
+        d = self[name]
+        cfg = self.config
+        lines = [f"{name or '(root)'} ({qualified_name(d.module_type)}): {d.kind}"]
+        lines.append(f"  reason: {d.reason}")
+        if d.shared_with is not None:
+            lines.append(f"  same module object as {d.shared_with!r}; decided once, there")
+        if d.group is not None:
+            g = self._groups[d.group]
+            lines.append(
+                f"  fusion group {d.group}: {' + '.join(g.paths)} "
+                f"({' + '.join(t.__name__ for t in g.types)} -> {g.fused_type.__name__})"
+            )
+        lines.append(f"  config: backend {cfg.backend!r}, mode {cfg.mode!r}, strict {cfg.strict}")
+        if d.rules:
+            lines.append("  rules that matched (in order; later ones override earlier ones):")
+            for i in d.rules:
+                lines.append(
+                    f"    rules[{i}] {_describe_match(cfg.rules[i])}: {_rule_fields(cfg.rules[i])}"
+                )
+        else:
+            lines.append("  rules that matched: none (config defaults)")
+        lookup = d.layer.module_type if d.layer is not None else d.module_type
+        lines.append("  registry:")
+        text = self.registry.explain(lookup, self.backend.name)
+        lines.extend(f"    {line}" for line in text.splitlines())
+        if d.fallback and d.backend != self.backend.name:
+            text = self.registry.explain(lookup, "fake")
+            lines.append("  registry (fallback backend 'fake'):")
+            lines.extend(f"    {line}" for line in text.splitlines())
+        layer = d.layer
+        if layer is not None:
+            lines.append(
+                f"  specs (backend {layer.backend!r}, counterpart "
+                f"{qualified_name(layer.counterpart) if layer.counterpart else 'generic fake-quant'}):"
+            )
+            for slot, spec in {**layer.param_specs(), **layer.activation_specs()}.items():
+                lines.append(f"    {slot}: {describe_spec(spec)}")
+            for slot in ("weight", "input", "output"):
+                if getattr(layer, slot) is None:
+                    lines.append(f"    {slot}: not quantized")
+        return "\n".join(lines)
+
+    def uncovered_report(self) -> str:
+        """All modules with float parameters that no entry covers, with registration snippets.
+
+        >>> import torch, qswap
+        >>> qswap.plan(torch.nn.Sequential(torch.nn.Linear(2, 2)), "w8a8_minmax").uncovered_report()
+        'Every module with float parameters is covered by a registry entry.'
+        """
+        if not self.uncovered:
+            return "Every module with float parameters is covered by a registry entry."
+        from qswap.registry import registration_template
+
+        by_type: dict[type, list[str]] = {}
+        for path in self.uncovered:
+            by_type.setdefault(self.decisions[path].module_type, []).append(path)
+        backend = self.backend.name
+        what = (
+            "fake-quantized generically (each float parameter through parametrize, inputs "
+            "and outputs through hooks)"
+            if any(self.decisions[p].kind == "wrap" for p in self.uncovered)
+            else "left in float"
+        )
+        lines = [
+            (
+                f"{len(self.uncovered)} module(s) of {len(by_type)} type(s) hold float parameters "
+                f"but have no mapping for backend {backend!r}; they are {what}."
+            ),
+            (
+                "To give a type its own counterpart, register it on a child registry "
+                '(reg = qswap.Registry("mine", parent=qswap.default_registry())) and pass '
+                "registry=reg:"
+            ),
+        ]
+        for cls, paths in by_type.items():
+            shown = ", ".join(paths[:5]) + (
+                f", ... ({len(paths)} in all)" if len(paths) > 5 else ""
+            )
+            lines.append("")
+            lines.append(f"{qualified_name(cls)}: {shown}")
+            reason = self._uncovered_reasons.get(cls)
+            if reason:
+                lines.append(f"  ({reason})")
+            template = registration_template(cls, backend)
+            params = self._uncovered_params.get(cls)
+            if params and params != ["weight"]:
+                slots = ", ".join(f"{p}: 0" for p in params)
+                template = template.replace("slots: {weight: 0}", f"slots: {{{slots}}}")
+            lines.extend(f"    {line}" for line in template.splitlines())
+        return "\n".join(lines)
+
+
+def describe_spec(spec: QuantSpec) -> str:
+    """One line describing a spec: ``int8 symmetric per_channel(axis=0) minmax/affine``.
+
+    >>> describe_spec(QuantSpec())
+    'int8 symmetric per_tensor observer=minmax quantizer=affine'
+    """
+    kind = f"{'int' if spec.signed else 'uint'}{spec.bits}"
+    gran: str = spec.granularity
+    if gran == "per_channel":
+        gran += f"(axis={spec.axis})"
+    elif gran == "per_group":
+        gran += f"(axis={spec.axis}, group_size={spec.group_size})"
+    extra = " reduce_range" if spec.reduce_range else ""
+    obs = _component(spec.observer)
+    qz = _component(spec.quantizer)
+    return f"{kind} {spec.scheme} {gran}{extra} observer={obs} quantizer={qz}"
+
+
+def _component(ref: Any) -> str:
+    options = getattr(ref, "options", None)
+    if options:
+        return f"{ref.name}({', '.join(f'{k}={v!r}' for k, v in options.items())})"
+    return str(ref.name)
+
+
+def _short_spec(spec: QuantSpec | None) -> str:
+    if spec is None:
+        return "-"
+    gran = {"per_tensor": "", "per_channel": "/ch", "per_group": f"/g{spec.group_size}"}
+    return f"{'' if spec.signed else 'u'}{spec.bits}{gran[spec.granularity]}"
+
+
+def _detail(d: Decision) -> str:
+    layer = d.layer
+    if layer is None or d.kind not in ("quantize", "wrap"):
+        return d.reason
+    bits = (
+        f"w{_short_spec(layer.weight)} in{_short_spec(layer.input)} out{_short_spec(layer.output)}"
+    )
+    if layer.slots:
+        bits += " " + " ".join(f"{k}{_short_spec(v)}" for k, v in layer.slots.items())
+    return f"[{bits}] {d.reason}"
+
+
+def _describe_match(rule: Rule) -> str:
+    m = rule.match
+    parts = [
+        f"{k}={getattr(m, k)!r}" for k in ("name", "regex", "type") if getattr(m, k) is not None
+    ]
+    return "{" + ", ".join(parts) + "}"
+
+
+def _patch_fields(patch: QuantSpecPatch) -> dict[str, Any]:
+    return {k: getattr(patch, k) for k in patch.model_fields_set if getattr(patch, k) is not None}
+
+
+def _rule_fields(rule: Rule) -> str:
+    if rule.skip:
+        return "skip: true"
+    parts = []
+    for key in ("weight", "activation", "input", "output"):
+        patch = getattr(rule, key)
+        if patch is not None:
+            fields = ", ".join(f"{k}={_fmt(v)}" for k, v in _patch_fields(patch).items())
+            parts.append(f"{key}.{{{fields}}}")
+    for slot, patch in rule.slots.items():
+        fields = ", ".join(f"{k}={_fmt(v)}" for k, v in _patch_fields(patch).items())
+        parts.append(f"slots.{slot}.{{{fields}}}")
+    return "; ".join(parts) or "(nothing)"
+
+
+def _fmt(value: Any) -> str:
+    if hasattr(value, "name") and hasattr(value, "options"):
+        return _component(value)
+    return repr(value)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def split_inputs(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Normalise example inputs or one calibration batch to ``(args, kwargs)``.
+
+    A tensor is one positional argument, a tuple or list the positional arguments, a
+    dict the keyword arguments; ``None`` stays ``None``.
+
+    >>> split_inputs({"x": 1})
+    ((), {'x': 1})
+    """
+    if example is None:
+        return None
+    if isinstance(example, Mapping):
+        return (), dict(example)
+    if isinstance(example, (tuple, list)):
+        return tuple(example), {}
+    return (example,), {}
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many small objects.
+
+    On a big model every allocation burst triggers full collections that scan all live
+    objects (thousands of modules and tensors); pausing them while plan, prepare and
+    convert build their objects halves their cost. The previous state is restored.
+
+    >>> import gc
+    >>> with gc_paused():
+    ...     gc.isenabled()
+    False
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+@dataclass
+class _Node:
+    module: nn.Module
+    paths: list[str]
+    rules: set[int] = field(default_factory=set)
+
+
+class _Cascade:
+    """Resolves slot specs for a module from its rules; results are cached per rule set."""
+
+    def __init__(self, cfg: QConfig, registry: Registry) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.cache: dict[tuple[Any, ...], QuantSpec] = {}
+        # (rule index, slot name) of every rules[i].slots entry that reached some module
+        self.used_slots: set[tuple[int, str]] = set()
+
+    def patches(
+        self, slot: str, rules: Sequence[int], redirected: Sequence[tuple[int, str, QuantSpecPatch]]
+    ) -> list[tuple[int, QuantSpecPatch]]:
+        """Patches for ``slot`` in cascade order: by rule index, within a rule general first."""
+        out: list[tuple[int, QuantSpecPatch]] = []
+        extra = {(i, s): p for i, s, p in redirected}
+        order = sorted(set(rules) | {i for i, _, _ in redirected})
+        for i in order:
+            if i in rules:
+                rule = self.cfg.rules[i]
+                if slot in ("input", "output"):
+                    found = [rule.activation, getattr(rule, slot)]
+                elif slot == "weight":
+                    found = [rule.weight]
+                else:
+                    found = [rule.weight, rule.slots.get(slot)]
+                    if slot in rule.slots:
+                        self.used_slots.add((i, slot))
+                out.extend((i, p) for p in found if p is not None)
+            patch = extra.get((i, slot))
+            if patch is not None:
+                out.append((i, patch))
+        return out
+
+    def resolve(
+        self,
+        path: str,
+        slot: str,
+        rules: tuple[int, ...],
+        redirected: tuple[tuple[int, str, QuantSpecPatch], ...],
+        default_axis: int | None,
+        scalar: bool = False,
+    ) -> QuantSpec:
+        key = (
+            slot if slot in ("input", "output", "weight") else ("param", slot),
+            rules,
+            tuple((i, s) for i, s, _ in redirected if s == slot),
+            default_axis,
+            scalar,
+        )
+        found = self.cache.get(key)
+        if found is not None:
+            return found
+        is_act = slot in ("input", "output")
+        base = self.cfg.activation if is_act else self.cfg.weight
+        data: dict[str, Any] = {name: getattr(base, name) for name in _SPEC_FIELDS}
+        explicit_axis = False
+        last_rule: int | None = None
+        for i, patch in self.patches(slot, rules, redirected):
+            last_rule = i
+            fields = _patch_fields(patch)
+            data.update(fields)
+            explicit_axis = explicit_axis or "axis" in fields
+            gran = fields.get("granularity")
+            if gran is not None:
+                if gran == "per_tensor" and "axis" not in fields:
+                    data["axis"] = None
+                if gran != "per_group" and "group_size" not in fields:
+                    data["group_size"] = None
+        if not is_act and data["granularity"] != "per_tensor":
+            if scalar:
+                data.update(granularity="per_tensor", axis=None, group_size=None)
+            elif not explicit_axis and default_axis is not None:
+                data["axis"] = default_axis
+        if last_rule is None and all(
+            data[k] == getattr(base, k) for k in ("axis", "granularity", "group_size")
+        ):
+            spec = base
+        else:
+            try:
+                spec = QuantSpec.model_validate(data, context={"registry": self.registry})
+            except ValidationError as exc:
+                err = exc.errors(include_url=False)[0]
+                msg = err.get("ctx", {}).get("message") or err.get("msg", "invalid")
+                where = f"rules[{last_rule}]" if last_rule is not None else slot
+                raise ConfigError(
+                    f"module {path!r}: the {slot} spec resolved from the config defaults and "
+                    f"rules {list(rules)} is invalid: {msg}",
+                    path=where,
+                ) from None
+        self.cache[key] = spec
+        return spec
+
+
+def _float_params(module: nn.Module) -> list[str]:
+    """Names of the module's own floating-point parameters (parametrized ones included)."""
+    names = [n for n, p in module._parameters.items() if p is not None and p.is_floating_point()]
+    plists = module._modules.get("parametrizations")
+    if plists is not None and parametrize.is_parametrized(module):
+        for n, plist in plists._modules.items():
+            original = getattr(plist, "original", None)
+            if original is None:
+                original = getattr(plist, "original0", None)
+            if isinstance(original, torch.Tensor) and original.is_floating_point():
+                names.append(n)
+    return names
+
+
+def _type_of(module: nn.Module) -> type:
+    """The module's class, seen through ``torch.nn.utils.parametrize``'s injected subclass."""
+    cls = type(module)
+    if "parametrizations" in module._modules and parametrize.is_parametrized(module):
+        return parametrize.type_before_parametrizations(module)
+    return cls
+
+
+def _param_ndim(module: nn.Module, name: str) -> int:
+    p = module._parameters.get(name)
+    if p is None:
+        with torch.no_grad():
+            return int(getattr(module, name).dim())
+    return int(p.dim())
+
+
+def _weight_location(module: nn.Module) -> nn.Module | None:
+    """The module that owns the ``weight`` of ``module`` (itself, or a fused container's first child)."""
+    if "weight" in _float_params(module):
+        return module
+    if isinstance(module, nn.Sequential) and len(module) > 0:
+        return _weight_location(module[0])
+    return None
+
+
+class _Walker:
+    """Per-plan state: the config, registry lookups (cached per class) and resolved specs."""
+
+    def __init__(self, cfg: QConfig, registry: Registry) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.backend = registry.backend(cfg.backend)
+        self.cascade = _Cascade(cfg, registry)
+        self.mapping_cache: dict[tuple[type, str], MappingEntry | None] = {}
+        self.uncovered_reasons: dict[type, str] = {}
+        self.uncovered_params: dict[type, list[str]] = {}
+
+    def find(self, cls: type, backend: str) -> MappingEntry | None:
+        key = (cls, backend)
+        if key not in self.mapping_cache:
+            self.mapping_cache[key] = self.registry.find_mapping(cls, backend)
+        return self.mapping_cache[key]
+
+    def why_unmapped(self, cls: type, backend: str) -> str:
+        for base in cls.__mro__[1:]:
+            if base is nn.Module or not (isinstance(base, type) and issubclass(base, nn.Module)):
+                break
+            entry = self.find(base, backend)
+            if entry is None:
+                continue
+            if getattr(cls, "forward", None) is not getattr(base, "forward", None):
+                return (
+                    f"subclass of {qualified_name(base)} that overrides forward: not treated as "
+                    f"{base.__name__}"
+                )
+            return (
+                f"subclass of {qualified_name(base)}, whose mapping is registered without "
+                "subclasses=True"
+            )
+        return f"no mapping for backend {backend!r}"
+
+    # -- specs --------------------------------------------------------------------------
+
+    def layer_spec(
+        self,
+        path: str,
+        module: nn.Module,
+        qtype: type,
+        entry: MappingEntry | None,
+        rules: tuple[int, ...],
+        redirected: tuple[tuple[int, str, QuantSpecPatch], ...],
+        backend: str,
+        aliases: tuple[str, ...],
+    ) -> LayerSpec:
+        mode = self.cfg.mode
+        casc = self.cascade
+        weight: QuantSpec | None = None
+        slots: dict[str, QuantSpec] = {}
+        if entry is not None:
+            for slot, axis in entry.slots.items():
+                if slot == "weight":
+                    owner = _weight_location(module)
+                    if owner is not None:
+                        scalar = _param_ndim(owner, "weight") == 0
+                        weight = casc.resolve(path, "weight", rules, redirected, axis, scalar)
+                else:
+                    owner_slot = _slot_owner(module, slot)
+                    if owner_slot is not None:
+                        scalar = _param_ndim(*owner_slot) == 0
+                        slots[slot] = casc.resolve(path, slot, rules, redirected, axis, scalar)
+            params = set(_float_params(module))
+            requested = {s for i in rules for s in self.cfg.rules[i].slots} | {
+                s for _, s, _ in redirected if s not in ("input", "output", "weight")
+            }
+            for slot in sorted(requested - set(entry.slots)):
+                if slot in params:
+                    scalar = _param_ndim(module, slot) == 0
+                    slots[slot] = casc.resolve(path, slot, rules, redirected, None, scalar)
+        else:
+            for name in _float_params(module):
+                scalar = _param_ndim(module, name) == 0
+                spec = casc.resolve(path, name, rules, redirected, None, scalar)
+                if name == "weight":
+                    weight = spec
+                else:
+                    slots[name] = spec
+        inp: QuantSpec | None = None
+        out: QuantSpec | None = None
+        if mode in ("static", "qat"):
+            inp = casc.resolve(path, "input", rules, redirected, None)
+            out = casc.resolve(path, "output", rules, redirected, None)
+        elif mode == "dynamic":
+            inp = casc.resolve(path, "input", rules, redirected, None)
+        return LayerSpec(
+            name=path,
+            module_type=qtype,
+            counterpart=entry.counterpart if entry is not None else None,
+            weight=weight,
+            input=inp,
+            output=out,
+            slots=slots,
+            backend=backend,
+            mode=mode,
+            aliases=aliases,
+            registry=self.registry,
+        )
+
+    def bits_problem(self, layer: LayerSpec) -> str | None:
+        b = self.backend
+        lo, hi = b.weight_bits
+        for slot, spec in layer.param_specs().items():
+            if not lo <= spec.bits <= hi:
+                return (
+                    f"backend {b.name!r} runs {lo}..{hi}-bit weights, {slot} asks bits={spec.bits}"
+                )
+        lo, hi = b.activation_bits
+        for slot, spec in layer.activation_specs().items():
+            if not lo <= spec.bits <= hi:
+                return (
+                    f"backend {b.name!r} runs {lo}..{hi}-bit activations, {slot} asks "
+                    f"bits={spec.bits}"
+                )
+        return None
+
+
+def _slot_owner(module: nn.Module, slot: str) -> tuple[nn.Module, str] | None:
+    """``(owner, parameter name)`` for a dotted parameter slot of ``module``, if it has one."""
+    prefix, _, name = slot.rpartition(".")
+    owner: nn.Module = module
+    if prefix:
+        try:
+            owner = module.get_submodule(prefix)
+        except AttributeError:
+            return None
+    if name in _float_params(owner):
+        return owner, name
+    if not prefix and isinstance(module, nn.Sequential) and len(module) > 0:
+        return _slot_owner(module[0], slot)
+    return None
+
+
+def _walk_nodes(walk: Sequence[tuple[str, nn.Module]]) -> tuple[list[_Node], dict[str, _Node]]:
+    """Group the paths of a ``named_modules(remove_duplicate=False)`` walk by module object."""
+    nodes: dict[int, _Node] = {}
+    order: list[_Node] = []
+    by_path: dict[str, _Node] = {}
+    for path, module in walk:
+        node = nodes.get(id(module))
+        if node is None:
+            node = nodes[id(module)] = _Node(module, [path])
+            order.append(node)
+        else:
+            node.paths.append(path)
+        by_path[path] = node
+    return order, by_path
+
+
+def _nearest(probe: str, names: Sequence[str], n: int = 3) -> list[str]:
+    """The ``n`` names most similar to ``probe`` (ties in model order)."""
+    matcher = difflib.SequenceMatcher()
+    matcher.set_seq2(probe)
+    scored = []
+    for i, name in enumerate(names):
+        matcher.set_seq1(name)
+        scored.append((-matcher.ratio(), i, name))
+    return [name for _, _, name in sorted(scored)[:n]]
+
+
+def _rule_mismatch(i: int, rule: Rule, by_path: Mapping[str, _Node], model: nn.Module) -> str:
+    m = rule.match
+    if m.type is not None and m.name is None and m.regex is None:
+        types = list(dict.fromkeys(type(n.module).__name__ for n in by_path.values()))
+        near = _nearest(m.type.rpartition(".")[2], types)
+        listing = f"nearest module types: {', '.join(near) or 'none'}"
+    else:
+        probe = (m.name or m.regex or "").replace("*", "").replace("?", "").strip(".")
+        near = _nearest(probe, [p for p in by_path if p])
+        listing = f"nearest module names: {', '.join(near) or 'none'}"
+        if m.type is not None:
+            listing += f" (and the type must be {m.type!r})"
+    return (
+        f"no module of {type(model).__name__} matches {_describe_match(rule)}; {listing}. "
+        "Fix the match, delete the rule, or set strict: false to only warn"
+    )
+
+
+def plan(
+    model: nn.Module,
+    config: QConfig | Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    example_inputs: Any = None,
+    registry: Registry | None = None,
+) -> Plan:
+    """Decide, without touching ``model``, what quantizing it with ``config`` does to each module.
+
+    ``example_inputs`` (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments) enables trace-based fusion; without it, ``nn.Sequential`` adjacency is used.
+
+    >>> import torch, qswap
+    >>> p = qswap.plan(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), "w8a8_minmax")
+    >>> [d.kind for d in p]
+    ['passthrough', 'quantize', 'fuse']
+    """
+    reg = registry if registry is not None else default_registry()
+    cfg = load_config(config, registry=registry)
+    w = _Walker(cfg, reg)
+    backend = w.backend
+    if cfg.mode == "dynamic" and backend.integer:
+        raise PlanError(
+            f"mode 'dynamic' is not supported yet for the integer backend {backend.name!r}; use "
+            "mode: static (calibrated activations) or backend: fake (dynamic fake-quant)"
+        )
+    with gc_paused():
+        return _plan(model, cfg, reg, w, example_inputs)
+
+
+def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inputs: Any) -> Plan:
+    backend = w.backend
+    walk = list(model.named_modules(remove_duplicate=False))
+    nodes, by_path = _walk_nodes(walk)
+    redirect = _match_rules(cfg, nodes, by_path, model, w)
+
+    groups = _fusion_groups(model, cfg, reg, example_inputs)
+    member: dict[str, int] = {}
+    head: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    for gi, g in enumerate(groups):
+        head[g.paths[0]] = gi
+        for p in g.paths[1:]:
+            if p in g.kept:
+                kept[p] = gi
+            else:
+                member[p] = gi
+
+    decisions: dict[str, Decision] = {}
+    layers: dict[str, LayerSpec] = {}
+    uncovered: list[str] = []
+    decided: dict[int, Decision] = {}
+    # Ancestors whose decision covers their subtree: (path, "mapped" | "skipped", rule index).
+    covering: list[tuple[str, str, int | None]] = []
+    for path, module in walk:
+        while covering and not (
+            covering[-1][0] in ("", path) or path.startswith(covering[-1][0] + ".")
+        ):
+            covering.pop()
+
+        first = decided.get(id(module))
+        if first is not None:
+            decisions[path] = Decision(
+                name=path,
+                module_type=_type_of(module),
+                kind=first.kind,
+                reason=f"same module object as {first.name!r} (decided once, there)",
+                backend=first.backend,
+                counterpart=first.counterpart,
+                group=first.group,
+                rules=first.rules,
+                shared_with=first.name,
+                fallback=first.fallback,
+                layer=first.layer,
+            )
+            continue
+        d, is_uncovered = _decide(
+            w, by_path[path], path, covering, member, head, groups, redirect.get(path, ())
+        )
+        if path in kept:
+            g = groups[kept[path]]
+            d = dataclasses.replace(
+                d,
+                reason=f"folded into {g.paths[0]!r} (group {kept[path]}) and kept in place for "
+                f"its other calls; {d.reason}",
+            )
+        decided[id(module)] = d
+        decisions[path] = d
+        if d.layer is not None:
+            layers[path] = d.layer
+        if is_uncovered:
+            uncovered.append(path)
+            cls = _type_of(module)
+            w.uncovered_reasons.setdefault(cls, w.why_unmapped(cls, backend.name))
+            w.uncovered_params.setdefault(cls, _float_params(module))
+        if module._modules:
+            if d.kind == "quantize" and d.group is None:
+                covering.append((path, "mapped", None))
+            elif d.kind == "skip" and d.reason.startswith("rules["):
+                covering.append((path, "skipped", _skip_rule(cfg, d.rules)))
+            elif d.kind == "skip" and d.reason.startswith("inside") and covering:
+                covering.append((path, "skipped", covering[-1][2]))
+            if "parametrizations" in module._modules and parametrize.is_parametrized(module):
+                # parametrize's own modules are not layers: never quantize or wrap them
+                prefix = f"{path}.parametrizations" if path else "parametrizations"
+                covering.append((prefix, "parametrize", None))
+
+    _check_slots(w, cfg, layers, by_path)
+    return Plan(
+        config=cfg,
+        registry=reg,
+        backend=backend,
+        model_type=type(model),
+        decisions=decisions,
+        groups=groups,
+        layers=layers,
+        uncovered=uncovered,
+        uncovered_reasons=w.uncovered_reasons,
+        uncovered_params=w.uncovered_params,
+    )
+
+
+def _skip_rule(cfg: QConfig, rules: Sequence[int]) -> int | None:
+    found: int | None = None
+    for i in rules:
+        r = cfg.rules[i]
+        if "skip" in r.model_fields_set:
+            found = i if r.skip else None
+    return found
+
+
+def _match_rules(
+    cfg: QConfig,
+    nodes: Sequence[_Node],
+    by_path: Mapping[str, _Node],
+    model: nn.Module,
+    w: _Walker,
+) -> dict[str, list[tuple[int, str, QuantSpecPatch]]]:
+    """Record on each node the rules matching any of its paths; enforce ``strict``.
+
+    Returns the patches that dotted slots (``k_proj.input``) of a matched module forward
+    to its submodules, by submodule path.
+    """
+    rules = cfg.rules
+    redirect: dict[str, list[tuple[int, str, QuantSpecPatch]]] = {}
+    if not rules:
+        return redirect
+    hits = [0] * len(rules)
+    matchers = [r.match.matches for r in rules]
+    dotted = [[(s, p) for s, p in r.slots.items() if "." in s] for r in rules]
+    for node in nodes:
+        module = node.module
+        for path in node.paths:
+            for i, matches in enumerate(matchers):
+                if matches(path, module):
+                    node.rules.add(i)
+                    hits[i] += 1
+                    for slot, patch in dotted[i]:
+                        rel, _, leaf = slot.rpartition(".")
+                        target = f"{path}.{rel}" if path else rel
+                        if target in by_path:
+                            redirect.setdefault(target, []).append((i, leaf, patch))
+                            w.cascade.used_slots.add((i, slot))
+    for i, count in enumerate(hits):
+        if count == 0:
+            message = _rule_mismatch(i, rules[i], by_path, model)
+            if cfg.strict:
+                raise ConfigError(message, path=f"rules[{i}].match")
+            warnings.warn(f"rules[{i}].match: {message}", UserWarning, stacklevel=4)
+    return redirect
+
+
+def _check_slots(
+    w: _Walker, cfg: QConfig, layers: Mapping[str, LayerSpec], by_path: Mapping[str, _Node]
+) -> None:
+    """A rule's ``slots:`` name must exist on at least one module it matched."""
+    for i, rule in enumerate(cfg.rules):
+        for slot in rule.slots:
+            if (i, slot) in w.cascade.used_slots:
+                continue
+            matched = [p for p, node in by_path.items() if i in node.rules]
+            if not matched or rule.skip:
+                continue
+            have: set[str] = set()
+            for p in matched:
+                lay = layers.get(p)
+                if lay is not None:
+                    have.update(["input", "output"], lay.param_specs())
+                have.update(_float_params(by_path[p].module))
+                have.update(f"{name}.{{input,output}}" for name in by_path[p].module._modules)
+            message = (
+                f"rules[{i}].slots names {slot!r}, but the module(s) it matches "
+                f"({', '.join(m or '(root)' for m in matched[:3])}{', ...' if len(matched) > 3 else ''}) "
+                f"have no such slot; their slots are: {', '.join(sorted(have)) or 'none'}"
+            )
+            if cfg.strict:
+                raise PlanError(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _decide(
+    w: _Walker,
+    node: _Node,
+    path: str,
+    covering: list[tuple[str, str, int | None]],
+    member: Mapping[str, int],
+    head: Mapping[str, int],
+    groups: Sequence[_Group],
+    redirected: Sequence[tuple[int, str, QuantSpecPatch]],
+) -> tuple[Decision, bool]:
+    """The decision for a module object at its first path, and whether it is uncovered."""
+    module = node.module
+    mtype = _type_of(module)
+    rules = tuple(sorted(node.rules))
+    cfg = w.cfg
+    bname = w.backend.name
+    aliases = tuple(node.paths[1:])
+    base: dict[str, Any] = {"name": path, "module_type": mtype, "rules": rules}
+
+    if covering and covering[-1][1] == "parametrize":
+        return Decision(
+            **base,
+            kind="passthrough",
+            reason=f"torch.nn.utils.parametrize machinery of {covering[-1][0].rpartition('.')[0]!r}",
+        ), False
+    if covering and covering[-1][1] == "mapped":
+        return Decision(
+            **base,
+            kind="passthrough",
+            reason=f"inside {covering[-1][0]!r}, which its counterpart quantizes as a whole",
+        ), False
+    if path in member:
+        g = groups[member[path]]
+        return Decision(
+            **base,
+            kind="fuse",
+            group=member[path],
+            reason=f"fused into {g.paths[0]!r} (group {member[path]}: "
+            f"{' + '.join(t.__name__ for t in g.types)} -> {g.fused_type.__name__})",
+        ), False
+    skip_rule: int | None = None
+    for i in rules:
+        r = cfg.rules[i]
+        if "skip" in r.model_fields_set:
+            skip_rule = i if r.skip else None
+    gi = head.get(path)
+    if skip_rule is not None:
+        return Decision(
+            **base,
+            kind="skip",
+            group=gi,
+            reason=f"rules[{skip_rule}] skips it (match {_describe_match(cfg.rules[skip_rule])}); "
+            "stays float",
+        ), False
+    if covering and covering[-1][1] == "skipped":
+        anc, _, rule_i = covering[-1]
+        return Decision(
+            **base,
+            kind="skip",
+            group=gi,
+            reason=f"inside {anc!r}, which rules[{rule_i}] skips; stays float",
+        ), False
+
+    qtype: type = mtype
+    note = ""
+    if gi is not None:
+        g = groups[gi]
+        qtype = g.fused_type
+        note = f"fused {' + '.join(t.__name__ for t in g.types)} -> {qtype.__name__}; "
+    entry = w.find(qtype, bname)
+    red = tuple(redirected)
+    if entry is not None:
+        layer = w.layer_spec(path, module, qtype, entry, rules, red, bname, aliases)
+        problem = w.bits_problem(layer)
+        if problem is None:
+            return Decision(
+                **base,
+                kind="quantize",
+                backend=bname,
+                counterpart=entry.counterpart,
+                group=gi,
+                layer=layer,
+                reason=f"{note}counterpart {entry.counterpart.__name__} on backend {bname!r}",
+            ), False
+        return _fallback(
+            w, base, path, module, qtype, rules, red, aliases, gi, note, problem
+        ), False
+    has_float = bool(_float_params(module))
+    if not has_float:
+        if module._modules:
+            return Decision(
+                **base,
+                kind="passthrough",
+                group=gi,
+                reason="container; its children are decided one by one",
+            ), False
+        return Decision(
+            **base,
+            kind="passthrough",
+            group=gi,
+            reason=f"{note}no parameters and no mapping for backend {bname!r}; runs in float",
+        ), False
+    why = w.why_unmapped(qtype, bname)
+    if w.backend.integer:
+        fake = w.find(qtype, "fake")
+        if fake is None and cfg.strict:
+            return Decision(
+                **base,
+                kind="skip",
+                group=gi,
+                reason=f"{note}{why}; stays float (strict: true; set strict: false to "
+                "fake-quantize it generically)",
+            ), True
+        return _fallback(w, base, path, module, qtype, rules, red, aliases, gi, note, why), True
+    layer = w.layer_spec(path, module, qtype, None, rules, red, bname, aliases)
+    return Decision(
+        **base,
+        kind="wrap",
+        backend=bname,
+        group=gi,
+        layer=layer,
+        reason=f"{note}{why}: generic fake-quant of "
+        f"{', '.join(layer.param_specs()) or 'its activations'}",
+    ), True
+
+
+def _fallback(
+    w: _Walker,
+    base: dict[str, Any],
+    path: str,
+    module: nn.Module,
+    qtype: type,
+    rules: tuple[int, ...],
+    red: tuple[tuple[int, str, QuantSpecPatch], ...],
+    aliases: tuple[str, ...],
+    gi: int | None,
+    note: str,
+    why: str,
+) -> Decision:
+    """The configured backend cannot run this module: fake-quant it, or leave it float."""
+    fake = w.find(qtype, "fake")
+    if fake is not None:
+        layer = w.layer_spec(path, module, qtype, fake, rules, red, "fake", aliases)
+        return Decision(
+            **base,
+            kind="quantize",
+            backend="fake",
+            counterpart=fake.counterpart,
+            group=gi,
+            layer=layer,
+            fallback=True,
+            reason=f"{note}{why}; falls back to fake ({fake.counterpart.__name__})",
+        )
+    if _float_params(module):
+        layer = w.layer_spec(path, module, qtype, None, rules, red, "fake", aliases)
+        return Decision(
+            **base,
+            kind="wrap",
+            backend="fake",
+            group=gi,
+            layer=layer,
+            fallback=True,
+            reason=f"{note}{why}; falls back to generic fake-quant of "
+            f"{', '.join(layer.param_specs())}",
+        )
+    return Decision(**base, kind="skip", group=gi, reason=f"{note}{why}; stays float")
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def _fusion_groups(
+    model: nn.Module, cfg: QConfig, reg: Registry, example_inputs: Any
+) -> list[_Group]:
+    """The fusion groups the config asks for, with the type each one fuses into."""
+    if cfg.fusion == "off":
+        return []
+    from qswap import fuse
+
+    inputs = split_inputs(example_inputs)
+    tr = None
+    if inputs is not None:
+        from qswap.trace import trace
+
+        tr = trace(model, inputs[0], inputs[1])
+    if isinstance(cfg.fusion, list):
+        found = fuse.check_explicit_groups(model, cfg.fusion, tr, reg)
+    else:
+        found = fuse.find_fusion_groups(model, tr, reg)
+    fused_types: dict[tuple[int, tuple[type, ...]], type] = {}
+    out: list[_Group] = []
+    for g in found:
+        key = (id(g.pattern), tuple(g.types))
+        fused = fused_types.get(key)
+        if fused is None:
+            # A fuser returns the same type for the same input types: call it once per
+            # pattern (the built-in fusers copy their inputs, so the model is untouched).
+            modules = [model.get_submodule(p) for p in g.paths]
+            fused = fused_types[key] = type(g.pattern.fuse(*modules))
+        kept = tuple(getattr(g, "kept", ()))
+        out.append(_Group(tuple(g.paths), tuple(g.types), fused, g, kept))
+    return out
