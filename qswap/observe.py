@@ -20,7 +20,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel
@@ -37,6 +37,9 @@ from qswap.config import QConfig
 from qswap.exceptions import CalibrationError, PlanError
 from qswap.registry import Registry, default_registry
 from qswap.walker import LayerSpec, Plan, gc_paused, plan, split_inputs
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "QSwapState",
@@ -335,6 +338,7 @@ def calibrate(
     *,
     max_batches: int | None = None,
     progress: bool | None = None,
+    process_group: ProcessGroup | None = None,
 ) -> nn.Module:
     """Run ``batches`` through a prepared model (eval mode, no grad) so its observers see data.
 
@@ -342,6 +346,12 @@ def calibrate(
     arguments) or a dict (keyword arguments). ``progress`` shows a tqdm bar on stderr
     (default: only when stderr is a terminal). The first batch becomes the example
     input when ``prepare`` got none. Returns ``prepared``.
+
+    When ``torch.distributed`` is initialized, ``batches`` is this rank's shard and the call
+    is collective: the observers are then reduced across ``process_group`` (default: the
+    world), so every rank ends with the same observers and ``convert`` gives the same
+    qparams everywhere (see ``qswap.distributed``). A rank that raises here makes the
+    others raise a ``CalibrationError`` naming it. With one process nothing changes.
 
     >>> import torch, qswap
     >>> prepared = qswap.prepare(torch.nn.Linear(4, 4), "w8a8_minmax")
@@ -364,6 +374,11 @@ def calibrate(
             f"max_batches must be a positive number of batches (or None for all), got "
             f"{max_batches!r}"
         )
+    from qswap.distributed import check_reducible, distributed_context, report_failure
+
+    group = distributed_context(process_group)
+    if group is not None:
+        check_reducible(prepared)  # every rank fails alike, before any batch runs
     show = progress if progress is not None else _stderr_is_tty()
     total: int | None = None
     try:
@@ -373,7 +388,7 @@ def calibrate(
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
         batches = itertools.islice(batches, max_batches)
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     flags = [(m, m.training) for m in prepared.modules()]
     prepared.train(False)
@@ -399,17 +414,25 @@ def calibrate(
                     seen += 1
             finally:
                 bar.close()
+        if first is None:
+            raise CalibrationError(
+                "calibrate() saw no batch: the iterable of batches was empty. Pass an iterable "
+                "with one model input per batch (a tensor, a tuple of positional arguments or "
+                "a dict of keyword arguments), e.g. [x[i:i + 32] for i in range(0, len(x), 32)]"
+            )
+    except Exception as exc:
+        if group is not None:
+            report_failure(group, exc)  # the other ranks raise instead of waiting for us
+        raise
     finally:
         for m, flag in flags:
             m.training = flag
-    if first is None:
-        raise CalibrationError(
-            "calibrate() saw no batch: the iterable of batches was empty. Pass an iterable "
-            "with one model input per batch (a tensor, a tuple of positional arguments or a "
-            "dict of keyword arguments), e.g. [x[i:i + 32] for i in range(0, len(x), 32)]"
-        )
     if state.example_args is None:
         state.example_args, state.example_kwargs = first
+    if group is not None:
+        from qswap.distributed import sync_observers
+
+        sync_observers(prepared, process_group)
     return prepared
 
 

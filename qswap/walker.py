@@ -281,11 +281,11 @@ class Plan:
                 f"  specs (backend {layer.backend!r}, counterpart "
                 f"{qualified_name(layer.counterpart) if layer.counterpart else 'generic fake-quant'}):"
             )
-            for slot, spec in {**layer.param_specs(), **layer.activation_specs()}.items():
-                lines.append(f"    {slot}: {describe_spec(spec)}")
             for slot in ("weight", "input", "output"):
-                if getattr(layer, slot) is None:
-                    lines.append(f"    {slot}: not quantized")
+                spec = getattr(layer, slot)
+                lines.append(f"    {slot}: {describe_spec(spec) if spec else 'not quantized'}")
+            for slot, spec in layer.slots.items():
+                lines.append(f"    {slot}: {describe_spec(spec)}")
         return "\n".join(lines)
 
     def uncovered_report(self) -> str:

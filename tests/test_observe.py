@@ -235,3 +235,16 @@ def test_weights_are_observed_once_per_value() -> None:
         prepared[0].parametrizations.weight.original.mul_(2)
     calibrate(prepared, [torch.randn(2, 4)], progress=False)
     assert int(observer.num_batches) == 2
+
+
+def test_qat_mode_fake_quantizes_while_observing() -> None:
+    """In mode qat the prepared model already fake-quantizes (weights on the grid) and trains."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    prepared = prepare(model, {"mode": "qat", "weight": {"bits": 4, "granularity": "per_tensor"}})
+    x = torch.randn(8, 4)
+    prepared(x).sum().backward()
+    weight = prepared[0].weight.detach()
+    assert len(weight.unique()) <= 16  # 4-bit grid
+    assert not torch.equal(weight, model[0].weight.detach())
+    assert prepared[0].parametrizations.weight.original.grad is not None

@@ -250,7 +250,7 @@ def test_unsigned_weights_are_shifted_to_int8() -> None:
 
 
 def test_unsupported_qparams_raise_with_fix() -> None:
-    """Per-group weights, 16-bit activations, string padding and missing qparams say what to change."""
+    """Per-group weights, 16-bit activations, unsupported padding and missing qparams say what to do."""
     torch.manual_seed(0)
     lin = nn.Linear(8, 4).eval()
     x = torch.randn(2, 8)
@@ -277,6 +277,14 @@ def test_unsupported_qparams_raise_with_fix() -> None:
     spec = make_spec(conv, ti.QuantizedConv2d, torch.randn(1, 2, 5, 5))
     with pytest.raises(UnsupportedModuleError, match="numeric padding, not padding='same'"):
         ti.QuantizedConv2d.from_float(conv, spec)
+    conv3 = nn.Conv3d(2, 2, 3, padding=1, padding_mode="reflect").eval()
+    spec = make_spec(conv3, ti.QuantizedConv3d, torch.randn(1, 2, 4, 4, 4))
+    with pytest.raises(
+        UnsupportedModuleError,
+        match=r"layer: torch's int8 kernels cannot run this layer \(Conv3d does not support "
+        r"reflection padding\); skip it with a rule or use backend 'fake'",
+    ):
+        ti.QuantizedConv3d.from_float(conv3, spec)
 
 
 def test_state_dict_round_trip_keeps_input_qparams() -> None:

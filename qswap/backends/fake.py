@@ -42,11 +42,11 @@ _MARK = "_qswap_slot"  # set on parametrization modules qswap installed
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-# --------------------------------------------------------------------------- the counterpart
+# --------------------------------------------------------------------------- components
 
 
 class Components:
-    """Creates the observers and quantizers specs name, resolving each entry and its options once."""
+    """Creates the observers and quantizers that specs name; each entry and options resolved once."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -75,6 +75,9 @@ class Components:
         quantizer.set_qparams(qparams)
         setattr(quantizer, _MARK, True)
         return quantizer  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- the counterpart
 
 
 class FakeQuantized:

@@ -251,6 +251,18 @@ class _IntegerModule(nn.Module):
         )
 
 
+@contextlib.contextmanager
+def _refusal_explained(spec: LayerSpec) -> Iterator[None]:
+    """torch.ao refuses some layers with bare asserts/ValueErrors: say which layer, and why."""
+    try:
+        yield
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        raise UnsupportedModuleError(
+            f"{spec.name}: torch's int8 kernels cannot run this layer ({exc}); skip it with a "
+            "rule or use backend 'fake'"
+        ) from exc
+
+
 def _out(spec: LayerSpec, module: nn.Module) -> tuple[float, int]:
     return _activation_qparams(_qparams(spec, "output", module), f"{spec.name} output")
 
@@ -280,7 +292,7 @@ def _build_linear(
         linear.weight, _qparams(spec, "weight", module), f"{spec.name} weight"
     )
     scale, zero_point = _out(spec, module)
-    with _torch_ao_deprecations_silenced():
+    with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, torch.qint8)
         q.set_weight_bias(qweight, _bias(linear))  # type: ignore[operator]
     q.scale = scale
@@ -314,7 +326,7 @@ def _build_conv(
         )
     qweight = _quantize_weight(conv.weight, _qparams(spec, "weight", module), f"{spec.name} weight")
     scale, zero_point = _out(spec, module)
-    with _torch_ao_deprecations_silenced():
+    with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
         q = cls(
             conv.in_channels,
             conv.out_channels,
@@ -347,7 +359,7 @@ def _build_batchnorm(
             "track_running_stats=False; skip the layer with a rule"
         )
     scale, zero_point = _out(spec, module)
-    with _torch_ao_deprecations_silenced():
+    with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
         q = cls(bn.num_features, bn.eps, bn.momentum)
     n = bn.num_features
     with torch.no_grad():
@@ -486,8 +498,8 @@ class IntegerPassthrough:
 class _IntegerReLU(nn.ReLU):
     """``nn.ReLU`` on integer tensors without torch-function dispatch.
 
-    A quantized tensor whose zero point is 0 holds no negative value (the ReLU fused into
-    the kernel before it already ran), so the ReLU hands it back as it is.
+    A ``quint8`` tensor with zero point 0 holds no negative value (a ReLU fused into the
+    kernel before it already clamped it), so this ReLU hands it back as it is.
     """
 
     def forward(self, input: Tensor) -> Tensor:
@@ -500,21 +512,7 @@ class _IntegerReLU(nn.ReLU):
         return "ReLU"
 
 
-_WEIGHTED: tuple[type[_IntegerModule], ...] = (
-    QuantizedLinear,
-    QuantizedLinearReLU,
-    QuantizedConv1d,
-    QuantizedConv2d,
-    QuantizedConv3d,
-    QuantizedConvReLU1d,
-    QuantizedConvReLU2d,
-    QuantizedConvReLU3d,
-    QuantizedBatchNorm2d,
-    QuantizedBatchNorm3d,
-    QuantizedBNReLU2d,
-    QuantizedBNReLU3d,
-)
-# A conv/linear whose only consumer is a ReLU is lowered to the fused kernel (see _fold_relu).
+# A conv/linear whose only consumer is a ReLU is lowered to the fused kernel (see _analyse).
 _WITH_RELU: dict[type[_IntegerModule], type[_IntegerModule]] = {
     QuantizedLinear: QuantizedLinearReLU,
     QuantizedConv1d: QuantizedConvReLU1d,
@@ -1194,7 +1192,7 @@ def _lower(
                         if k in ("input", "output")
                     }
                 except UnsupportedModuleError as exc:
-                    notes.append(f"{path} runs in float: {exc}")
+                    notes.append(f"{exc} (the layer runs in float)")
                     continue
                 for p in aliases(path):
                     kinds[p] = "passthrough"
@@ -1214,7 +1212,7 @@ def _lower(
                     else None
                 )
             except UnsupportedModuleError as exc:
-                notes.append(f"{path} stays float: {exc}")
+                notes.append(f"{exc} (the layer stays float)")
                 continue
             built[path] = cast(_IntegerModule, q)
             for p in aliases(path):
