@@ -506,7 +506,12 @@ class Match(BaseModel):
             return False
         if self.regex is not None and re.fullmatch(self.regex, name) is None:
             return False
-        return self.type is None or _type_matches(type(module), self.type)
+        if self.type is None:
+            return True
+        # a parametrized module's class is a generated subclass: match the user's class
+        from torch.nn.utils.parametrize import type_before_parametrizations
+
+        return _type_matches(type_before_parametrizations(module), self.type)
 
     def __hash__(self) -> int:
         return hash((self.name, self.regex, self.type))

@@ -933,3 +933,15 @@ def _explicit(rule: Rule) -> list[Any]:
         None if p is None else sorted(k for k in p.model_fields_set if getattr(p, k) is not None)
         for p in patches
     ]
+
+
+def test_type_match_sees_through_parametrize() -> None:
+    """`type: Linear` matches a Linear that carries a parametrization (e.g. weight_norm)."""
+    import torch
+    from torch.nn.utils import parametrizations
+
+    layer = parametrizations.weight_norm(torch.nn.Linear(2, 2))
+    assert type(layer).__name__ != "Linear"
+    assert Match(type="Linear").matches("fc", layer)
+    assert Match(type="torch.nn.Linear").matches("fc", layer)
+    assert not Match(type="Conv2d").matches("fc", layer)
