@@ -107,7 +107,7 @@ def main() -> int:
     """Build both hosts, show what each one sees and does, and return 1 if either sees the other."""
     torch.manual_seed(0)
     host_a = HostFramework("host_a", pack=PACK)
-    host_a.registry.register_quantizer("pow2", round_to_power_of_two)
+    host_a.registry.register_quantizer("host_a_pow2", round_to_power_of_two)
     host_b = HostFramework("host_b")
 
     for host in (host_a, host_b):
@@ -136,7 +136,7 @@ def main() -> int:
         )
 
     try:
-        default_registry().register_quantizer("pow2", round_to_power_of_two)
+        default_registry().register_quantizer("host_a_pow2", round_to_power_of_two)
     except FrozenRegistryError as exc:
         print("writing to the default registry is refused:", str(exc).split(". ")[0])
 
@@ -147,7 +147,7 @@ def main() -> int:
         problems.append("host_b used host_a's mapping")
     if host_b.registry.find_mapping(ScaledLinear, "fake") is not None:
         problems.append("host_b sees host_a's mapping")
-    if "pow2" in host_b.registry.names("quantizer"):
+    if "host_a_pow2" in host_b.registry.names("quantizer"):
         problems.append("host_b sees host_a's quantizer")
     if default_registry().find_mapping(ScaledLinear, "fake") is not None:
         problems.append("the default registry was changed")

@@ -18,8 +18,9 @@ import copy
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from qswap.backends.fake import (
@@ -36,6 +37,7 @@ from qswap.backends.fake import (
 )
 from qswap.config import QConfig
 from qswap.exceptions import CalibrationError, PlanError
+from qswap.methods import learns_qparams
 from qswap.observe import (
     STATE_ATTR,
     QSwapState,
@@ -45,18 +47,32 @@ from qswap.observe import (
     prepare,
     state_of,
 )
-from qswap.quantizers import QParams
+from qswap.qat import TrainableFusion
+from qswap.quantizers import AffineQuantizer, QParams
 from qswap.registry import Registry
 from qswap.walker import LayerSpec, Plan, gc_paused
+
+if TYPE_CHECKING:
+    from qswap.artifact import Calibration
+    from qswap.config import QuantSpec
 
 __all__ = ["convert", "quantize"]
 
 
-def convert(prepared: nn.Module, *, backend: str | None = None, inplace: bool = False) -> nn.Module:
+def convert(
+    prepared: nn.Module,
+    *,
+    backend: str | None = None,
+    inplace: bool = False,
+    calibration: str | os.PathLike[str] | Calibration | None = None,
+) -> nn.Module:
     """The quantized model for the plan's backend, from a prepared and calibrated model.
 
     ``prepared`` is left as it is unless ``inplace=True``. ``backend`` may only repeat
     the backend the model was prepared for (observers differ per backend).
+    ``calibration`` (a file from ``qswap.save_calibration``, or a loaded ``Calibration``)
+    gives every layer's qparams instead of the observers, so ``prepared`` need not be
+    calibrated; an artifact made for another model or config is refused.
 
     >>> import torch, qswap
     >>> prepared = qswap.prepare(torch.nn.Linear(4, 2), "w8a8_minmax")
@@ -80,13 +96,27 @@ def convert(prepared: nn.Module, *, backend: str | None = None, inplace: bool = 
             f"this model was prepared for backend {target.name!r}, not {backend!r}; the observers "
             f"differ per backend, so prepare the float model with backend {backend!r}"
         )
+    reused: dict[str, LayerSpec] | None = None
+    if calibration is not None:
+        from qswap.artifact import calibrated_layers
+
+        reused = calibrated_layers(prepared, the_plan, calibration)
     with gc_paused():
         model = prepared if inplace else copy_model(prepared, share=_observers(prepared, the_plan))
-        layers = _collect_qparams(model, the_plan)
+        layers = reused if reused is not None else _collect_qparams(model, the_plan)
         parts = Components(state.registry)
         for name, layer in layers.items():
             module = model.get_submodule(name)
             on_fake = layer.backend == "fake" or not target.integer
+            if isinstance(module, TrainableFusion):
+                # QAT conv/linear + BN: fold with the trained statistics, then as PTQ
+                _strip(module, layer)
+                model = _replace(model, name, layer, module.fold())
+                if on_fake and layer.counterpart in (None, FakeQuantized):
+                    install(model.get_submodule(name), layer, state.registry)
+                elif on_fake:
+                    model = _swap(model, name, layer)
+                continue
             if on_fake and layer.counterpart in (None, FakeQuantized):
                 refit(module, layer, parts)  # same result as strip + install, without rebuilding
                 continue
@@ -127,14 +157,23 @@ def convert(prepared: nn.Module, *, backend: str | None = None, inplace: bool = 
 
 
 def _collect_qparams(model: nn.Module, the_plan: Plan) -> dict[str, LayerSpec]:
-    """Each layer's spec with the qparams its observers computed (unseen activations dropped)."""
+    """Each layer's spec with the qparams its observers computed (unseen activations dropped).
+
+    In QAT the weights are observed once more as they are now, and quantizers that learn
+    their qparams (LSQ) give their learned ones. Every qparams is what the slot's quantizer
+    actually uses (``pow2`` rounds scales to powers of two).
+    """
     mode = the_plan.config.mode
+    parts = Components(the_plan.registry)
     out: dict[str, LayerSpec] = {}
     for name, layer in the_plan.layers.items():
         module = model.get_submodule(name)
         qparams: dict[str, QParams] = {}
-        for slot in layer.param_specs():
+        for slot, spec in layer.param_specs().items():
             owner, pname = param_location(module, slot)
+            if mode == "qat":
+                with torch.no_grad():
+                    getattr(owner, pname)  # the parametrization observes the final weight
             found = parametrizations_of(owner, pname)
             if not found:
                 raise PlanError(
@@ -142,16 +181,20 @@ def _collect_qparams(model: nn.Module, the_plan: Plan) -> dict[str, LayerSpec]:
                     "modified after qswap.prepare()?"
                 )
             observer: Any = found[-1]
+            learned = _learned(getattr(observer, "quantizer", None))
+            if learned is not None:
+                qparams[slot] = learned
+                continue
             if isinstance(observer, WeightObserver):
                 observer = observer.observer
             if not observer.seen:
                 # a layer calibration never reached: its weight is known all the same
                 observer = copy.deepcopy(observer)  # may be shared with the prepared model
                 observer(original_of(owner, pname).detach())
-            qparams[slot] = _qparams(observer, name, slot)
+            qparams[slot] = _effective(_qparams(observer, name, slot), spec, parts)
         changes: dict[str, Any] = {}
         if mode in ("static", "qat"):
-            for which in layer.activation_specs():
+            for which, spec in layer.activation_specs().items():
                 slot_module = activation_slot(module, which)
                 if slot_module is None or slot_module.observer is None:
                     raise PlanError(
@@ -168,9 +211,33 @@ def _collect_qparams(model: nn.Module, the_plan: Plan) -> dict[str, LayerSpec]:
                 if not slot_module.seen_float:
                     changes[which] = None  # it never received a floating-point tensor there
                     continue
-                qparams[which] = _qparams(slot_module.observer, name, which)
+                learned = _learned(slot_module.quantizer)
+                if learned is None:
+                    learned = _effective(_qparams(slot_module.observer, name, which), spec, parts)
+                qparams[which] = learned
         out[name] = dataclasses.replace(layer, qparams=qparams, **changes)
     return out
+
+
+def _learned(quantizer: nn.Module | None) -> QParams | None:
+    """The qparams a QAT quantizer learned (LSQ), else ``None``."""
+    if quantizer is None or not learns_qparams(quantizer):
+        return None
+    found: QParams | None = getattr(quantizer, "qparams", None)
+    return found
+
+
+def _effective(qparams: QParams, spec: QuantSpec, parts: Components) -> QParams:
+    """``qparams`` as the spec's quantizer uses them (identical for the uniform ``affine``)."""
+    if (
+        spec.quantizer.name == "affine"
+        and parts.registry.quantizer("affine").cls is AffineQuantizer
+    ):
+        return qparams
+    quantizer: Any = parts.create("quantizer", spec)
+    quantizer.set_qparams(qparams)
+    used: QParams | None = quantizer.qparams
+    return qparams if used is None else used
 
 
 def _observers(model: nn.Module, the_plan: Plan) -> list[nn.Module]:
@@ -218,7 +285,12 @@ def _swap(model: nn.Module, name: str, layer: LayerSpec) -> nn.Module:
                 f"{counterpart.__name__}.from_float returned {type(result).__name__} for layer "
                 f"{name!r}; a counterpart must return a torch.nn.Module"
             )
-    if result is module:
+    return _replace(model, name, layer, result)
+
+
+def _replace(model: nn.Module, name: str, layer: LayerSpec, result: nn.Module) -> nn.Module:
+    """Put ``result`` at ``name`` and the layer's other paths; the new root if ``name`` is ''."""
+    if result is model.get_submodule(name):
         return model
     if not name:
         return result

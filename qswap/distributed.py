@@ -5,16 +5,17 @@ reduces every observer of the model across the ranks of a process group, so that
 rank computes the same quantization parameters, equal to those of one process that saw
 all the data. The reduction of each built-in observer is defined:
 
-=========================  ===============  =================================================
-observer                   ``reduction``    across ranks
-=========================  ===============  =================================================
-``minmax``                 ``minmax``       elementwise MIN of ``min_val``, MAX of ``max_val``
-``per_channel_minmax``     ``minmax``       (exactly what one process seeing all data gets)
-``moving_average_minmax``  ``weighted_mean``  mean of the ranks' averages weighted by their
-                                            batch counts (what ``merge`` computes)
-``histogram``              ``histogram``    MIN/MAX of the ranges, each rank re-bins its
-                                            histogram to that common range, then SUM
-=========================  ===============  =================================================
+* ``minmax`` and ``per_channel_minmax`` (reduction ``"minmax"``): elementwise MIN of
+  ``min_val`` and MAX of ``max_val``, exactly what one process seeing all data holds;
+* ``moving_average_minmax`` (``"weighted_mean"``): the ranks' averages weighted by their
+  batch counts, as ``merge`` computes (a moving average depends on batch order, so no
+  split reproduces one long stream);
+* ``histogram`` (``"histogram"``): MIN/MAX of the ranges, each rank re-binning its
+  histogram to that common range, then SUM: within one bin of one process.
+
+Reducing again later (QAT syncs every step, a second ``calibrate``) counts what an
+earlier reduction already shared once, not once per rank: batch counts and histograms
+add only what each rank observed since.
 
 A custom observer declares its reduction in one of two ways, checked in this order:
 
@@ -25,7 +26,8 @@ A custom observer declares its reduction in one of two ways, checked in this ord
   ``"weighted_mean"`` (for state in ``min_val``/``max_val`` buffers and ``num_batches``),
   ``"histogram"`` (the ``HistogramObserver`` layout) or ``"merge"`` (gather every rank's
   ``state_dict`` and fold them with the observer's own ``merge`` in rank order: any
-  observer that merges in process can use it).
+  observer that merges in process can use it; reducing it again counts the shared state
+  once per rank, harmless for min/max-like state, not for counts).
 
 A subclass of a built-in observer inherits its reduction unless it overrides how state is
 recorded or merged (``observe``, ``_incoming``, ``_merge_state``). An observer without a
@@ -358,7 +360,7 @@ def _find_quantizers(
         if quantizer is None or id(quantizer) in done:
             continue
         done.add(id(quantizer))
-        learnable = any(True for _ in quantizer.parameters())
+        learnable = any(p.requires_grad for p in quantizer.parameters())
         if (
             observer is not None
             and not learnable

@@ -35,6 +35,7 @@ from qswap.backends.fake import (
 )
 from qswap.config import QConfig
 from qswap.exceptions import CalibrationError, PlanError
+from qswap.methods import learns_qparams
 from qswap.registry import Registry, default_registry
 from qswap.walker import LayerSpec, Plan, gc_paused, plan, split_inputs
 
@@ -113,7 +114,7 @@ class WeightObserver(nn.Module):
         if self.quantizer is None:
             return weight
         quantizer: Any = self.quantizer
-        if changed or quantizer.qparams is None:
+        if (changed or quantizer.qparams is None) and not learns_qparams(quantizer):
             observer: Any = self.observer
             quantizer.set_qparams(observer.calculate_qparams())
         return quantizer(weight)  # type: ignore[no-any-return]
@@ -280,11 +281,15 @@ def prepare(
         target = model if inplace else copy_model(model)
         groups = the_plan.fusion_groups
         if groups:
-            from qswap.fuse import fuse_model
+            if the_plan.config.mode == "qat":
+                from qswap.qat import fuse_for_qat
 
-            # Eval-mode BN folding. TODO(qat): mode "qat" should keep BN statistics
-            # updating with folded-weight fake-quant (issue 4); it folds like PTQ for now.
-            fuse_model(target, groups, reg)
+                # conv/linear + BN stay trainable; BN is folded at convert (qswap.qat)
+                fuse_for_qat(target, groups, reg)
+            else:
+                from qswap.fuse import fuse_model
+
+                fuse_model(target, groups, reg)  # eval-mode BN folding
         _attach_observers(target, the_plan, Components(reg))
     state = QSwapState(
         plan=the_plan,
@@ -298,6 +303,18 @@ def prepare(
     return target
 
 
+def _weight_observer(
+    module: nn.Module, slot: str, observer: nn.Module, quantizer: nn.Module | None
+) -> WeightObserver:
+    """The parametrization for a weight slot: folds BatchNorm in for a QAT conv+BN group."""
+    if quantizer is not None and slot == "weight":
+        from qswap.qat import FoldedWeightObserver, TrainableFusion
+
+        if isinstance(module, TrainableFusion):
+            return FoldedWeightObserver(observer, quantizer, module.bn)
+    return WeightObserver(observer, quantizer)
+
+
 def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) -> None:
     mode = the_plan.config.mode
     qat = mode == "qat"
@@ -305,9 +322,10 @@ def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) 
         module = model.get_submodule(name)
         for slot, spec in layer.param_specs().items():
             owner, pname = param_location(module, slot)
-            # TODO(qat, issue 4): learnable quantizers (LSQ) keep their own parameters.
             quantizer = components.create("quantizer", spec) if qat else None
-            observer = WeightObserver(components.create("observer", spec), quantizer)
+            observer = _weight_observer(
+                module, slot, components.create("observer", spec), quantizer
+            )
             device = _device_of(owner)
             if device is not None and device.type != "cpu":
                 observer.to(device)
@@ -433,7 +451,23 @@ def calibrate(
         from qswap.distributed import sync_observers
 
         sync_observers(prepared, process_group)
+    if state.plan.config.mode == "qat":
+        _start_learned_quantizers(prepared)  # after the merge: every rank starts alike
     return prepared
+
+
+def _start_learned_quantizers(prepared: nn.Module) -> None:
+    """Set learning quantizers (LSQ) from everything calibration observed, not its first batch.
+
+    In QAT such a quantizer takes its qparams from the observer once, then trains them.
+    """
+    for module in prepared.modules():
+        quantizer: Any = getattr(module, "quantizer", None)
+        observer: Any = getattr(module, "observer", None)
+        if not isinstance(module, (WeightObserver, ActivationSlot)) or quantizer is None:
+            continue
+        if observer is not None and observer.seen and learns_qparams(quantizer):
+            quantizer.set_qparams(observer.calculate_qparams())
 
 
 def _stderr_is_tty() -> bool:

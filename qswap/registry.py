@@ -1354,10 +1354,11 @@ def registry_data_dir() -> Path:
 
 
 def _build_default_registry() -> Registry:
-    from qswap import quantizers
+    from qswap import methods, quantizers
 
     reg = Registry("default")
     quantizers.register_builtins(reg)
+    methods.register_methods(reg)
     reg.register_backend(
         Backend(
             "fake",

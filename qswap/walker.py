@@ -718,6 +718,16 @@ class _Walker:
                     f"backend {b.name!r} runs {lo}..{hi}-bit activations, {slot} asks "
                     f"bits={spec.bits}"
                 )
+        if b.integer:
+            from qswap.methods import runs_on_integer_grid
+
+            for slot, spec in {**layer.param_specs(), **layer.activation_specs()}.items():
+                name = spec.quantizer.name
+                if not runs_on_integer_grid(self.registry.quantizer(name).cls):
+                    return (
+                        f"backend {b.name!r} runs uniform integer grids, {slot} asks quantizer "
+                        f"{name!r}, which is not one"
+                    )
         return None
 
 

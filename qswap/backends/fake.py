@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qswap.exceptions import PlanError
+from qswap.methods import learns_qparams
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -246,7 +247,7 @@ class ActivationSlot(nn.Module):
             observer(x)
             if quantizer is None:
                 return x
-            if self.requant:
+            if self.requant and not learns_qparams(quantizer):
                 quantizer.set_qparams(observer.calculate_qparams())
         if quantizer is not None:
             return quantizer(x)  # type: ignore[no-any-return]
