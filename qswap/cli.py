@@ -1,22 +1,42 @@
-"""The ``qswap`` command line: validate configs, print schemas, presets and registry entries.
+"""The ``qswap`` command line: plan, quantize and report; validate configs, schemas, presets, registry.
 
 Bad input never shows a Python traceback: each problem is one message on
 stderr and the exit status is 2.
 
     $ qswap validate examples/configs/*.yaml
+    $ qswap plan --model mypkg.models:build --config q.yaml --calib mypkg.data:calib_batches
+    $ qswap quantize --model mypkg.models:build --config q.yaml --calib mypkg.data:calib_batches --out out/
+    $ qswap report --model mypkg.models:build --quantized out/ --data mypkg.data:test_batches
+
+``--model``/``--calib``/``--data`` name ``MODULE:NAME``: the module is imported (``MODULE``
+may also be a path to a ``.py`` file) and ``NAME`` is called when it is callable. Code is
+imported only from what these options name.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import importlib
+import importlib.util
 import json
+import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from qswap.exceptions import QSwapError
+from qswap.exceptions import (
+    CalibrationError,
+    PluginError,
+    QSwapError,
+    UnsupportedModuleError,
+)
 
-__all__ = ["main"]
+__all__ = ["build_parser", "load_object", "main", "render_schema"]
 
 EXIT_OK = 0
 EXIT_INVALID = 2
@@ -107,6 +127,246 @@ def _cmd_registry_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- factories
+
+
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """Let ``MODULE`` resolve from the current folder, as ``python -m`` does, for this import only."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+
+
+def load_object(spec: str, flag: str) -> Any:
+    """Import ``MODULE:NAME`` named on the command line and return ``NAME`` (called if callable)."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr or not attr.isidentifier():
+        raise PluginError(
+            f"{flag} {spec!r}: expected MODULE:NAME, e.g. {flag} mypkg.models:build_model "
+            "(or path/to/file.py:build_model)"
+        )
+    try:
+        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise PluginError(f"{flag} {spec!r}: no such file {str(path)!r}")
+            name = f"qswap_cli_{path.stem}_{abs(hash(str(path.resolve())))}"
+            file_spec = importlib.util.spec_from_file_location(name, path)
+            if file_spec is None or file_spec.loader is None:
+                raise PluginError(f"{flag} {spec!r}: {str(path)!r} is not a Python module")
+            module = importlib.util.module_from_spec(file_spec)
+            sys.modules[name] = module
+            file_spec.loader.exec_module(module)
+        else:
+            with _cwd_importable():
+                module = importlib.import_module(module_name)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"{flag} {spec!r}: importing {module_name!r} failed with {type(exc).__name__}: "
+            f"{exc}. Check the module path (it is imported as written, from the current folder "
+            "or the installed packages)"
+        ) from exc
+    if not hasattr(module, attr):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(attr, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise PluginError(f"{flag} {spec!r}: module {module_name!r} has no {attr!r}{hint}")
+    obj = getattr(module, attr)
+    import torch
+
+    if callable(obj) and not isinstance(obj, torch.nn.Module):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise PluginError(
+                f"{flag} {spec!r}: calling {attr}() raised {type(exc).__name__}: {exc}"
+            ) from exc
+    return obj
+
+
+def _model(spec: str) -> Any:
+    import torch
+
+    model = load_object(spec, "--model")
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModuleError(
+            f"--model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module; point it at "
+            "a function or class that builds the (trained) float model"
+        )
+    return model.eval()
+
+
+def _batches(spec: str, flag: str) -> list[Any]:
+    """The batches ``spec`` gives: a tensor is one batch, any other iterable yields batches."""
+    import torch
+
+    data = load_object(spec, flag)
+    if isinstance(data, (torch.Tensor, dict)):
+        return [data]
+    if isinstance(data, (str, bytes, torch.nn.Module)) or not hasattr(data, "__iter__"):
+        raise CalibrationError(
+            f"{flag} {spec!r} gave a {type(data).__name__}; it must give batches: a list or "
+            "iterable of model inputs (a tensor, a tuple of arguments or a dict of keyword "
+            "arguments per batch), or one tensor"
+        )
+    try:
+        batches = list(data)
+    except Exception as exc:
+        raise CalibrationError(
+            f"{flag} {spec!r}: iterating over the batches raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not batches:
+        raise CalibrationError(f"{flag} {spec!r} gave no batch; it must yield at least one")
+    return batches
+
+
+def _example(batches: list[Any]) -> Any:
+    first = batches[0]
+    return tuple(first) if isinstance(first, list) else first
+
+
+# --------------------------------------------------------------------------- plan / quantize / report
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from qswap.walker import plan
+
+    model = _model(args.model)
+    example = _example(_batches(args.calib, "--calib")) if args.calib else None
+    the_plan = plan(model, args.config, example_inputs=example)
+    if args.explain:
+        for name in args.explain:
+            print(the_plan.explain(name))
+    else:
+        print(the_plan)
+    return EXIT_OK
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise QSwapError(
+            f"--out {str(out)!r} already exists; nothing was written. Pass --force to replace "
+            "it, or choose another folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise QSwapError(f"--out {str(out)!r} exists and is not a folder; choose another path")
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished folder into place; an old one (with --force) goes only once it is done."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    _refuse_existing(out, force)
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import qswap
+    from qswap.artifact import save_calibration
+    from qswap.config import dump_config, load_config
+    from qswap.observe import calibrate, prepare
+    from qswap.report import report
+    from qswap.serialize import save
+    from qswap.walker import plan
+
+    out = Path(args.out)
+    _refuse_existing(out, args.force)
+    model = _model(args.model)
+    calib = _batches(args.calib, "--calib")
+    evaluation = _batches(args.eval, "--eval") if args.eval else calib
+    cfg = load_config(args.config)
+    example = _example(calib)
+    the_plan = plan(model, cfg, example_inputs=example)
+    prepared = prepare(model, the_plan, example_inputs=example)
+    if args.calibration:
+        qmodel = qswap.convert(prepared, calibration=args.calibration)
+    else:
+        calibrate(prepared, calib, max_batches=args.max_batches, progress=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if not args.calibration:
+            save_calibration(prepared, tmp / "calibration.pt")
+            qmodel = qswap.convert(prepared, inplace=True)
+        else:
+            save_calibration(qmodel, tmp / "calibration.pt")
+        save(qmodel, tmp / "model.pt")
+        (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        (tmp / "plan.txt").write_text(str(the_plan) + "\n", encoding="utf-8")
+        rep = report(model, qmodel, evaluation, sensitivity=args.sensitivity)
+        (tmp / "report.txt").write_text(str(rep) + "\n", encoding="utf-8")
+        rep.to_json(tmp / "report.json")
+        rep.to_csv(tmp / "report.csv")
+        if args.onnx:
+            from qswap.backends.onnx import export_onnx
+
+            export_onnx(qmodel, example, tmp / "model.onnx")
+        _publish(tmp, out, args.force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(
+        f"wrote {out}/: calibration.pt, model.pt, config.yaml, plan.txt, report.txt/json/csv"
+        + (", model.onnx" if args.onnx else "")
+    )
+    print(
+        f"output SQNR {rep.output_sqnr_db:.1f} dB over {rep.batches} batch(es); "
+        f"{sum(r.params_before for r in rep.rows)} -> {sum(r.params_after for r in rep.rows)} "
+        "parameter bytes"
+    )
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import qswap
+    from qswap.report import report
+    from qswap.serialize import load
+
+    if bool(args.quantized) == bool(args.config):
+        raise QSwapError(
+            "qswap report needs either --quantized DIR (a folder `qswap quantize` wrote) or "
+            "--config FILE (quantize in memory, calibrating on --calib or --data)"
+        )
+    model = _model(args.model)
+    data = _batches(args.data, "--data")
+    if args.quantized:
+        folder = Path(args.quantized)
+        path = folder / "model.pt" if folder.is_dir() else folder
+        qmodel = load(path, _model(args.model))
+    else:
+        calib = _batches(args.calib, "--calib") if args.calib else data
+        qmodel = qswap.quantize(
+            model, args.config, calib_data=calib, example_inputs=_example(calib), progress=False
+        )
+    rep = report(model, qmodel, data, sensitivity=args.sensitivity, max_batches=args.max_batches)
+    if args.sort:
+        rep = rep.sorted(args.sort)
+    print(rep)
+    if args.sensitivity:
+        print("most damaging layers first: " + ", ".join(rep.ranking()[:10]))
+    if args.json:
+        rep.to_json(args.json)
+    if args.csv:
+        rep.to_csv(args.csv)
+    if args.plot:
+        rep.plot(args.plot)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -135,6 +395,66 @@ def build_parser() -> argparse.ArgumentParser:
     q = reg_sub.add_parser("list", help="list entries, optionally filtered by a glob")
     q.add_argument("pattern", nargs="?", default="*")
     q.set_defaults(func=_cmd_registry_list)
+
+    factory = "MODULE:NAME (NAME is called if callable; MODULE may be a .py path)"
+    p = sub.add_parser("plan", help="print what a config does to each module of a model")
+    p.add_argument(
+        "--model", required=True, metavar="MODULE:NAME", help=f"the float model: {factory}"
+    )
+    p.add_argument("--config", required=True, help="config file, YAML text or preset name")
+    p.add_argument("--calib", metavar="MODULE:NAME", help="batches; the first is traced for fusion")
+    p.add_argument(
+        "--explain", action="append", metavar="PATH", help="explain one module (repeatable)"
+    )
+    p.set_defaults(func=_cmd_plan, runs_user_code=True)
+
+    p = sub.add_parser("quantize", help="calibrate, convert and write artifact, model and report")
+    p.add_argument(
+        "--model", required=True, metavar="MODULE:NAME", help=f"the float model: {factory}"
+    )
+    p.add_argument("--config", required=True, help="config file, YAML text or preset name")
+    p.add_argument("--calib", required=True, metavar="MODULE:NAME", help="calibration batches")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--eval", metavar="MODULE:NAME", help="batches for the report (default: --calib)"
+    )
+    p.add_argument(
+        "--calibration", metavar="FILE", help="reuse this artifact instead of calibrating"
+    )
+    p.add_argument("--max-batches", type=int, help="calibrate on at most this many batches")
+    p.add_argument(
+        "--sensitivity", action="store_true", help="add per-layer sensitivity to the report"
+    )
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (QDQ; extra 'onnx')")
+    p.set_defaults(func=_cmd_quantize, runs_user_code=True)
+
+    p = sub.add_parser("report", help="per-layer SQNR, error share and size of a quantized model")
+    p.add_argument(
+        "--model", required=True, metavar="MODULE:NAME", help=f"the float model: {factory}"
+    )
+    p.add_argument("--data", required=True, metavar="MODULE:NAME", help="batches to measure on")
+    p.add_argument("--quantized", metavar="DIR", help="folder written by `qswap quantize`")
+    p.add_argument("--config", help="quantize in memory with this config instead")
+    p.add_argument("--calib", metavar="MODULE:NAME", help="calibration batches (default: --data)")
+    p.add_argument("--sensitivity", action="store_true", help="quantize one layer at a time too")
+    p.add_argument(
+        "--sort",
+        choices=[
+            "model",
+            "sqnr",
+            "local_sqnr",
+            "error_share",
+            "sensitivity",
+            "params_before",
+            "params_after",
+        ],
+    )
+    p.add_argument("--max-batches", type=int, help="measure on at most this many batches")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--csv", metavar="FILE", help="also write the report as CSV")
+    p.add_argument("--plot", metavar="FILE", help="also draw per-layer SQNR (extra 'plot')")
+    p.set_defaults(func=_cmd_report, runs_user_code=True)
     return parser
 
 
@@ -146,6 +466,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(args)
     except QSwapError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except ImportError as exc:  # a missing optional extra (onnx, plot)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as exc:
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except Exception as exc:
+        # plan/quantize/report run the user's model on the user's data: a model that cannot
+        # take those batches is bad input too, said in one line (the traceback on request)
+        if not getattr(args, "runs_user_code", False) or os.environ.get("QSWAP_TRACEBACK"):
+            raise
+        print(
+            f"error: qswap {args.command} failed: {type(exc).__name__}: {exc} "
+            "(set QSWAP_TRACEBACK=1 to see where)",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     return status
 

@@ -1,0 +1,185 @@
+"""ONNX Runtime int8 (qswap's QDQ export) against ONNX Runtime float and PyTorch int8, same process.
+
+Trains the forum VGG and ResNet-18 (width 0.25) on scikit-learn digits, quantizes each with
+qswap (``x86_int8``: real int8 in PyTorch; and the same config on the ``fake`` backend),
+exports the int8 model and the float model to ONNX, and prints:
+
+* quality: SQNR against the float logits of PyTorch int8, ORT int8 and qswap's fake-quant
+  model, and how closely ORT reproduces qswap (SQNR of ORT against qswap, share of logits
+  within one output quantization step, largest difference in steps);
+* speed: median ms per call of PyTorch float, PyTorch int8 (qswap ``x86``), ORT float and
+  ORT int8 (at ``ORT_ENABLE_EXTENDED``, where QDQ becomes QLinearConv/QGemm/QLinearAdd),
+  measured in interleaved rounds, and the ratios ORT int8 / ORT float and
+  ORT int8 / PyTorch int8 (below 1: ORT int8 is faster);
+* which integer kernels ORT runs after fusing the QDQ graph.
+
+    python bench/bench_onnx.py            # a few minutes on 2 cores
+    python bench/bench_onnx.py --quick    # fewer epochs and repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent / "examples")]
+
+from forum_models import load_digits_dataset, resnet18, train, vgg  # noqa: E402
+
+import qswap  # noqa: E402
+from qswap.backends.onnx import export_onnx, onnx_session, ort_optimized_ops  # noqa: E402
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``out`` against ``ref``, in dB."""
+    noise = (ref - out).pow(2).mean()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).mean() / noise))
+
+
+def timed(
+    runners: dict[str, Callable[[], object]], reps: int, warmup: int
+) -> dict[str, float]:
+    """Median ms per call of each runner, in interleaved rounds (drift hits all alike)."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and repetitions")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    epochs = 2 if args.quick else 3
+    reps = {1: 30 if args.quick else 200, 64: 8 if args.quick else 40}
+    warmup = 3 if args.quick else 10
+
+    import onnxruntime
+
+    data = load_digits_dataset(seed=0)
+    calib = list(data.x_train[:256].split(32))
+    example = (data.x_test[:1],)
+    fake_x86 = {"extends": ["x86_int8"], "backend": "fake"}
+    print(
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, qswap "
+        f"{qswap.__version__}, {platform.processor() or platform.machine()}; {epochs} epochs, "
+        f"calibration on 256 training images, test set {len(data.y_test)} images"
+    )
+    results: dict[str, dict[str, object]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="qswap-bench-onnx-"))
+    for label, build in (("VGG", vgg), ("ResNet-18", resnet18)):
+        torch.manual_seed(0)
+        torch.set_num_threads(2)
+        model = build(width=0.25)
+        train(model, data, epochs=epochs)
+        model.eval()
+        int8 = qswap.quantize(model, "x86_int8", calib_data=calib, example_inputs=example, progress=False)
+        fake = qswap.quantize(model, fake_x86, calib_data=calib, example_inputs=example, progress=False)
+        paths = {
+            "float": export_onnx(model, example, tmp / f"{label}_float.onnx"),
+            "int8": export_onnx(int8, example, tmp / f"{label}_int8.onnx"),
+            "fake": export_onnx(fake, example, tmp / f"{label}_fake.onnx"),
+        }
+        row: dict[str, object] = {"ort_ops_int8": ort_optimized_ops(paths["int8"])}
+        x = data.x_test
+        with torch.no_grad():
+            ref = model(x)
+            out_int8 = int8(x)
+            out_fake = fake(x)
+        step_int8 = float(list(int8._qswap.layers.values())[-1].qparams["output"].scale)  # type: ignore[union-attr]
+        step_fake = float(list(fake._qswap.layers.values())[-1].qparams["output"].scale)  # type: ignore[union-attr]
+        for name, qout, step in (("int8", out_int8, step_int8), ("fake", out_fake, step_fake)):
+            session = onnx_session(paths[name])
+            got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+            steps = (got - qout).abs() / step
+            row[f"sqnr_ort_{name}_vs_float"] = sqnr_db(ref, got)
+            row[f"sqnr_ort_vs_qswap_{name}"] = sqnr_db(qout, got)
+            row[f"within_one_step_{name}"] = float((steps <= 1.001).float().mean())
+            row[f"max_steps_{name}"] = float(steps.max())
+        row["sqnr_torch_int8_vs_float"] = sqnr_db(ref, out_int8)
+        row["sqnr_fake_vs_float"] = sqnr_db(ref, out_fake)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            sessions = {k: onnx_session(paths[k], threads=threads) for k in ("float", "int8")}
+            for batch in (1, 64):
+                xb = data.x_test[:batch]
+                feed = {"input": xb.numpy()}
+                with torch.no_grad():
+                    ms = timed(
+                        {
+                            "torch_float": lambda: model(xb),
+                            "torch_int8": lambda: int8(xb),
+                            "ort_float": lambda: sessions["float"].run(None, feed),
+                            "ort_int8": lambda: sessions["int8"].run(None, feed),
+                        },
+                        reps[batch],
+                        warmup,
+                    )
+                row[f"ms_t{threads}_b{batch}"] = ms
+        results[label] = row
+    report(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def report(results: dict[str, dict[str, object]]) -> None:
+    print("\nQuality on the test set (SQNR in dB against the float logits)")
+    print(
+        "| model | PyTorch int8 | ORT int8 | qswap fake | ORT fake | ORT vs qswap int8 "
+        "| within 1 step (int8) | max steps (int8) | ORT vs qswap fake | within 1 step (fake) "
+        "| max steps (fake) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, r in results.items():
+        print(
+            f"| {label} | {r['sqnr_torch_int8_vs_float']:.1f} | {r['sqnr_ort_int8_vs_float']:.1f} | "
+            f"{r['sqnr_fake_vs_float']:.1f} | {r['sqnr_ort_fake_vs_float']:.1f} | "
+            f"{r['sqnr_ort_vs_qswap_int8']:.1f} | {100 * r['within_one_step_int8']:.1f} % | "  # type: ignore[operator]
+            f"{r['max_steps_int8']:.0f} | {r['sqnr_ort_vs_qswap_fake']:.1f} | "
+            f"{100 * r['within_one_step_fake']:.1f} % | {r['max_steps_fake']:.0f} |"  # type: ignore[operator]
+        )
+    print("\nLatency, median ms per call (ratios < 1: ORT int8 is faster)")
+    print(
+        "| model | threads | batch | torch float | torch int8 | ORT float | ORT int8 "
+        "| ORT int8 / ORT float | ORT int8 / torch int8 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, r in results.items():
+        for threads in (1, 2):
+            for batch in (1, 64):
+                ms = r[f"ms_t{threads}_b{batch}"]
+                assert isinstance(ms, dict)
+                print(
+                    f"| {label} | {threads} | {batch} | {ms['torch_float']:.2f} | "
+                    f"{ms['torch_int8']:.2f} | {ms['ort_float']:.2f} | {ms['ort_int8']:.2f} | "
+                    f"{ms['ort_int8'] / ms['ort_float']:.2f} | {ms['ort_int8'] / ms['torch_int8']:.2f} |"
+                )
+    print("\nKernels ONNX Runtime runs for the int8 export (ORT_ENABLE_EXTENDED)")
+    for label, r in results.items():
+        print(f"  {label}: {r['ort_ops_int8']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

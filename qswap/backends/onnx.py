@@ -1,0 +1,887 @@
+"""QDQ ONNX export: a quantized qswap model as ONNX that ONNX Runtime runs on integer kernels.
+
+``export_onnx(qmodel, example_inputs, path)`` writes a QuantizeLinear/DequantizeLinear
+("QDQ") graph, opset 13 or later, with per-tensor and per-channel scales:
+
+* a **fake** model (backend ``fake``) is exported as it computes: every fake-quantizer
+  becomes a Q/DQ pair with the same scale, zero point and rounding, so ONNX Runtime
+  reproduces qswap's output;
+* an **int8** model (backends ``x86``/``qnnpack``) is exported as its integer kernels
+  compute: one Q/DQ pair per integer tensor, the skip connections that run as quantized
+  ``add``/``add_relu``/``cat`` as Q/DQ around ``Add``/``Concat``.
+
+Weights are stored as int8 initializers behind a DequantizeLinear and biases as float, so
+the graph computes exactly what qswap computes; at ``ORT_ENABLE_EXTENDED`` or above ONNX
+Runtime fuses it into ``QLinearConv``, ``QGemm``, ``QLinearAdd``... (rounding biases to
+int32 as its integer kernels need; :func:`onnx_session` opens it that way).
+
+Needs the ``onnx`` extra (``pip install 'qswap[onnx]'``). The export uses torch's
+TorchScript-based exporter (``dynamo=False``), whose deprecation warning is silenced here.
+
+    >>> import torch, qswap  # doctest: +SKIP
+    >>> qmodel = qswap.quantize(model, "w8a8_minmax", calib_data=batches)  # doctest: +SKIP
+    >>> qswap.export_onnx(qmodel, (x,), "model.onnx")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from qswap.exceptions import UnsupportedModuleError
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["MAX_OPSET", "MIN_OPSET", "export_onnx", "onnx_session", "ort_optimized_ops"]
+
+MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
+MAX_OPSET = 20  # the highest opset torch's TorchScript-based exporter writes
+_EXTRA = "pip install 'qswap[onnx]'"
+# The (quant_min, quant_max) ranges a QuantizeLinear of opset <= 20 can hold exactly; (0, 127)
+# is uint8 followed by a Clip, as torch's exporter writes it.
+_ONNX_RANGES = ((0, 255), (-128, 127), (0, 127))
+
+Optimization = Literal["disable", "basic", "extended", "all"]
+
+
+def _require(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError as exc:
+        raise ImportError(
+            f"qswap's ONNX export needs the {name!r} package, which is not installed; "
+            f"install the extra with: {_EXTRA}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_exportable(model: nn.Module) -> None:
+    """Refuse, naming the layer, what QDQ ONNX of opset <= 20 cannot hold exactly."""
+    from qswap.observe import state_of
+
+    state = state_of(model)
+    if state is None:
+        return
+    if state.stage != "converted":
+        raise UnsupportedModuleError(
+            "export_onnx() got a model that qswap.prepare() returned but convert() has not "
+            "converted yet; export the result of qswap.convert() (or qswap.quantize())"
+        )
+    mode = state.plan.config.mode
+    if mode == "dynamic":
+        raise UnsupportedModuleError(
+            "export_onnx() cannot export mode 'dynamic': its activation scales are computed "
+            "per batch at run time, which a QDQ graph cannot hold; use mode: static"
+        )
+    for name, layer in state.layers.items():
+        for slot, qp in layer.qparams.items():
+            where = f"layer {name or '(root)'!r} ({layer.module_type.__name__}), slot {slot!r}"
+            if qp.granularity == "per_group":
+                raise UnsupportedModuleError(
+                    f"{where}: per-group scales have no QDQ form in opset <= {MAX_OPSET}; "
+                    "use granularity: per_channel (axis: 0) or per_tensor for this layer"
+                )
+            if (qp.quant_min, qp.quant_max) not in _ONNX_RANGES:
+                raise UnsupportedModuleError(
+                    f"{where}: integer range [{qp.quant_min}, {qp.quant_max}] has no QDQ form; "
+                    "QuantizeLinear holds int8 [-128, 127] or uint8 [0, 255] (or [0, 127] "
+                    "with reduce_range). Use bits: 8 for this slot (a rule can keep other "
+                    "layers as they are), or skip the layer"
+                )
+
+
+# --------------------------------------------------------------------------- int8 emulation
+
+_MARK = (
+    "_qswap_qdq"  # on a float tensor: the (scale, zero_point) of the quint8 tensor it stands for
+)
+
+QP = tuple[float, int]
+
+
+def _mark(t: Tensor, qp: QP) -> Tensor:
+    setattr(t, _MARK, qp)
+    return t
+
+
+def _mark_of(obj: Any) -> QP | None:
+    if isinstance(obj, Tensor):
+        found: QP | None = getattr(obj, _MARK, None)
+        return found
+    return None
+
+
+def _fq(x: Tensor, qp: QP) -> Tensor:
+    """``x`` rounded to the quint8 grid of ``qp`` (exported as one QuantizeLinear/DequantizeLinear)."""
+    return torch.fake_quantize_per_tensor_affine(x, qp[0], qp[1], 0, 255)
+
+
+def _flat_tensors(obj: Any, out: list[Tensor]) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _flat_tensors(item, out)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            _flat_tensors(item, out)
+    return out
+
+
+def _remark(obj: Any, qp: QP) -> Any:
+    """Give every float tensor in ``obj`` the grid ``qp`` (as a native int8 op would keep it)."""
+    if isinstance(obj, Tensor):
+        if not obj.is_floating_point():
+            return obj
+        with torch._C.DisableTorchFunction():
+            return _mark(_fq(obj, qp), qp)
+    if isinstance(obj, tuple):
+        items = [_remark(o, qp) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [_remark(o, qp) for o in obj]
+    return obj
+
+
+def _unmark(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        if _MARK in obj.__dict__:
+            delattr(obj, _MARK)
+        return obj
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            _unmark(o)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            _unmark(o)
+    return obj
+
+
+class _QDQLayer(nn.Module):
+    """What one torch int8 module computes, in float: quantize-dequantize at each integer tensor."""
+
+    weight: Tensor
+    bias: Tensor | None
+    running_mean: Tensor
+    running_var: Tensor
+    w_scale: Tensor
+    w_zero_point: Tensor
+
+    def __init__(self, q: nn.Module) -> None:
+        super().__init__()
+        from qswap.backends import torch_int8 as ti
+
+        self.name = type(q).__name__
+        self.relu = isinstance(
+            q,
+            (
+                ti.QuantizedLinearReLU,
+                ti.QuantizedConvReLU1d,
+                ti.QuantizedConvReLU2d,
+                ti.QuantizedConvReLU3d,
+                ti.QuantizedBNReLU2d,
+                ti.QuantizedBNReLU3d,
+            ),
+        )
+        int8: Any = q
+        self.in_qp: QP = (
+            float(getattr(int8, "input_scale", 1.0)),
+            int(getattr(int8, "input_zero_point", 0)),
+        )
+        self.out_qp: QP = (float(int8.scale), int(int8.zero_point))
+        self.kind: str
+        self.conv_args: dict[str, Any] = {}
+        if isinstance(q, (ti.QuantizedBatchNorm2d, ti.QuantizedBatchNorm3d)):
+            self.kind = "bn"
+            bn: Any = q
+            self.register_buffer("weight", bn.weight.detach().float().clone())
+            self.register_buffer("bias", bn.bias.detach().float().clone())
+            self.register_buffer("running_mean", bn.running_mean.detach().float().clone())
+            self.register_buffer("running_var", bn.running_var.detach().float().clone())
+            self.eps = float(bn.eps)
+            return
+        packed: Any = q
+        qweight: Tensor = packed.weight()
+        bias: Tensor | None = packed.bias()
+        self.register_buffer("weight", qweight.dequantize())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        if qweight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            self.register_buffer("w_scale", qweight.q_per_channel_scales().float())
+            self.register_buffer("w_zero_point", qweight.q_per_channel_zero_points().int())
+            self.w_axis: int | None = int(qweight.q_per_channel_axis())
+        else:
+            self.register_buffer("w_scale", torch.tensor(float(qweight.q_scale())))
+            self.register_buffer("w_zero_point", torch.tensor(int(qweight.q_zero_point())))
+            self.w_axis = None
+        if isinstance(q, (ti.QuantizedLinear, ti.QuantizedLinearReLU)):
+            self.kind = "linear"
+            return
+        conv: Any = q
+        if conv.padding_mode != "zeros":
+            raise UnsupportedModuleError(
+                f"{self.name}: export_onnx() writes convolutions with zero padding only, not "
+                f"padding_mode={conv.padding_mode!r}; skip this layer with a rule"
+            )
+        self.kind = f"conv{len(conv.kernel_size)}d"
+        self.conv_args = {
+            "stride": tuple(conv.stride),
+            "padding": tuple(conv.padding),
+            "dilation": tuple(conv.dilation),
+            "groups": int(conv.groups),
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Quantize the input (unless it already is), compute in float, quantize the output."""
+        with torch._C.DisableTorchFunction():
+            qp = _mark_of(x) or self.in_qp
+            x = _fq(x.float(), qp)
+            if self.kind == "bn":
+                y = F.batch_norm(
+                    x,
+                    self.running_mean,
+                    self.running_var,
+                    self.weight,
+                    self.bias,
+                    False,
+                    0.0,
+                    self.eps,
+                )
+            else:
+                if self.w_axis is None:
+                    w = torch.fake_quantize_per_tensor_affine(
+                        self.weight, float(self.w_scale), int(self.w_zero_point), -128, 127
+                    )
+                else:
+                    w = torch.fake_quantize_per_channel_affine(
+                        self.weight, self.w_scale, self.w_zero_point, self.w_axis, -128, 127
+                    )
+                if self.kind == "linear":
+                    y = F.linear(x, w, self.bias)
+                else:
+                    conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]
+                    y = conv(x, w, self.bias, **self.conv_args)
+            if self.relu:
+                y = torch.relu(y)
+            y = _fq(y, self.out_qp)
+        return _mark(y, self.out_qp)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, in={self.in_qp}, out={self.out_qp}"
+
+
+class _QDQReLU(nn.ReLU):
+    """An int8 model's ReLU on integer tensors: keeps the grid of its input."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        qp = _mark_of(input)
+        with torch._C.DisableTorchFunction():
+            y = torch.relu(input)
+            if qp is None:
+                return y
+            return _mark(_fq(y, qp), qp)
+
+
+class _Emulate(TorchFunctionMode):
+    """The int8 runtime's dispatch, on float tensors that carry the qparams of their int8 twin."""
+
+    def __init__(self, runtime: Any) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.seen: dict[tuple[Any, ...], int] = {}
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        from qswap.backends.torch_int8 import _NATIVE
+        from qswap.trace import function_name
+
+        kwargs = kwargs or {}
+        tensors = _flat_tensors([args, kwargs], [])
+        marks = [m for m in (_mark_of(t) for t in tensors) if m is not None]
+        if not marks:
+            return func(*args, **kwargs)
+        name = function_name(func)
+        if name in _NATIVE or name.endswith(".__get__"):
+            out = func(*args, **kwargs)
+            if name in ("torch.Tensor.dequantize", "torch.Tensor.int_repr"):
+                return _unmark(out)
+            return _remark(out, marks[0])
+        if name in self.runtime.op_names:
+            result = self._integer_op(name, args, kwargs)
+            if result is not None:
+                return result
+        return _unmark(func(*args, **kwargs))
+
+    def _integer_op(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        from qswap.backends.torch_int8 import _CAT
+
+        if name in _CAT:
+            if not args or not isinstance(args[0], (list, tuple)) or set(kwargs) - {"dim"}:
+                return None
+            tensors = list(args[0])
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        else:
+            if kwargs or len(args) != 2:
+                return None
+            tensors = list(args)
+        operands = tuple(_mark_of(t) for t in tensors)
+        if any(m is None for m in operands):
+            return None
+        key = (name, operands)
+        candidates = self.runtime.ops_by_key.get(key)
+        if not candidates:
+            return None
+        n = self.seen.get(key, 0)
+        self.seen[key] = n + 1
+        op = candidates[min(n, len(candidates) - 1)]
+        qp: QP = (float(op.scale), int(op.zero_point))
+        with torch._C.DisableTorchFunction():
+            if op.kind == "cat":
+                y = torch.cat(tensors, dim)
+            else:
+                y = torch.add(tensors[0], tensors[1])
+                if op.kind == "add_relu":
+                    y = torch.relu(y)
+            return _mark(_fq(y, qp), qp)
+
+
+class _Emulated(nn.Module):
+    """Runs an int8 model's float twin under :class:`_Emulate`; outputs plain float tensors."""
+
+    def __init__(self, model: nn.Module, runtime: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.runtime = runtime
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _Emulate(self.runtime):
+            out = self.model(*args, **kwargs)
+        return _unmark(out)
+
+
+def _int8_twin(model: nn.Module) -> nn.Module:
+    """A float copy of a torch-int8 model that computes what its integer kernels compute."""
+    from qswap.backends import torch_int8 as ti
+
+    runtime = getattr(model, "_qswap_int8", None)
+    twin = copy.deepcopy(model)
+    for hooks in (twin._forward_pre_hooks, twin._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__self__", None) is runtime:
+                del hooks[key]
+                twin._forward_pre_hooks_with_kwargs.pop(key, None)
+                twin._forward_hooks_with_kwargs.pop(key, None)
+                twin._forward_hooks_always_called.pop(key, None)
+    if isinstance(twin, ti._IntegerModule):
+        return _Emulated(_QDQLayer(twin), runtime)
+    for path, module in list(twin.named_modules(remove_duplicate=False)):
+        if not path:
+            continue
+        replacement: nn.Module | None = None
+        if isinstance(module, ti._IntegerModule):
+            replacement = _QDQLayer(module)
+        elif isinstance(module, ti._IntegerReLU):
+            replacement = _QDQReLU(inplace=False)
+        if replacement is None:
+            continue
+        for name in ti._HOOK_DICTS:
+            getattr(replacement, name).update(getattr(module, name))
+        parent_path, _, attr = path.rpartition(".")
+        parent = twin.get_submodule(parent_path) if parent_path else twin
+        parent._modules[attr] = replacement
+    return _Emulated(twin, runtime)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """Silence what torch's TorchScript exporter says about itself (and only that)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"You are using the legacy TorchScript-based ONNX export"
+        )
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The feature will be removed",
+            category=DeprecationWarning,
+            module=r"torch\.onnx",
+        )
+        # tracing records qswap's Python-side checks (``if scale.numel() == 0``) as constants,
+        # which is what an exported model needs: its qparams are fixed
+        tracer_warning: type[Warning] = getattr(torch.jit, "TracerWarning", UserWarning)
+        warnings.filterwarnings("ignore", category=tracer_warning)
+        warnings.filterwarnings(
+            "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel"
+        )
+        yield
+
+
+def _split(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise UnsupportedModuleError(
+        f"export_onnx() needs example inputs as a tensor, a tuple of positional arguments or a "
+        f"dict of keyword arguments, got {type(example_inputs).__name__}"
+    )
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = 17,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+    quantize_bias: bool = False,
+) -> Path:
+    """Write ``model`` (a qswap fake or int8 model, or a float one) as QDQ ONNX to ``path``.
+
+    ``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword
+    arguments; with ``dynamic_batch`` the first dimension of every input and output may
+    vary. Biases stay float, as qswap computes them (ONNX Runtime rounds them to int32 itself
+    when it fuses a convolution); ``quantize_bias=True`` stores them as int32 behind a
+    DequantizeLinear (scale = input scale x weight scale) for runtimes that want that. The
+    file is written to a temporary name and renamed, so ``path`` never holds a half-written
+    model. Returns ``path``.
+
+    >>> import torch, qswap  # doctest: +SKIP
+    >>> x = torch.randn(8, 4)  # doctest: +SKIP
+    >>> q = qswap.quantize(torch.nn.Linear(4, 3), "w8a8_minmax", calib_data=[x])  # doctest: +SKIP
+    >>> qswap.export_onnx(q, x, "linear.onnx")  # doctest: +SKIP
+    PosixPath('linear.onnx')
+    """
+    _require("onnx")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedModuleError(
+            f"opset must be an integer from {MIN_OPSET} (per-channel QuantizeLinear) to "
+            f"{MAX_OPSET} (the highest torch's exporter writes), got {opset!r}"
+        )
+    _check_exportable(model)
+    args, kwargs = _split(example_inputs)
+    runtime = getattr(model, "_qswap_int8", None)
+    target = _int8_twin(model) if runtime is not None else model
+    flags = [(m, m.training) for m in target.modules()]
+    target.train(False)
+    n_in = len(args) + len(kwargs)
+    names_in = (
+        list(input_names)
+        if input_names is not None
+        else ([f"input_{i}" for i in range(len(args))] + list(kwargs) if n_in > 1 else ["input"])
+    )
+    with torch.no_grad():
+        out = target(*args, **kwargs)
+    n_out = len(_flat_tensors(out, []))
+    names_out = (
+        list(output_names)
+        if output_names is not None
+        else (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+    )
+    dynamic_axes = (
+        {name: {0: "batch"} for name in [*names_in, *names_out]} if dynamic_batch else None
+    )
+    buffer = io.BytesIO()
+    try:
+        with _exporter_quiet(), torch.no_grad():
+            torch.onnx.export(
+                target,
+                args,
+                cast(Any, buffer),
+                kwargs=kwargs or None,
+                dynamo=False,
+                opset_version=opset,
+                input_names=names_in,
+                output_names=names_out,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
+    except torch.onnx.errors.OnnxExporterError as exc:
+        raise UnsupportedModuleError(
+            f"torch's ONNX exporter could not export this {type(model).__name__}: {exc}"
+        ) from exc
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    onnx = _require("onnx")
+    proto = onnx.load_from_string(buffer.getvalue())
+    proto = _QDQGraph(proto).canonical(quantize_bias=quantize_bias)
+    onnx.checker.check_model(proto)
+    return _write_atomic(Path(path), proto.SerializeToString())
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- graph rewriting
+
+
+class _QDQGraph:
+    """Rewrites an exported graph into the QDQ form ONNX Runtime fuses into integer kernels.
+
+    Every rewrite keeps the computed values (up to the int32 rounding of biases):
+    constant QuantizeLinear nodes on weights are folded into int8 initializers, no-op
+    Cast/Identity nodes dropped, a ReLU right before a QuantizeLinear whose zero point is
+    the lowest integer removed (the saturation already clamps at zero), a DequantizeLinear
+    feeding a QuantizeLinear with the same parameters short-circuited, and (if asked) float
+    biases of convolutions and GEMMs between Q/DQ pairs quantized to int32.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        import onnx
+        from onnx import numpy_helper
+
+        self.onnx = onnx
+        self.nh = numpy_helper
+        self.model = model
+        self.graph = model.graph
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _consts(self) -> dict[str, Any]:
+        return {i.name: self.nh.to_array(i) for i in self.graph.initializer}
+
+    def _producers(self) -> dict[str, Any]:
+        return {o: n for n in self.graph.node for o in n.output}
+
+    def _consumers(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                out.setdefault(i, []).append(n)
+        return out
+
+    def _graph_outputs(self) -> set[str]:
+        return {o.name for o in self.graph.output}
+
+    def _rename_uses(self, old: str, new: str) -> None:
+        for n in self.graph.node:
+            for k, name in enumerate(n.input):
+                if name == old:
+                    n.input[k] = new
+
+    def _add_init(self, array: Any, name: str) -> str:
+        base, k = name, 0
+        names = {i.name for i in self.graph.initializer}
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        self.graph.initializer.append(self.nh.from_array(array, name))
+        return name
+
+    def _remove_nodes(self, dead: list[Any]) -> None:
+        ids = {id(n) for n in dead}
+        keep = [n for n in self.graph.node if id(n) not in ids]
+        del self.graph.node[:]
+        self.graph.node.extend(keep)
+
+    def _bypass(self, node: Any, source: str) -> bool:
+        """Make consumers of ``node``'s only output read ``source``; False if it is a graph output."""
+        out = node.output[0]
+        if out in self._graph_outputs():
+            return False
+        self._rename_uses(out, source)
+        return True
+
+    # -- passes ----------------------------------------------------------------------
+
+    def _constants_to_initializers(self) -> None:
+        dead = []
+        for n in self.graph.node:
+            if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+                array = self.nh.to_array(n.attribute[0].t)
+                self.graph.initializer.append(self.nh.from_array(array, n.output[0]))
+                dead.append(n)
+        self._remove_nodes(dead)
+
+    def _drop_noops(self) -> None:
+        import onnx
+
+        inferred = onnx.shape_inference.infer_shapes(self.model)
+        types: dict[str, int] = {}
+        for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+            types[vi.name] = vi.type.tensor_type.elem_type
+        for i in self.graph.initializer:
+            types[i.name] = i.data_type
+        consts = {i.name for i in self.graph.initializer}
+        dead = []
+        for n in self.graph.node:
+            if n.op_type == "Identity" and (n.input[0] in consts or n.input[0] in types):
+                if self._bypass(n, n.input[0]):
+                    dead.append(n)
+            elif n.op_type == "Cast":
+                to = next(a.i for a in n.attribute if a.name == "to")
+                if types.get(n.input[0]) == to and self._bypass(n, n.input[0]):
+                    dead.append(n)
+        self._remove_nodes(dead)
+
+    def _fold_weight_quantization(self) -> None:
+        consts = self._consts()
+        dead = []
+        for n in self.graph.node:
+            if n.op_type != "QuantizeLinear" or n.input[0] not in consts:
+                continue
+            if len(n.input) < 3 or n.input[1] not in consts or n.input[2] not in consts:
+                continue
+            x = torch.from_numpy(consts[n.input[0]].astype("float32"))
+            scale = torch.from_numpy(consts[n.input[1]].astype("float32"))
+            zp_np = consts[n.input[2]]
+            zero_point = torch.from_numpy(zp_np.astype("int32"))
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            if scale.dim() == 1 and x.dim() > 0:
+                shape = [1] * x.dim()
+                shape[axis] = -1
+                scale = scale.reshape(shape)
+                zero_point = zero_point.reshape(shape)
+            info = torch.iinfo(torch.uint8 if zp_np.dtype.kind == "u" else torch.int8)
+            # torch's fake-quantize arithmetic (x * (1 / scale), round half to even), so the
+            # integers are exactly the ones qswap's fake-quantizer produced
+            q = (torch.round(x * (1.0 / scale)) + zero_point).clamp(info.min, info.max)
+            name = self._add_init(q.numpy().astype(zp_np.dtype), n.output[0] + "_quantized")
+            self._rename_uses(n.output[0], name)
+            dead.append(n)
+        self._remove_nodes(dead)
+
+    def _drop_relu_before_saturating_quantize(self) -> None:
+        consts = self._consts()
+        consumers = self._consumers()
+        dead = []
+        for n in self.graph.node:
+            if n.op_type != "Relu" or n.output[0] in self._graph_outputs():
+                continue
+            users = consumers.get(n.output[0], [])
+            if not users or any(u.op_type != "QuantizeLinear" for u in users):
+                continue
+            ok = True
+            for u in users:
+                zp = consts.get(u.input[2]) if len(u.input) > 2 else None
+                if zp is None or zp.size != 1:
+                    ok = False
+                    break
+                lowest = 0 if zp.dtype.kind == "u" else -128
+                if int(zp.reshape(())) != lowest:
+                    ok = False
+                    break
+            if ok:
+                self._rename_uses(n.output[0], n.input[0])
+                dead.append(n)
+        self._remove_nodes(dead)
+
+    def _short_circuit_dq_q(self) -> None:
+        consts = self._consts()
+        producers = self._producers()
+        dead = []
+        for n in self.graph.node:
+            if n.op_type != "QuantizeLinear" or n.output[0] in self._graph_outputs():
+                continue
+            dq = producers.get(n.input[0])
+            if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+                continue
+            if len(n.input) < 3 or not self._same_const(consts, dq.input[1], n.input[1]):
+                continue
+            if not self._same_const(consts, dq.input[2], n.input[2]):
+                continue
+            if consts[dq.input[2]].dtype != consts[n.input[2]].dtype:
+                continue
+            if consts[n.input[1]].size != 1:
+                continue
+            self._rename_uses(n.output[0], dq.input[0])
+            dead.append(n)
+        self._remove_nodes(dead)
+
+    @staticmethod
+    def _same_const(consts: Mapping[str, Any], a: str, b: str) -> bool:
+        if a not in consts or b not in consts:
+            return False
+        x, y = consts[a], consts[b]
+        return bool(x.shape == y.shape and (x == y).all())
+
+    def _quantize_biases(self) -> None:
+        consts = self._consts()
+        producers = self._producers()
+        new_nodes: list[tuple[Any, Any]] = []
+        for n in self.graph.node:
+            if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in consts:
+                continue
+            if n.op_type == "Gemm":
+                gemm = {a.name: a for a in n.attribute}
+                if (
+                    "transA" in gemm
+                    and gemm["transA"].i
+                    or "alpha" in gemm
+                    and gemm["alpha"].f != 1.0
+                ):
+                    continue
+            dx = producers.get(n.input[0])
+            dw = producers.get(n.input[1])
+            if dx is None or dw is None or dx.op_type != "DequantizeLinear":
+                continue
+            if dw.op_type != "DequantizeLinear" or dw.input[0] not in consts:
+                continue
+            if dx.input[1] not in consts or dw.input[1] not in consts:
+                continue
+            sx = consts[dx.input[1]].astype("float32")
+            sw = consts[dw.input[1]].astype("float32")
+            if sx.size != 1:
+                continue
+            bias = consts[n.input[2]].astype("float32")
+            scale = (sx.reshape(()) * sw).astype("float32")
+            if scale.size not in (1, bias.size):
+                continue
+            import numpy as np
+
+            q = np.round(bias / scale)
+            if np.abs(q).max(initial=0) >= 2**31 - 1 or not np.isfinite(q).all():
+                continue
+            qname = self._add_init(q.astype("int32"), n.input[2] + "_int32")
+            sname = self._add_init(
+                np.broadcast_to(scale, bias.shape).astype("float32").copy()
+                if scale.size != 1
+                else scale.reshape(()),
+                n.input[2] + "_scale",
+            )
+            zname = self._add_init(
+                np.zeros(bias.shape if scale.size != 1 else (), dtype="int32"),
+                n.input[2] + "_zero_point",
+            )
+            out = n.input[2] + "_dequantized"
+            attrs = [self.onnx.helper.make_attribute("axis", 0)] if scale.size != 1 else []
+            dq = self.onnx.helper.make_node(
+                "DequantizeLinear", [qname, sname, zname], [out], name=out + "_node"
+            )
+            dq.attribute.extend(attrs)
+            n.input[2] = out
+            new_nodes.append((n, dq))
+        for consumer, dq in new_nodes:
+            nodes = list(self.graph.node)
+            index = next(i for i, m in enumerate(nodes) if m is consumer)
+            self.graph.node.insert(index, dq)
+
+    def _prune(self) -> None:
+        outputs = self._graph_outputs()
+        while True:
+            used = {i for n in self.graph.node for i in n.input} | outputs
+            dead = [n for n in self.graph.node if not any(o in used for o in n.output)]
+            if not dead:
+                break
+            self._remove_nodes(dead)
+        used = {i for n in self.graph.node for i in n.input} | outputs
+        keep = [i for i in self.graph.initializer if i.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+
+    def canonical(self, *, quantize_bias: bool = False) -> onnx.ModelProto:
+        """Apply every rewrite; returns the model (changed in place)."""
+        self._constants_to_initializers()
+        self._drop_noops()
+        self._fold_weight_quantization()
+        self._drop_relu_before_saturating_quantize()
+        self._short_circuit_dq_q()
+        self._prune()
+        if quantize_bias:
+            self._quantize_biases()
+            self._prune()
+        del self.graph.value_info[:]
+        return self.model
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+def onnx_session(
+    path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    optimization: Optimization = "extended",
+) -> Any:
+    """An ONNX Runtime CPU session for ``path`` at ``optimization`` level (default ``extended``).
+
+    ONNX Runtime fuses Q/DQ pairs into integer kernels only at ``extended`` or ``all``.
+    ``threads`` sets the intra-op thread count (default: ONNX Runtime's choice).
+
+    >>> sess = onnx_session("model.onnx", threads=1)  # doctest: +SKIP
+    >>> sess.run(None, {"input": x.numpy()})[0]  # doctest: +SKIP
+    """
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _level(ort, optimization)
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _level(ort: Any, optimization: str) -> Any:
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise UnsupportedModuleError(
+            f"optimization must be one of {', '.join(map(repr, levels))}, got {optimization!r}"
+        )
+    return levels[optimization]
+
+
+def ort_optimized_ops(
+    path: str | os.PathLike[str], *, optimization: Optimization = "extended"
+) -> dict[str, int]:
+    """How many nodes of each type ONNX Runtime runs after optimizing ``path`` (CPU).
+
+    After a good QDQ export at ``extended``, convolutions show up as ``QLinearConv`` and
+    only one ``QuantizeLinear``/``DequantizeLinear`` remains at each end of the graph.
+
+    >>> ort_optimized_ops("model.onnx")  # doctest: +SKIP
+    {'QuantizeLinear': 1, 'QLinearConv': 8, ...}
+    """
+    ort = _require("onnxruntime")
+    onnx = _require("onnx")
+    with tempfile.TemporaryDirectory(prefix="qswap-ort-") as tmp:
+        out = os.path.join(tmp, "optimized.onnx")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _level(ort, optimization)
+        options.optimized_model_filepath = out
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(out)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
