@@ -12,6 +12,8 @@ first call of :func:`default_registry`.
 
 from __future__ import annotations
 
+from qswap.artifact import Calibration, load_calibration, save_calibration
+from qswap.backends.onnx import export_onnx
 from qswap.config import (
     ComponentRef,
     Match,
@@ -35,7 +37,9 @@ from qswap.exceptions import (
     RegistrationError,
     UnsupportedModuleError,
 )
+from qswap.distributed import sync_observers
 from qswap.observe import calibrate, prepare
+from qswap.qat import freeze_bn_stats
 from qswap.quantizers import Observer, QParams, Quantizer
 from qswap.registry import (
     Backend,
@@ -45,6 +49,8 @@ from qswap.registry import (
     Registry,
     default_registry,
 )
+from qswap.report import LayerReport, Report, report
+from qswap.serialize import load, save
 from qswap.trace import Trace, trace
 from qswap.walker import Decision, LayerSpec, Plan, plan
 
@@ -52,6 +58,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "Calibration",
     "CalibrationError",
     "ComponentEntry",
     "ComponentRef",
@@ -59,6 +66,7 @@ __all__ = [
     "Decision",
     "FrozenRegistryError",
     "FusionPattern",
+    "LayerReport",
     "LayerSpec",
     "MappingEntry",
     "Match",
@@ -75,6 +83,7 @@ __all__ = [
     "Quantizer",
     "RegistrationError",
     "Registry",
+    "Report",
     "Rule",
     "Trace",
     "UnsupportedModuleError",
@@ -82,10 +91,18 @@ __all__ = [
     "convert",
     "default_registry",
     "dump_config",
+    "export_onnx",
+    "freeze_bn_stats",
     "list_presets",
+    "load",
+    "load_calibration",
     "load_config",
     "plan",
     "prepare",
     "quantize",
+    "report",
+    "save",
+    "save_calibration",
+    "sync_observers",
     "trace",
 ]

@@ -20,6 +20,7 @@ def test_all_is_pinned() -> None:
     """Adding, removing or renaming a public name is a deliberate act: this list changes with it."""
     assert qswap.__all__ == [
         "Backend",
+        "Calibration",
         "CalibrationError",
         "ComponentEntry",
         "ComponentRef",
@@ -27,6 +28,7 @@ def test_all_is_pinned() -> None:
         "Decision",
         "FrozenRegistryError",
         "FusionPattern",
+        "LayerReport",
         "LayerSpec",
         "MappingEntry",
         "Match",
@@ -43,6 +45,7 @@ def test_all_is_pinned() -> None:
         "Quantizer",
         "RegistrationError",
         "Registry",
+        "Report",
         "Rule",
         "Trace",
         "UnsupportedModuleError",
@@ -50,11 +53,19 @@ def test_all_is_pinned() -> None:
         "convert",
         "default_registry",
         "dump_config",
+        "export_onnx",
+        "freeze_bn_stats",
         "list_presets",
+        "load",
+        "load_calibration",
         "load_config",
         "plan",
         "prepare",
         "quantize",
+        "report",
+        "save",
+        "save_calibration",
+        "sync_observers",
         "trace",
     ]
 
