@@ -11,10 +11,8 @@ qswap/eager -- all in one process, so the ratios are comparable on a noisy machi
 
 from __future__ import annotations
 
-import argparse
-import json
+import functools
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +26,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 
 import peers
 from forum_models import accuracy, load_digits_dataset, resnet18, train, vgg
+from measure import median_ms, parse_options, write_json
 
 import qswap
 from qswap.backends.torch_int8 import describe_lowering
@@ -53,16 +52,9 @@ def latency_ms(
 ) -> dict[str, float]:
     """Median ms per call for each model, measured in interleaved rounds (drift hits all alike)."""
     torch.set_num_threads(threads)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():
-        for _ in range(warmup):
-            model(x)
-    for _ in range(reps):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(x)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return median_ms(
+        {name: functools.partial(model, x) for name, model in models.items()}, reps, warmup
+    )
 
 
 def build_flows(
@@ -86,13 +78,8 @@ def build_flows(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer epochs and repetitions")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    epochs = 2 if args.quick else 3
-    reps = {1: 30 if args.quick else 200, 64: 8 if args.quick else 40}
-    warmup = 3 if args.quick else 10
+    options = parse_options(__doc__, argv)
+    epochs, reps, warmup = options.epochs, options.reps, options.warmup
 
     torch.manual_seed(0)
     data = load_digits_dataset(seed=0)
@@ -138,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"qswap ResNet-18 lowering: {len(ops)} skip connections run as quantized add_relu"
                 )
     report(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+    write_json(options.json, results)
     return 0
 
 

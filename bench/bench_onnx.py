@@ -19,26 +19,22 @@ exports the int8 model and the float model to ONNX, and prints:
 
 from __future__ import annotations
 
-import argparse
-import json
+import functools
 import platform
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent / "examples")]
+sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 
-from forum_models import load_digits_dataset, resnet18, train, vgg  # noqa: E402
+from forum_models import load_digits_dataset, resnet18, train, vgg
+from measure import median_ms, parse_options, write_json
 
-import qswap  # noqa: E402
-from qswap.backends.onnx import export_onnx, onnx_session, ort_optimized_ops  # noqa: E402
+import qswap
+from qswap.backends.onnx import export_onnx, onnx_session, ort_optimized_ops
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -49,30 +45,9 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).mean() / noise))
 
 
-def timed(
-    runners: dict[str, Callable[[], object]], reps: int, warmup: int
-) -> dict[str, float]:
-    """Median ms per call of each runner, in interleaved rounds (drift hits all alike)."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(reps):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer epochs and repetitions")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    epochs = 2 if args.quick else 3
-    reps = {1: 30 if args.quick else 200, 64: 8 if args.quick else 40}
-    warmup = 3 if args.quick else 10
+    options = parse_options(__doc__, argv)
+    epochs, reps, warmup = options.epochs, options.reps, options.warmup
 
     import onnxruntime
 
@@ -93,8 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         model = build(width=0.25)
         train(model, data, epochs=epochs)
         model.eval()
-        int8 = qswap.quantize(model, "x86_int8", calib_data=calib, example_inputs=example, progress=False)
-        fake = qswap.quantize(model, fake_x86, calib_data=calib, example_inputs=example, progress=False)
+        int8 = qswap.quantize(
+            model, "x86_int8", calib_data=calib, example_inputs=example, progress=False
+        )
+        fake = qswap.quantize(
+            model, fake_x86, calib_data=calib, example_inputs=example, progress=False
+        )
         paths = {
             "float": export_onnx(model, example, tmp / f"{label}_float.onnx"),
             "int8": export_onnx(int8, example, tmp / f"{label}_int8.onnx"),
@@ -125,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
                 xb = data.x_test[:batch]
                 feed = {"input": xb.numpy()}
                 with torch.no_grad():
-                    ms = timed(
+                    ms = median_ms(
                         {
-                            "torch_float": lambda: model(xb),
-                            "torch_int8": lambda: int8(xb),
-                            "ort_float": lambda: sessions["float"].run(None, feed),
-                            "ort_int8": lambda: sessions["int8"].run(None, feed),
+                            "torch_float": functools.partial(model, xb),
+                            "torch_int8": functools.partial(int8, xb),
+                            "ort_float": functools.partial(sessions["float"].run, None, feed),
+                            "ort_int8": functools.partial(sessions["int8"].run, None, feed),
                         },
                         reps[batch],
                         warmup,
@@ -138,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"ms_t{threads}_b{batch}"] = ms
         results[label] = row
     report(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+    write_json(options.json, results)
     return 0
 
 

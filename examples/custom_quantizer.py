@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 import torch
-from forum_models import DigitsData, accuracy, load_digits_dataset, train, vgg
+from forum_models import accuracy, trained_vgg
 from pydantic import BaseModel, ConfigDict, Field
 
 import qswap
@@ -69,15 +69,7 @@ class Log2(qswap.Quantizer):
 
 
 def main() -> None:
-    data = load_digits_dataset(seed=0)
-    if QUICK:  # every step runs, on a sliver of the data
-        data = DigitsData(
-            data.x_train[:128], data.y_train[:128], data.x_test[:64], data.y_test[:64]
-        )
-    torch.manual_seed(0)
-    model = train(vgg(width=0.25), data, epochs=1 if QUICK else 6)
-    calib = [data.x_train[i : i + 32] for i in range(0, 32 if QUICK else 256, 32)]
-    example = (data.x_test[:1],)
+    data, model, calib, example = trained_vgg(quick=QUICK)
 
     cfg = qswap.load_config(CONFIG, registry=reg)  # options checked by Log2Options
     plan = qswap.plan(model, cfg, example_inputs=example, registry=reg)

@@ -21,6 +21,7 @@ __all__ = [
     "BasicBlock",
     "Cifar_VGG",
     "DigitsData",
+    "DigitsVGG",
     "ResNet",
     "accuracy",
     "cfgs",
@@ -28,6 +29,7 @@ __all__ = [
     "make_layers",
     "resnet18",
     "train",
+    "trained_vgg",
     "vgg",
 ]
 
@@ -269,6 +271,32 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         logits = model(x[start : start + batch_size])
         correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
     return 100.0 * correct / len(y)
+
+
+class DigitsVGG(NamedTuple):
+    """A forum VGG trained on digits, with its data, calibration batches and an example input."""
+
+    data: DigitsData
+    model: nn.Module
+    calib: list[torch.Tensor]
+    example: tuple[torch.Tensor]
+
+
+def trained_vgg(quick: bool = False) -> DigitsVGG:
+    """``vgg(width=0.25)`` trained 6 epochs on digits, and 8 calibration batches of 32 images.
+
+    With ``quick`` (the test suite's short run) it takes a sliver of the data, one epoch and
+    one calibration batch, so that every step of an example still runs.
+    """
+    data = load_digits_dataset(seed=0)
+    if quick:
+        data = DigitsData(
+            data.x_train[:128], data.y_train[:128], data.x_test[:64], data.y_test[:64]
+        )
+    torch.manual_seed(0)
+    model = train(vgg(width=0.25), data, epochs=1 if quick else 6)
+    calib = [data.x_train[i : i + 32] for i in range(0, 32 if quick else 256, 32)]
+    return DigitsVGG(data, model, calib, (data.x_test[:1],))
 
 
 def main() -> None:

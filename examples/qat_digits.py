@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from forum_models import DigitsData, accuracy, load_digits_dataset, train, vgg
+from forum_models import DigitsData, accuracy, trained_vgg
 from torch import nn
 
 import qswap
@@ -67,15 +67,7 @@ def fine_tune(model: nn.Module, data: DigitsData, epochs: int, lr: float) -> Non
 
 
 def main() -> None:
-    data = load_digits_dataset(seed=0)
-    if QUICK:  # every step runs, on a sliver of the data
-        data = DigitsData(
-            data.x_train[:128], data.y_train[:128], data.x_test[:64], data.y_test[:64]
-        )
-    torch.manual_seed(0)
-    model = train(vgg(width=0.25), data, epochs=1 if QUICK else 6)
-    calib = [data.x_train[i : i + 32] for i in range(0, 32 if QUICK else 256, 32)]
-    example = (data.x_test[:1],)
+    data, model, calib, example = trained_vgg(quick=QUICK)
     results = {"float": (accuracy(model, data.x_test, data.y_test), test_loss(model, data))}
 
     ptq = qswap.quantize(model, PTQ, calib_data=calib, example_inputs=example, progress=False)

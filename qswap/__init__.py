@@ -26,6 +26,7 @@ from qswap.config import (
     load_config,
 )
 from qswap.convert import convert, quantize
+from qswap.distributed import sync_observers
 from qswap.exceptions import (
     CalibrationError,
     ConfigError,
@@ -37,7 +38,6 @@ from qswap.exceptions import (
     RegistrationError,
     UnsupportedModuleError,
 )
-from qswap.distributed import sync_observers
 from qswap.observe import calibrate, prepare
 from qswap.qat import freeze_bn_stats
 from qswap.quantizers import Observer, QParams, Quantizer

@@ -318,6 +318,37 @@ class Log2Quantizer(Quantizer):
 # --------------------------------------------------------------------------- binary / ternary
 
 
+class _MagnitudeQuantizer(Quantizer):
+    """What ``binary`` and ``ternary`` share: signed specs only, levels computed per row from the
+    tensor being quantized (``bits`` unused), straight-through gradient.
+
+    A subclass names itself in ``method`` and computes the output rows in ``_quantize_rows``.
+    """
+
+    integer_grid: ClassVar[bool] = False
+    method: ClassVar[str]
+
+    def __init__(
+        self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
+    ) -> None:
+        _require_signed(spec, self.method)
+        super().__init__(spec, options)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` quantized per row (same dtype and device); straight-through gradient."""
+        if self.scale.numel() == 0 or x.numel() == 0:
+            return x
+        xf = x.to(torch.float32)
+        rows, back = _rows(xf, self._axis, self._group_size)
+        with torch.no_grad():
+            out = self._quantize_rows(rows)
+        return back(_straight_through(rows, out)).to(x.dtype)
+
+    def _quantize_rows(self, rows: Tensor) -> Tensor:
+        """The quantized values of ``rows`` (float32, one row per tensor/channel/group)."""
+        raise NotImplementedError
+
+
 class BinaryOptions(BaseModel):
     """Options of ``binary``: which statistic of ``|x|`` sets the magnitude ``a``."""
 
@@ -328,7 +359,7 @@ class BinaryOptions(BaseModel):
     )
 
 
-class BinaryQuantizer(Quantizer):
+class BinaryQuantizer(_MagnitudeQuantizer):
     """Binary fake-quantizer: ``a * sign(x)`` (``+a`` at 0), one ``a`` per tensor, channel or group.
 
     ``a`` is computed from the tensor being quantized (meant for weights), so ``bits`` is
@@ -343,29 +374,22 @@ class BinaryQuantizer(Quantizer):
     """
 
     options_model: ClassVar[type[BaseModel]] = BinaryOptions
-    integer_grid: ClassVar[bool] = False
+    method: ClassVar[str] = "binary"
 
     def __init__(
         self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
     ) -> None:
-        _require_signed(spec, "binary")
         super().__init__(spec, options)
         self.statistic = cast(BinaryOptions, self.options).scale
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``±a`` per row of ``x`` (same dtype and device); straight-through gradient."""
-        if self.scale.numel() == 0 or x.numel() == 0:
-            return x
-        xf = x.to(torch.float32)
-        rows, back = _rows(xf, self._axis, self._group_size)
-        with torch.no_grad():
-            magnitude = rows.abs()
-            if self.statistic == "mean_abs":
-                a = magnitude.mean(dim=1, keepdim=True)
-            else:
-                a = magnitude.amax(dim=1, keepdim=True)
-            out = torch.where(rows >= 0, a, -a)
-        return back(_straight_through(rows, out)).to(x.dtype)
+    def _quantize_rows(self, rows: Tensor) -> Tensor:
+        """``±a`` per row."""
+        magnitude = rows.abs()
+        if self.statistic == "mean_abs":
+            a = magnitude.mean(dim=1, keepdim=True)
+        else:
+            a = magnitude.amax(dim=1, keepdim=True)
+        return torch.where(rows >= 0, a, -a)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.statistic}"
@@ -383,7 +407,7 @@ class TernaryOptions(BaseModel):
     )
 
 
-class TernaryQuantizer(Quantizer):
+class TernaryQuantizer(_MagnitudeQuantizer):
     """Ternary fake-quantizer (TWN): ``{-a, 0, +a}`` per tensor, channel or group.
 
     Values with ``|x| <= threshold * mean|x|`` become 0; ``a`` is the mean of the others'
@@ -399,30 +423,22 @@ class TernaryQuantizer(Quantizer):
     """
 
     options_model: ClassVar[type[BaseModel]] = TernaryOptions
-    integer_grid: ClassVar[bool] = False
+    method: ClassVar[str] = "ternary"
 
     def __init__(
         self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
     ) -> None:
-        _require_signed(spec, "ternary")
         super().__init__(spec, options)
         self.threshold = cast(TernaryOptions, self.options).threshold
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``{-a, 0, +a}`` per row of ``x`` (same dtype and device); straight-through gradient."""
-        if self.scale.numel() == 0 or x.numel() == 0:
-            return x
-        xf = x.to(torch.float32)
-        rows, back = _rows(xf, self._axis, self._group_size)
-        with torch.no_grad():
-            magnitude = rows.abs()
-            delta = self.threshold * magnitude.mean(dim=1, keepdim=True)
-            keep = (magnitude > delta).to(rows.dtype)
-            a = (magnitude * keep).sum(dim=1, keepdim=True) / keep.sum(
-                dim=1, keepdim=True
-            ).clamp_min(1)
-            out = torch.sign(rows) * a * keep
-        return back(_straight_through(rows, out)).to(x.dtype)
+    def _quantize_rows(self, rows: Tensor) -> Tensor:
+        """``{-a, 0, +a}`` per row."""
+        magnitude = rows.abs()
+        delta = self.threshold * magnitude.mean(dim=1, keepdim=True)
+        keep = (magnitude > delta).to(rows.dtype)
+        kept = keep.sum(dim=1, keepdim=True).clamp_min(1)
+        a = (magnitude * keep).sum(dim=1, keepdim=True) / kept
+        return torch.sign(rows) * a * keep
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold}"

@@ -102,22 +102,30 @@ class WeightObserver(nn.Module):
         super().__init__()
         self.observer = observer
         self.quantizer = quantizer
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, ...] | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Record the weight's statistics; in QAT return it fake-quantized (straight-through)."""
-        key = _version_key(weight)
-        changed = key is None or key != self._seen
-        if changed:
-            self.observer(weight)
-            self._seen = key
+        changed = self._observe(weight, _version_key(weight))
         if self.quantizer is None:
             return weight
+        return self._fake_quantize(weight, changed)
+
+    def _observe(self, value: torch.Tensor, key: tuple[int, ...] | None) -> bool:
+        """Observe ``value`` unless ``key`` (None: unknown) was the last seen; True if observed."""
+        changed = key is None or key != self._seen
+        if changed:
+            self.observer(value)
+            self._seen = key
+        return changed
+
+    def _fake_quantize(self, value: torch.Tensor, changed: bool) -> torch.Tensor:
+        """``value`` fake-quantized, with fresh qparams if it ``changed`` (learned ones kept)."""
         quantizer: Any = self.quantizer
         if (changed or quantizer.qparams is None) and not learns_qparams(quantizer):
             observer: Any = self.observer
             quantizer.set_qparams(observer.calculate_qparams())
-        return quantizer(weight)  # type: ignore[no-any-return]
+        return quantizer(value)  # type: ignore[no-any-return]
 
 
 def _version_key(weight: torch.Tensor) -> tuple[int, int] | None:

@@ -31,12 +31,11 @@ longer unfreezes them), so the last epochs train exactly the function ``convert`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from qswap.methods import learns_qparams
 from qswap.observe import WeightObserver, _version_key
 
 if TYPE_CHECKING:
@@ -148,7 +147,6 @@ class FoldedWeightObserver(WeightObserver):
     ) -> None:
         super().__init__(observer, quantizer)
         object.__setattr__(self, "_bn", bn)  # not a submodule: the group owns it
-        self._folded_seen: tuple[int, ...] | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Observe the folded weight; in QAT return ``fake_quant(w * s) / s``."""
@@ -165,17 +163,10 @@ class FoldedWeightObserver(WeightObserver):
                 -1 if bn.weight is None else bn.weight._version,
             )
         )
-        changed = stats is None or stats != self._folded_seen
-        if changed:
-            self.observer(folded)
-            self._folded_seen = stats
+        changed = self._observe(folded, stats)
         if self.quantizer is None:
             return weight
-        quantizer: Any = self.quantizer
-        if (changed or quantizer.qparams is None) and not learns_qparams(quantizer):
-            observer: Any = self.observer
-            quantizer.set_qparams(observer.calculate_qparams())
-        return quantizer(folded) / s  # type: ignore[no-any-return]
+        return self._fake_quantize(folded, changed) / s
 
 
 def fuse_for_qat(model: nn.Module, groups: Sequence[FusionGroup], registry: Registry) -> list[str]:

@@ -1,12 +1,52 @@
-"""Shared fixtures: the repo's examples folder is importable (it doubles as fixtures)."""
+"""Shared fixtures: the repo's examples folder is importable (it doubles as fixtures).
+
+Also the helpers several test modules use (``from conftest import ...``).
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """What a user would notice changing on a model."""
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "params": [id(p) for p in model.parameters()],
+        "types": [(n, type(m)) for n, m in model.named_modules(remove_duplicate=False)],
+        "training": [m.training for m in model.modules()],
+        "hooks": [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()],
+    }
+
+
+def assert_unchanged(before: dict[str, Any], model: nn.Module) -> None:
+    """``model`` still matches its ``snapshot`` ``before``: types, parameters, modes, hooks, values."""
+    after = snapshot(model)
+    for key in ("types", "params", "training", "hooks"):
+        assert before[key] == after[key], key
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for k, v in before["tensors"].items():
+        assert torch.equal(v, after["tensors"][k]), k
+
+
+class TwoInputs(nn.Module):
+    """A tiny model whose forward takes two inputs (one may come by keyword) and returns a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sum": self.a(x) + self.b(y), "a": self.a(x)}

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TwoInputs, assert_unchanged, snapshot
 from forum_models import resnet18, vgg
 from torch import nn
 from torch.nn.utils import parametrize
@@ -25,26 +26,6 @@ def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
     ref, out = ref.detach(), out.detach()
     return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """What a user would notice changing on a model."""
-    return {
-        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
-        "params": [id(p) for p in model.parameters()],
-        "types": [(n, type(m)) for n, m in model.named_modules(remove_duplicate=False)],
-        "training": [m.training for m in model.modules()],
-        "hooks": [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()],
-    }
-
-
-def assert_unchanged(before: dict[str, Any], model: nn.Module) -> None:
-    after = snapshot(model)
-    for key in ("types", "params", "training", "hooks"):
-        assert before[key] == after[key], key
-    assert before["tensors"].keys() == after["tensors"].keys()
-    for k, v in before["tensors"].items():
-        assert torch.equal(v, after["tensors"][k]), k
 
 
 def on_grid(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
@@ -88,18 +69,6 @@ class Branchy(nn.Module):
             h = self.blocks[1](h)
         h = torch.cat([h[:, :4], F.gelu(h[:, 4:])], dim=1) + 1.0
         return self.heads["out"](self.act(h))
-
-
-class TwoInputs(nn.Module):
-    """Forward takes two inputs and returns a dict."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 3)
-        self.b = nn.Linear(2, 3)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"sum": self.a(x) + self.b(y), "a": self.a(x)}
 
 
 # --------------------------------------------------------------------------- forum models

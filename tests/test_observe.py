@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
+from conftest import TwoInputs, assert_unchanged, snapshot
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -20,41 +20,6 @@ from qswap.walker import plan
 FAKE = "w8a8_minmax"
 
 
-class TwoInputs(nn.Module):
-    """Forward takes two inputs (one by keyword) and returns a dict."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 3)
-        self.b = nn.Linear(2, 3)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"sum": self.a(x) + self.b(y), "a": self.a(x)}
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """What a user would notice changing on a model."""
-    return {
-        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
-        "params": [id(p) for p in model.parameters()],
-        "types": [(n, type(m)) for n, m in model.named_modules(remove_duplicate=False)],
-        "training": [m.training for m in model.modules()],
-        "hooks": [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()],
-    }
-
-
-def assert_unchanged(before: dict[str, Any], model: nn.Module) -> None:
-    after = snapshot(model)
-    assert before["types"] == after["types"]
-    assert before["params"] == after["params"]
-    assert before["training"] == after["training"]
-    assert before["hooks"] == after["hooks"]
-    assert before["tensors"].keys() == after["tensors"].keys()
-    for k, v in before["tensors"].items():
-        assert torch.equal(v, after["tensors"][k]), k
-    assert not any(parametrize.is_parametrized(m) for m in model.modules())
-
-
 def test_prepare_copies_and_attaches_observers() -> None:
     """The prepared copy observes weights via parametrize and activations via hooks; the user's model is untouched."""
     model = nn.Sequential(
@@ -64,6 +29,7 @@ def test_prepare_copies_and_attaches_observers() -> None:
     before = snapshot(model)
     prepared = prepare(model, FAKE)
     assert_unchanged(before, model)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert type(prepared[0]).__name__ == "ConvReLU2d" and type(prepared[1]) is nn.Identity
     conv = prepared[0][0]
     assert parametrize.is_parametrized(conv, "weight")

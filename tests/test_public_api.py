@@ -9,6 +9,7 @@ import torch
 
 import qswap
 
+
 def test_all_is_sorted_and_every_name_resolves() -> None:
     """qswap.__all__ is sorted, has no duplicates, and each name is an attribute of qswap."""
     assert qswap.__all__ == sorted(set(qswap.__all__))

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from qswap.artifact import write_atomic
 from qswap.exceptions import UnsupportedModuleError
 
 if TYPE_CHECKING:
@@ -124,6 +125,14 @@ def _mark_of(obj: Any) -> QP | None:
         found: QP | None = getattr(obj, _MARK, None)
         return found
     return None
+
+
+def _marks(tensors: Sequence[Any]) -> tuple[QP, ...] | None:
+    """The qparams marked on each of ``tensors``; ``None`` when one has none."""
+    marks = tuple(_mark_of(t) for t in tensors)
+    if any(m is None for m in marks):
+        return None
+    return cast(tuple[QP, ...], marks)
 
 
 def _fq(x: Tensor, qp: QP) -> Tensor:
@@ -332,27 +341,12 @@ class _Emulate(TorchFunctionMode):
         return _unmark(func(*args, **kwargs))
 
     def _integer_op(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        from qswap.backends.torch_int8 import _CAT
+        from qswap.backends.torch_int8 import _recorded_op
 
-        if name in _CAT:
-            if not args or not isinstance(args[0], (list, tuple)) or set(kwargs) - {"dim"}:
-                return None
-            tensors = list(args[0])
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        else:
-            if kwargs or len(args) != 2:
-                return None
-            tensors = list(args)
-        operands = tuple(_mark_of(t) for t in tensors)
-        if any(m is None for m in operands):
+        found = _recorded_op(self.runtime, self.seen, name, args, kwargs, _marks)
+        if found is None:
             return None
-        key = (name, operands)
-        candidates = self.runtime.ops_by_key.get(key)
-        if not candidates:
-            return None
-        n = self.seen.get(key, 0)
-        self.seen[key] = n + 1
-        op = candidates[min(n, len(candidates) - 1)]
+        op, tensors, dim = found
         qp: QP = (float(op.scale), int(op.zero_point))
         with torch._C.DisableTorchFunction():
             if op.kind == "cat":
@@ -532,21 +526,7 @@ def export_onnx(
     proto = onnx.load_from_string(buffer.getvalue())
     proto = _QDQGraph(proto).canonical(quantize_bias=quantize_bias)
     onnx.checker.check_model(proto)
-    return _write_atomic(Path(path), proto.SerializeToString())
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, proto.SerializeToString())
 
 
 # --------------------------------------------------------------------------- graph rewriting

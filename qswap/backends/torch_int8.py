@@ -896,6 +896,42 @@ def _operand_qparams(args: Sequence[Any]) -> tuple[tuple[float, int], ...] | Non
     return tuple(out)
 
 
+def _recorded_op(
+    runtime: _Runtime,
+    seen: dict[tuple[Any, ...], int],
+    name: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    qparams_of: Callable[[Sequence[Any]], tuple[tuple[float, int], ...] | None],
+) -> tuple[_IntegerOp, list[Any], Any] | None:
+    """The op recorded for this call of ``name``, with its tensor operands and ``cat``'s dim.
+
+    ``qparams_of`` reads the operands' ``(scale, zero_point)``; calls with the same operands
+    take the recorded ops in order (counted in ``seen``). ``None`` when the call's form or
+    operands match no recorded op: it then runs as in float.
+    """
+    if name in _CAT:
+        if not args or not isinstance(args[0], (list, tuple)) or set(kwargs) - {"dim"}:
+            return None
+        tensors = list(args[0])
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    else:
+        if kwargs or len(args) != 2:
+            return None
+        tensors = list(args)
+        dim = None
+    operands = qparams_of(tensors)
+    if operands is None:
+        return None
+    key = (name, operands)
+    candidates = runtime.ops_by_key.get(key)
+    if not candidates:
+        return None
+    n = seen.get(key, 0)
+    seen[key] = n + 1
+    return candidates[min(n, len(candidates) - 1)], tensors, dim
+
+
 _swap_tensor_impl: Callable[[Tensor, Tensor], None] | None = getattr(
     torch._C, "_swap_tensor_impl", None
 )
@@ -980,28 +1016,10 @@ class _Dispatch(TorchFunctionMode):
         return func(*_dequantize(tuple(args), dtype), **_dequantize(dict(kwargs), dtype))
 
     def _integer_op(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        if name in _CAT:
-            if not args or not isinstance(args[0], (list, tuple)):
-                return None
-            tensors = list(args[0])
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            if set(kwargs) - {"dim"}:
-                return None
-            operands = _operand_qparams(tensors)
-        else:
-            if kwargs or len(args) != 2:
-                return None
-            tensors = list(args)
-            operands = _operand_qparams(tensors)
-        if operands is None:
+        found = _recorded_op(self.runtime, self.seen, name, args, kwargs, _operand_qparams)
+        if found is None:
             return None
-        key = (name, operands)
-        candidates = self.runtime.ops_by_key.get(key)
-        if not candidates:
-            return None
-        n = self.seen.get(key, 0)
-        self.seen[key] = n + 1
-        op = candidates[min(n, len(candidates) - 1)]
+        op, tensors, dim = found
         if op.kind == "cat":
             return torch.ops.quantized.cat.default(tensors, dim, op.scale, op.zero_point)
         if op.kind == "add_relu":
