@@ -5,6 +5,8 @@ intermediate tensor has exactly one consumer, the next module of the pattern; a 
 more than once never fuses. Without a trace, consecutive children of an ``nn.Sequential`` match.
 The built-in fusers fold batch norm with torch's own helpers (``torch.nn.utils.fusion``) and
 return ``torch.ao.nn.intrinsic`` containers for the ReLU patterns; they never modify their inputs.
+``fuse_model`` and ``fuse_group`` change the model in place anyway, so for the built-in patterns
+they build the fused module from the model's own modules instead of from deep copies.
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ import copy
 import difflib
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import torch  # noqa: F401 - the doctests use it
+import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.nn.modules import module as _torch_module
+from torch.nn.utils.fusion import (
+    fuse_conv_bn_eval,
+    fuse_conv_bn_weights,
+    fuse_linear_bn_eval,
+    fuse_linear_bn_weights,
+)
 
 from qswap.exceptions import PlanError, UnsupportedModuleError
 from qswap.trace import Call, Trace, _never, _walk
@@ -49,12 +57,17 @@ __all__ = [
 # --------------------------------------------------------------------------- fusers
 
 
+_NNI: list[ModuleType] = []
+
+
 def _intrinsic() -> ModuleType:
     """``torch.ao.nn.intrinsic``, imported on first use (torch marks torch.ao deprecated)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
-        import torch.ao.nn.intrinsic as nni
-    return nni
+    if not _NNI:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
+            import torch.ao.nn.intrinsic as nni
+        _NNI.append(nni)
+    return _NNI[0]
 
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -64,15 +77,25 @@ def _copy(module: _M) -> _M:
     """Deep copy without forward hooks (``fuse_model`` moves the caller's hooks itself)."""
     clone = copy.deepcopy(module)
     for m in clone.modules():
-        m._forward_pre_hooks = OrderedDict()
-        m._forward_pre_hooks_with_kwargs = OrderedDict()
-        m._forward_hooks = OrderedDict()
-        m._forward_hooks_with_kwargs = OrderedDict()
-        m._forward_hooks_always_called = OrderedDict()
+        _strip_hooks(m)
     return clone
 
 
-def _fold_bn(first: nn.Module, bn: nn.Module) -> nn.Module:
+_HOOK_ATTRS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _strip_hooks(m: nn.Module) -> None:
+    _set_hooks(m, (OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()))
+
+
+def _check_foldable(first: nn.Module, bn: nn.Module) -> nn.modules.batchnorm._BatchNorm:
+    """``bn`` once it is known that it can fold into ``first``; ``UnsupportedModuleError`` else."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise UnsupportedModuleError(f"cannot fold {type(bn).__name__}: expected a BatchNorm")
     if bn.running_mean is None or bn.running_var is None:
@@ -93,14 +116,18 @@ def _fold_bn(first: nn.Module, bn: nn.Module) -> nn.Module:
             f"cannot fold {type(bn).__name__}({bn.num_features}) into "
             f"{type(first).__name__} with {channels} output channels"
         )
+    return bn
+
+
+def _fold_bn(first: nn.Module, bn: nn.Module) -> nn.Module:
+    norm = _copy(_check_foldable(first, bn)).eval()
     training = first.training
-    norm = _copy(bn).eval()
     fused: nn.Module
     if isinstance(first, nn.modules.conv._ConvNd):
         transpose = isinstance(first, nn.modules.conv._ConvTransposeNd)
         fused = fuse_conv_bn_eval(_copy(first).eval(), norm, transpose=transpose)
     else:
-        fused = fuse_linear_bn_eval(_copy(first).eval(), norm)
+        fused = fuse_linear_bn_eval(_copy(cast(nn.Linear, first)).eval(), norm)
     return fused.train(training)
 
 
@@ -110,7 +137,8 @@ def _relu(relu: nn.Module) -> nn.ReLU:
     return nn.ReLU(inplace=relu.inplace).train(relu.training)
 
 
-def _with_relu(module: nn.Module, relu: nn.Module, training: bool) -> nn.Module:
+def _relu_container(kind: type) -> type[nn.Module]:
+    """The ``torch.ao.nn.intrinsic`` class that runs ``kind`` followed by a ReLU."""
     nni = _intrinsic()
     kinds: dict[type[nn.Module], type[nn.Module]] = {
         nn.Conv1d: nni.ConvReLU1d,
@@ -120,12 +148,17 @@ def _with_relu(module: nn.Module, relu: nn.Module, training: bool) -> nn.Module:
         nn.BatchNorm2d: nni.BNReLU2d,
         nn.BatchNorm3d: nni.BNReLU3d,
     }
-    container = kinds.get(type(module))
+    container = kinds.get(kind)
     if container is None:
         names = ", ".join(k.__name__ for k in kinds)
         raise UnsupportedModuleError(
-            f"no fused ReLU container for {type(module).__name__}; supported: {names}"
+            f"no fused ReLU container for {kind.__name__}; supported: {names}"
         )
+    return container
+
+
+def _with_relu(module: nn.Module, relu: nn.Module, training: bool) -> nn.Module:
+    container = _relu_container(type(module))
     fused: nn.Module = container(module, _relu(relu))
     return fused.train(training)
 
@@ -193,6 +226,124 @@ def fuse_bn_relu(bn: nn.Module, relu: nn.Module) -> nn.Module:
     'BNReLU2d'
     """
     return _with_relu(_copy(bn), relu, bn.training)
+
+
+def _fuse_owned(first: nn.Module, bn: nn.Module | None, relu: nn.Module | None) -> nn.Module:
+    """What the built-in fuser gives for ``first`` (+ ``bn``) (+ ``relu``), built from ``first``.
+
+    No copy: ``first`` itself loses its forward hooks, takes the folded weights and goes into
+    the ReLU container. Every check (and the folding arithmetic) runs first, in the public
+    fusers' order, so a refused group leaves the modules untouched.
+    """
+    training = first.training
+    folded: tuple[nn.Parameter, nn.Parameter] | None = None
+    if bn is not None:
+        norm = _check_foldable(first, bn)
+        weight: Any = first.weight
+        bias: Any = first.bias
+        mean, var = cast(torch.Tensor, norm.running_mean), cast(torch.Tensor, norm.running_var)
+        if isinstance(first, nn.modules.conv._ConvNd):
+            transpose = isinstance(first, nn.modules.conv._ConvTransposeNd)
+            folded = fuse_conv_bn_weights(
+                weight, bias, mean, var, norm.eps, norm.weight, norm.bias, transpose
+            )
+        else:
+            folded = fuse_linear_bn_weights(
+                weight, bias, mean, var, norm.eps, norm.weight, norm.bias
+            )
+    container = new_relu = None
+    if relu is not None:
+        container = _relu_container(type(first))
+        new_relu = _relu(relu)
+    _strip_hooks(first)
+    if folded is not None:
+        first.weight, first.bias = folded
+        first.train(training)
+    if container is None:
+        return first
+    fused: nn.Module = container(first, new_relu)
+    return fused.train(training)
+
+
+# each built-in fuser with what follows its first module: (a BatchNorm?, a ReLU?)
+_BUILT_IN: tuple[tuple[Callable[..., nn.Module], bool, bool], ...] = (
+    (fuse_conv_bn, True, False),
+    (fuse_conv_bn_relu, True, True),
+    (fuse_conv_relu, False, True),
+    (fuse_linear_bn, True, False),
+    (fuse_linear_bn_relu, True, True),
+    (fuse_linear_relu, False, True),
+    (fuse_bn_relu, False, True),
+)
+
+
+def _fuse_in_place(
+    fuser: object, modules: Sequence[nn.Module], sharing: _Sharing
+) -> nn.Module | None:
+    """``fuser(*modules)`` built from ``modules`` themselves, or ``None`` to call the fuser.
+
+    Only for a built-in fuser given as many modules as it takes, whose first module
+    nothing else in the model shares tensors with (``_Sharing.owns``).
+    """
+    for public, has_bn, has_relu in _BUILT_IN:
+        if fuser is public:
+            if len(modules) != 1 + has_bn + has_relu or not sharing.owns(modules[0]):
+                return None
+            bn = modules[1] if has_bn else None
+            return _fuse_owned(modules[0], bn, modules[-1] if has_relu else None)
+    return None
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage().data_ptr()) or None
+    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without storage
+        return None
+
+
+class _Sharing:
+    """Which storages more than one parameter or buffer slot of a model uses (found on first ask)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._shared: set[int] | None = None
+
+    def _find(self) -> set[int]:
+        seen: set[int] = set()
+        shared: set[int] = set()
+        done: set[int] = set()
+        stack = [self.model]
+        while stack:
+            module = stack.pop()
+            if id(module) in done:
+                continue
+            done.add(id(module))
+            for slots in (module._parameters, module._buffers):
+                for t in slots.values():
+                    key = None if t is None else _storage_key(t)
+                    if key is not None:
+                        (shared if key in seen else seen).add(key)
+            stack.extend(c for c in module._modules.values() if c is not None)
+        return shared
+
+    def owns(self, module: nn.Module) -> bool:
+        """Whether ``module`` may be reused: a plain leaf whose tensors nothing else holds.
+
+        Tensors tied to another module (or any storage that cannot be told apart) and
+        modules with submodules or their own ``__deepcopy__`` keep the copying fusers.
+        """
+        if module._modules or getattr(type(module), "__deepcopy__", None) is not None:
+            return False
+        if self._shared is None:
+            self._shared = self._find()
+        for slots in (module._parameters, module._buffers):
+            for t in slots.values():
+                if t is None:
+                    continue
+                key = _storage_key(t)
+                if key is None or key in self._shared:
+                    return False
+        return True
 
 
 # --------------------------------------------------------------------------- groups
@@ -646,19 +797,56 @@ def _previous_problem(
 # --------------------------------------------------------------------------- fusing
 
 
+_Hooks = tuple[OrderedDict[int, Any], ...]
+
+
+def _hooks_of(first: nn.Module, last: nn.Module | None) -> _Hooks:
+    """Copies of the pre-hooks of ``first`` and the forward hooks of ``last`` (none if ``None``)."""
+    pre = (
+        OrderedDict(first._forward_pre_hooks),
+        OrderedDict(first._forward_pre_hooks_with_kwargs),
+    )
+    if last is None:
+        return (*pre, OrderedDict(), OrderedDict(), OrderedDict())
+    return (
+        *pre,
+        OrderedDict(last._forward_hooks),
+        OrderedDict(last._forward_hooks_with_kwargs),
+        OrderedDict(last._forward_hooks_always_called),
+    )
+
+
+def _set_hooks(module: nn.Module, hooks: _Hooks) -> None:
+    """Give ``module`` these five forward-hook dicts (``_HOOK_ATTRS`` order)."""
+    # nn.Module.__setattr__ would only check that these names are no parameter, buffer or
+    # submodule before storing them; store them directly unless a class changes setattr.
+    store = object.__setattr__ if type(module).__setattr__ is nn.Module.__setattr__ else setattr
+    for name, value in zip(_HOOK_ATTRS, hooks):
+        store(module, name, value)
+
+
 def _carry_hooks(fused: nn.Module, first: nn.Module, last: nn.Module) -> None:
     """Pre-hooks of the first module and forward hooks of the last now run on ``fused``."""
-    fused._forward_pre_hooks = OrderedDict(first._forward_pre_hooks)
-    fused._forward_pre_hooks_with_kwargs = OrderedDict(first._forward_pre_hooks_with_kwargs)
-    fused._forward_hooks = OrderedDict(last._forward_hooks)
-    fused._forward_hooks_with_kwargs = OrderedDict(last._forward_hooks_with_kwargs)
-    fused._forward_hooks_always_called = OrderedDict(last._forward_hooks_always_called)
+    _set_hooks(fused, _hooks_of(first, last))
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path)
-    setattr(parent, name, module)
+    hooks = getattr(_torch_module, "_global_module_registration_hooks", None)
+    if (
+        hooks is not None
+        and not hooks
+        and type(parent).__setattr__ is nn.Module.__setattr__
+        and name in parent._modules
+        and name not in parent.__dict__
+        and name not in parent._parameters
+        and name not in parent._buffers
+    ):
+        # what nn.Module.__setattr__ ends in when replacing a submodule, without its checks
+        parent._modules[name] = module
+    else:
+        setattr(parent, name, module)
 
 
 def _fuse(
@@ -666,6 +854,7 @@ def _fuse(
     group: FusionGroup,
     module_paths: dict[int, tuple[str, ...]],
     by_types: dict[tuple[type, ...], FusionPattern],
+    sharing: _Sharing,
 ) -> None:
     where = f"fusion group {list(group.paths)}"
     modules: list[nn.Module] = []
@@ -685,9 +874,16 @@ def _fuse(
             )
         modules.append(module)
     pattern = by_types.get(tuple(group.types), group.pattern)
-    fused = pattern.fuse(*modules)
     # a kept tail keeps its own hooks: they still fire on its other calls
-    _carry_hooks(fused, modules[0], nn.Module() if group.kept else modules[-1])
+    last = None if group.kept else modules[-1]
+    hooks = _hooks_of(modules[0], last)  # taken before an in-place fusion strips them
+    fused = None
+    if len(modules) == len(pattern.types):
+        fused = _fuse_in_place(pattern.fuser, modules, sharing)
+    if fused is None:
+        fused = pattern.fuse(*modules)
+        hooks = _hooks_of(modules[0], last)
+    _set_hooks(fused, hooks)
     for position, module in enumerate(modules):
         if group.paths[position] in group.kept:
             continue
@@ -715,6 +911,8 @@ def fuse_group(
     """Fuse one group in place: the first module becomes the fused one, the others ``nn.Identity``.
 
     The group's own pattern fuses it unless ``patterns`` (or a registry) has one for its types.
+    The built-in fusers build the fused module from the model's own modules (no copies) unless
+    one of its tensors is shared with another module.
 
     >>> from qswap.registry import FusionPattern
     >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
@@ -724,7 +922,7 @@ def fuse_group(
     ['LinearReLU', 'Identity']
     """
     module_paths, _, _ = _tree(model)
-    _fuse(model, group, module_paths, _fusers(patterns))
+    _fuse(model, group, module_paths, _fusers(patterns), _Sharing(model))
 
 
 def fuse_model(
@@ -735,6 +933,8 @@ def fuse_model(
     """Fuse every group in place (``nn.Sequential``, ``ModuleList`` and ``ModuleDict`` included).
 
     Pre-hooks of a group's first module and forward hooks of its last move to the fused module.
+    The built-in fusers build the fused module from the model's own modules (no copies) unless
+    one of its tensors is shared with another module.
 
     >>> from qswap.registry import FusionPattern
     >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
@@ -745,5 +945,6 @@ def fuse_model(
     """
     module_paths, _, _ = _tree(model)
     by_types = _fusers(patterns)
+    sharing = _Sharing(model)
     for group in groups:
-        _fuse(model, group, module_paths, by_types)
+        _fuse(model, group, module_paths, by_types, sharing)

@@ -24,6 +24,7 @@ torch's observers refuse).
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 from qswap.exceptions import CalibrationError, ConfigError, PlanError
 
@@ -61,6 +63,8 @@ _EXACT_CELLS = 1024  # above this many grid steps the MSE search uses the s**2/1
 _GRID2 = (12, 7, 4)
 _CHUNK = 16384  # grid boundaries evaluated per tensor op in the MSE search
 _TINY_RANGE = 2.0**-100  # width given to a histogram that has only seen zeros
+_F32 = struct.Struct("f")
+_EXACT_INT = 1 << 24  # integer ranges within this bound never overflow int32 zero points
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 
@@ -134,8 +138,13 @@ class QParams:
                 f"QParams has group_size={self.group_size} but a scale of shape "
                 f"{tuple(scale.shape)}; per-group scales have shape [C, G]"
             )
-        object.__setattr__(self, "scale", scale.detach().to(torch.float32))
-        object.__setattr__(self, "zero_point", zero_point.detach().to(torch.int32))
+        scale, zero_point = scale.detach(), zero_point.detach()
+        if scale.dtype != torch.float32:
+            scale = scale.to(torch.float32)
+        if zero_point.dtype != torch.int32:
+            zero_point = zero_point.to(torch.int32)
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "zero_point", zero_point)
 
     @property
     def granularity(self) -> Granularity:
@@ -155,10 +164,57 @@ class QParams:
         )
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest float32, as a Python float (``inf`` beyond float32's range)."""
+    try:
+        return float(_F32.unpack(_F32.pack(x))[0])
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _scalar_scale_zero_point(
+    lo: float, hi: float, quant_min: int, quant_max: int, symmetric: bool
+) -> tuple[float, int]:
+    """``_scale_zero_point`` for one finite float32 range, in Python floats, bit for bit.
+
+    Each float32 operation is done in float64 and rounded to float32 once; for ``+ - * /``
+    of float32 operands that double rounding is exact, so the result equals torch's float32
+    kernel (``round`` is half-to-even in both). A dozen tiny tensor ops cost ~50 us on CPU.
+    """
+    min_neg, max_pos = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        max_pos = max(-min_neg, max_pos)
+        scale = max(_f32(max_pos / _f32(float(quant_max - quant_min) / 2)), _FP32_EPS)
+        return scale, 0 if quant_min < 0 else (quant_min + quant_max + 1) // 2
+    span = _f32(max_pos - min_neg)
+    scale = max(_f32(span / _f32(float(quant_max - quant_min))), _FP32_EPS)
+    zero_point = quant_min - round(_f32(min_neg / scale))
+    return scale, min(max(zero_point, quant_min), quant_max)
+
+
+_CPU_SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def _cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
+    """A shared, never written, 0-dim CPU tensor: what a Python number becomes inside an op.
+
+    ``x / 127.5`` wraps the number into a tensor on every call, which costs more than the
+    division on a small ``x``; dividing by this tensor runs the same kernel on the same
+    values (the number is cast to ``x``'s dtype either way).
+    """
+    key = (value, dtype)
+    found = _CPU_SCALARS.get(key)
+    if found is None:
+        found = _CPU_SCALARS[key] = torch.tensor(value, dtype=dtype)
+    return found
+
+
 def _scale_zero_point(
     min_val: Tensor, max_val: Tensor, quant_min: int, quant_max: int, symmetric: bool
 ) -> tuple[Tensor, Tensor]:
     """Scale (float32) and zero point (int32) for ranges, with torch's observer arithmetic."""
+    if min_val.device.type == "cpu" and min_val.dtype == max_val.dtype == torch.float32:
+        return _cpu_scale_zero_point(min_val, max_val, quant_min, quant_max, symmetric)
     min_neg = torch.min(min_val, torch.zeros_like(min_val))
     max_pos = torch.max(max_val, torch.zeros_like(max_val))
     if symmetric:
@@ -171,6 +227,32 @@ def _scale_zero_point(
         zero_point = quant_min - torch.round(min_neg / scale).to(torch.int32)
         zero_point = zero_point.clamp(quant_min, quant_max)
     return scale, zero_point
+
+
+def _cpu_scale_zero_point(
+    min_val: Tensor, max_val: Tensor, quant_min: int, quant_max: int, symmetric: bool
+) -> tuple[Tensor, Tensor]:
+    """``_scale_zero_point`` for float32 CPU ranges: the same kernels, Python numbers pre-wrapped.
+
+    ``torch.minimum``/``maximum`` against a 0-dim zero are the kernels of ``torch.min/max``
+    against ``zeros_like``; ``maximum`` with eps equals ``clamp_min(eps)`` (both keep nan).
+    """
+    zero = _cpu_scalar(0.0, torch.float32)
+    eps = _cpu_scalar(_FP32_EPS, torch.float32)
+    min_neg = torch.minimum(min_val, zero)
+    max_pos = torch.maximum(max_val, zero)
+    if symmetric:
+        max_pos = torch.maximum(-min_neg, max_pos)
+        half = _cpu_scalar(float(quant_max - quant_min) / 2, torch.float32)
+        scale = torch.maximum(max_pos / half, eps)
+        middle = 0 if quant_min < 0 else (quant_min + quant_max + 1) // 2
+        zero_point = torch.full(scale.shape, middle, dtype=torch.int32)
+        return scale, zero_point
+    steps = _cpu_scalar(float(quant_max - quant_min), torch.float32)
+    scale = torch.maximum((max_pos - min_neg) / steps, eps)
+    shift = torch.round(min_neg / scale).to(torch.int32)
+    zero_point = torch.sub(_cpu_scalar(quant_min, torch.int32), shift)
+    return scale, zero_point.clamp(quant_min, quant_max)
 
 
 def _layout(spec: QuantSpec) -> tuple[int | None, int | None]:
@@ -205,8 +287,12 @@ def qparams_from_range(
     >>> round(qp.scale.item(), 6), qp.zero_point.item()
     (0.015686, 64)
     """
-    lo = torch.as_tensor(min_val).detach().to(torch.float32)
-    hi = torch.as_tensor(max_val).detach().to(torch.float32)
+    lo = torch.as_tensor(min_val).detach()
+    hi = torch.as_tensor(max_val).detach()
+    if lo.dtype != torch.float32:
+        lo = lo.to(torch.float32)
+    if hi.dtype != torch.float32:
+        hi = hi.to(torch.float32)
     axis, group_size = _layout(spec)
     want = {"per_tensor": 0, "per_channel": 1, "per_group": 2}[spec.granularity]
     if lo.shape != hi.shape or lo.dim() != want:
@@ -215,7 +301,15 @@ def qparams_from_range(
             f"got {tuple(lo.shape)} and {tuple(hi.shape)}"
         )
     quant_min, quant_max = spec.quant_range()
-    scale, zero_point = _scale_zero_point(lo, hi, quant_min, quant_max, spec.scheme == "symmetric")
+    symmetric = spec.scheme == "symmetric"
+    if want == 0 and lo.device.type == "cpu" and -_EXACT_INT <= quant_min < quant_max <= _EXACT_INT:
+        low, high = float(lo), float(hi)
+        if math.isfinite(low) and math.isfinite(high):
+            s, z = _scalar_scale_zero_point(low, high, quant_min, quant_max, symmetric)
+            scale = torch.scalar_tensor(s, dtype=torch.float32)  # s is a float32 value: exact
+            zero_point = torch.scalar_tensor(z, dtype=torch.int32)
+            return QParams(scale, zero_point, quant_min, quant_max)
+    scale, zero_point = _scale_zero_point(lo, hi, quant_min, quant_max, symmetric)
     return QParams(scale, zero_point, quant_min, quant_max, axis, group_size)
 
 
@@ -360,6 +454,64 @@ def _validated_options(
         ) from None
 
 
+def _plain_buffers(module: nn.Module) -> bool:
+    """Whether ``module.<buffer> = tensor`` may write ``_buffers`` directly.
+
+    ``nn.Module.__setattr__`` and ``register_buffer`` run ~20 checks and the global buffer
+    registration hooks; with no such hook, a class that overrides neither, and a plain
+    ``Tensor`` (not a ``Parameter``/``Buffer``), they end in the same dict assignment.
+    """
+    hooks = getattr(_torch_module, "_global_buffer_registration_hooks", None)
+    cls = type(module)
+    return (
+        hooks is not None
+        and not hooks
+        and "_buffers" in module.__dict__
+        and cls.__setattr__ is nn.Module.__setattr__
+        and cls.register_buffer is nn.Module.register_buffer
+    )
+
+
+def _add_buffer(module: nn.Module, name: str, tensor: Tensor) -> None:
+    """``module.register_buffer(name, tensor)`` (persistent), for a name not used yet."""
+    if type(tensor) is Tensor and _plain_buffers(module) and not hasattr(type(module), name):
+        if name in module.__dict__ or name in module._parameters or name in module._modules:
+            module.register_buffer(name, tensor)  # raises the usual error
+            return
+        module._buffers[name] = tensor
+        module._non_persistent_buffers_set.discard(name)
+    else:
+        module.register_buffer(name, tensor)
+
+
+def _set_attrs(module: nn.Module, **values: Any) -> None:
+    """``setattr`` for plain attributes (no tensors, modules or parameter/buffer/module names).
+
+    ``nn.Module.__setattr__`` checks the value against parameters, buffers and submodules
+    before it ends in ``object.__setattr__``; for these values all checks fail.
+    """
+    plain = type(module).__setattr__ is nn.Module.__setattr__
+    for name, value in values.items():
+        if (
+            plain
+            and not isinstance(value, (Tensor, nn.Module))
+            and name not in module._parameters
+            and name not in module._buffers
+            and name not in module._modules
+        ):
+            object.__setattr__(module, name, value)
+        else:
+            setattr(module, name, value)
+
+
+def _set_buffer(module: nn.Module, name: str, tensor: Tensor) -> None:
+    """``setattr(module, name, tensor)`` for a registered buffer."""
+    if type(tensor) is Tensor and name in module._buffers and _plain_buffers(module):
+        module._buffers[name] = tensor
+    else:
+        setattr(module, name, tensor)
+
+
 class _StateModule(nn.Module):
     """A module whose buffers may change shape (resized on load) and keep their float dtype.
 
@@ -407,6 +559,14 @@ class _StateModule(nn.Module):
         """Refresh Python-side caches after ``load_state_dict``."""
 
 
+def _layout_tensor(
+    qmin: int, qmax: int, axis: int | None, group_size: int | None, device: torch.device | None
+) -> Tensor:
+    """The ``layout`` buffer of a quantizer: ``[quant_min, quant_max, axis, group_size]``."""
+    values = [qmin, qmax, _NO_AXIS if axis is None else axis, group_size or 0]
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
 def _describe(spec: QuantSpec) -> str:
     qmin, qmax = spec.quant_range()
     where = ""
@@ -427,27 +587,35 @@ class Quantizer(_StateModule):
     """
 
     options_model: ClassVar[type[BaseModel]] = EmptyOptions
+    spec: QuantSpec
+    options: BaseModel
     scale: Tensor
     zero_point: Tensor
     layout: Tensor
+    _qmin: int
+    _qmax: int
+    _axis: int | None
+    _group_size: int | None
 
     def __init__(
         self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__()
-        self.spec = spec
-        self.options = _validated_options(type(self), options)
+        _set_attrs(self, spec=spec, options=_validated_options(type(self), options))
         qmin, qmax = spec.quant_range()
         axis, group_size = _layout(spec)
-        self.register_buffer("scale", torch.empty(0, dtype=torch.float32))
-        self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
-        self.register_buffer("layout", torch.zeros(4, dtype=torch.int64))
-        self._store_layout(qmin, qmax, axis, group_size)
+        _add_buffer(self, "scale", torch.empty(0, dtype=torch.float32))
+        _add_buffer(self, "zero_point", torch.empty(0, dtype=torch.int32))
+        _add_buffer(self, "layout", _layout_tensor(qmin, qmax, axis, group_size, None))
+        _set_attrs(self, _qmin=qmin, _qmax=qmax, _axis=axis, _group_size=group_size)
 
     def _store_layout(self, qmin: int, qmax: int, axis: int | None, group_size: int | None) -> None:
-        self._qmin, self._qmax, self._axis, self._group_size = qmin, qmax, axis, group_size
-        values = [qmin, qmax, _NO_AXIS if axis is None else axis, group_size or 0]
-        self.layout = torch.tensor(values, dtype=torch.int64, device=self.layout.device)
+        if (qmin, qmax, axis, group_size) == (self._qmin, self._qmax, self._axis, self._group_size):
+            return  # the buffer already holds these values (``_after_load`` keeps both in step)
+        _set_attrs(self, _qmin=qmin, _qmax=qmax, _axis=axis, _group_size=group_size)
+        _set_buffer(
+            self, "layout", _layout_tensor(qmin, qmax, axis, group_size, self.layout.device)
+        )
 
     def _after_load(self) -> None:
         qmin, qmax, axis, group_size = (int(v) for v in self.layout.tolist())
@@ -464,8 +632,10 @@ class Quantizer(_StateModule):
                 f"QParams (scale shape {tuple(qparams.scale.shape)})"
             )
         device = self.scale.device
-        self.scale = qparams.scale.detach().to(device=device, dtype=torch.float32).clone()
-        self.zero_point = qparams.zero_point.detach().to(device=device, dtype=torch.int32).clone()
+        scale = qparams.scale.detach().to(device=device, dtype=torch.float32).clone()
+        zero_point = qparams.zero_point.detach().to(device=device, dtype=torch.int32).clone()
+        _set_buffer(self, "scale", scale)
+        _set_buffer(self, "zero_point", zero_point)
         self._store_layout(qparams.quant_min, qparams.quant_max, qparams.axis, qparams.group_size)
 
     @property
@@ -519,16 +689,17 @@ class Observer(_StateModule):
     """
 
     options_model: ClassVar[type[BaseModel]] = EmptyOptions
+    spec: QuantSpec
+    options: BaseModel
     num_batches: Tensor
 
     def __init__(
         self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__()
-        self.spec = spec
-        self.options = _validated_options(type(self), options)
+        _set_attrs(self, spec=spec, options=_validated_options(type(self), options))
         _layout(spec)  # fail early on a spec without its axis / group size
-        self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
+        _add_buffer(self, "num_batches", torch.zeros((), dtype=torch.int64))
 
     @property
     def seen(self) -> bool:
@@ -541,7 +712,7 @@ class Observer(_StateModule):
             if not x.is_floating_point():
                 raise PlanError(f"{type(self).__name__} observes float tensors, got {x.dtype}")
             self.observe(x.detach())
-            self.num_batches += 1
+            self.num_batches.add_(1)
         return x
 
     def observe(self, x: Tensor) -> None:
@@ -604,15 +775,26 @@ def _reduce_minmax(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
         )
     axis = _normalize_axis(cast(int, channel_axis), x.dim())
     moved = x.movedim(axis, 0)
+    # amin + amax, not aminmax(dim=...): on CPU the latter hands even a 16x16 reduction to
+    # the thread pool, which costs milliseconds on a busy machine; the values are the same.
     if group_size is None:
-        lo, hi = torch.aminmax(moved.reshape(moved.shape[0], -1), dim=1)
-        return lo, hi
-    lo, hi = torch.aminmax(moved.reshape(_group_view_shape(x.shape, axis, group_size)), dim=2)
-    return lo, hi
+        rows = moved.reshape(moved.shape[0], -1)
+        return torch.amin(rows, dim=1), torch.amax(rows, dim=1)
+    groups = moved.reshape(_group_view_shape(x.shape, axis, group_size))
+    return torch.amin(groups, dim=2), torch.amax(groups, dim=2)
+
+
+def _all_finite(lo: Tensor, hi: Tensor) -> bool:
+    """Whether every element of ``lo`` and ``hi`` is finite (one host sync)."""
+    if lo.dim() == 0 and hi.dim() == 0:
+        return math.isfinite(float(lo)) and math.isfinite(float(hi))
+    # x - x is 0 for finite x and nan for inf or nan; a sum of zeros never overflows.
+    # (torch.isfinite is a composite of several kernels: two of them cost ~25 us.)
+    return math.isfinite(float((lo - lo).sum() + (hi - hi).sum()))
 
 
 def _check_finite(lo: Tensor, hi: Tensor, who: str) -> None:
-    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+    if not _all_finite(lo, hi):
         raise CalibrationError(
             f"{who} saw non-finite values (inf or nan), so no finite scale exists; "
             "check the calibration data and the float model for overflow"
@@ -639,14 +821,15 @@ class MinMaxObserver(Observer):
         self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(spec, options)
-        self.register_buffer("min_val", torch.empty(0, dtype=torch.float32))
-        self.register_buffer("max_val", torch.empty(0, dtype=torch.float32))
+        _add_buffer(self, "min_val", torch.empty(0, dtype=torch.float32))
+        _add_buffer(self, "max_val", torch.empty(0, dtype=torch.float32))
 
     def _incoming(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """This batch's (min, max) on the state's device, or None for the first batch."""
         lo, hi = _reduce_minmax(x, self.spec)
         if self.min_val.numel() == 0 and lo.numel() != 0:
-            self.min_val, self.max_val = lo, hi
+            _set_buffer(self, "min_val", lo)
+            _set_buffer(self, "max_val", hi)
             return None
         if lo.shape != self.min_val.shape:
             raise PlanError(
@@ -660,8 +843,8 @@ class MinMaxObserver(Observer):
         """Fold this batch's min and max into the running ones."""
         incoming = self._incoming(x)
         if incoming is not None:
-            self.min_val = torch.min(self.min_val, incoming[0])
-            self.max_val = torch.max(self.max_val, incoming[1])
+            _set_buffer(self, "min_val", torch.min(self.min_val, incoming[0]))
+            _set_buffer(self, "max_val", torch.max(self.max_val, incoming[1]))
 
     def calculate_qparams(self) -> QParams:
         """QParams for the observed range (see ``qparams_from_range``)."""

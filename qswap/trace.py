@@ -444,14 +444,38 @@ def _default_leaf(path: str, module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.ao.nn.intrinsic")
 
 
+# qswap's own activation slots (``qswap.backends.fake.INPUT_SLOT``/``OUTPUT_SLOT``): the module
+# that carries them runs its hooks, not them, so it stays a leaf (a fake fallback layer)
+_SLOT_NAMES = frozenset({"qswap_input", "qswap_output"})
+
+
 def _has_children(module: nn.Module) -> bool:
     for name, child in module._modules.items():
-        if child is None:
+        if child is None or name in _SLOT_NAMES:
             continue
         if name == "parametrizations" and hasattr(module, "parametrizations"):
             continue  # torch.nn.utils.parametrize keeps its modules here; still a leaf
         return True
     return False
+
+
+def _record_before_input_slot(module: nn.Module, hook_id: int) -> None:
+    """Move pre-hook ``hook_id`` (the last one) in front of qswap's input-slot pre-hook, if any.
+
+    The slot's fake-quantization is part of the layer's call: the trace records the tensors
+    the layer receives, so the dataflow from the previous call stays connected. The other
+    hooks keep their order, so removing ours restores the original one.
+    """
+    slot = module._modules.get("qswap_input")
+    if slot is None:
+        return
+    hooks = module._forward_pre_hooks
+    keys = [key for key in hooks if key != hook_id]
+    for i, key in enumerate(keys):
+        if getattr(hooks[key], "__self__", None) is slot:
+            for later in keys[i:]:
+                hooks[later] = hooks.pop(later)  # to the end, keeping their order
+            return
 
 
 def _walk(
@@ -504,7 +528,9 @@ def trace(
     """Run ``model(*example_inputs, **example_kwargs)`` once under ``no_grad`` and record its dataflow.
 
     Leaves are modules without children (``torch.ao.nn.intrinsic`` fused modules count as
-    leaves; a user-written model without submodules is traced op by op). ``leaf(path, module)``
+    leaves, and so do layers whose only children are torch's ``parametrizations`` or qswap's
+    ``qswap_input``/``qswap_output`` slots, whose inputs are recorded as they reach the layer,
+    before its input slot; a user-written model without submodules is traced op by op). ``leaf(path, module)``
     may mark more modules as leaves: one call each, their insides not traced. The model runs
     in its current train/eval mode and is not modified: hooks are removed (also when the
     forward raises) and buffers a training-mode forward updates are restored.
@@ -541,7 +567,10 @@ def trace(
             def pre(mod: nn.Module, args: Any, kw: Any, _entered: bool = has_pre) -> None:
                 tracer.leaf_pre(mod, args, kw, _entered)
 
-            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handle = m.register_forward_pre_hook(pre, with_kwargs=True)
+            handles.append(handle)
+            if has_pre:
+                _record_before_input_slot(m, handle.id)
             handles.append(m.register_forward_hook(tracer.leaf_post, with_kwargs=True))
         for m in containers:
             if m is model:

@@ -144,6 +144,80 @@ def test_fuser_matches_float_and_leaves_inputs_alone(
     assert all(p is not q for p in fused.parameters() for m in modules for q in m.parameters())
 
 
+@pytest.mark.parametrize(
+    ("fuser", "build", "shape", "result"), FUSER_CASES, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_fuse_model_gives_the_public_fusers_result_bit_for_bit(
+    fuser: Callable[..., nn.Module],
+    build: Callable[[], list[nn.Module]],
+    shape: tuple[int, ...],
+    result: str,
+) -> None:
+    """fuse_model (which reuses the model's own modules) yields exactly what the fuser returns."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_randomize_bn(m) for m in build()])
+    expected = fuser(*copy.deepcopy(list(model)))
+    pattern = FusionPattern(tuple(type(m) for m in model), fuser, "test")
+    fuse_model(model, find_fusion_groups(model, None, [pattern]))
+    fused = model[0]
+    assert type(fused).__name__ == result
+    assert fused.training == expected.training
+    mine, theirs = fused.state_dict(), expected.state_dict()
+    assert list(mine) == list(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected(x))
+
+
+def test_fuse_model_leaves_a_refused_group_untouched() -> None:
+    """A group the fuser refuses (a ReLU6 after conv-bn) raises and leaves model and hooks as they were."""
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6()))
+    conv = model[0]
+    seen: list[str] = []
+    conv.register_forward_pre_hook(lambda m, a: seen.append("pre"))
+    weight = conv.weight.detach().clone()
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        before = model(x)
+    pattern = FusionPattern((nn.Conv2d, nn.BatchNorm2d, nn.ReLU6), fuse_conv_bn_relu, "test")
+    with pytest.raises(UnsupportedModuleError, match="expected nn.ReLU, got ReLU6"):
+        fuse_model(model, find_fusion_groups(model, None, [pattern]))
+    assert model[0] is conv and torch.equal(conv.weight, weight)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert seen == ["pre", "pre"]
+
+
+class TiedLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 3)
+        self.relu = nn.ReLU()
+        self.second = nn.Linear(3, 3)
+        self.second.weight = self.first.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.relu(self.first(x)))
+
+
+def test_fuse_model_leaves_a_weight_tied_elsewhere_to_its_other_user() -> None:
+    """Fusing a Linear whose weight another module shares gives the fused module its own copy."""
+    model = TiedLinear().eval()
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        expected = model(x)
+    shared = model.second.weight
+    groups = find_fusion_groups(model, trace(model, (x,)), PATTERNS)
+    assert _paths(groups) == [("first", "relu")]
+    fuse_model(model, groups)
+    assert model.second.weight is shared
+    assert model.first[0].weight is not shared
+    assert torch.equal(model.first[0].weight, shared)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
 def test_fuser_keeps_training_flag() -> None:
     """A fuser folds eval statistics but returns a module in the first module's train mode."""
     conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)

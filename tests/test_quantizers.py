@@ -633,6 +633,47 @@ def test_non_finite_values_raise_calibration_error() -> None:
         HistogramObserver(QuantSpec())(torch.tensor([1.0, float("nan")]))
 
 
+def test_non_finite_per_channel_values_raise_calibration_error() -> None:
+    """An inf or nan in any channel (min or max side) is reported; finite extremes are not."""
+    spec = QuantSpec(granularity="per_channel", axis=0)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        w = torch.randn(4, 5)
+        w[2, 3] = bad
+        obs = MinMaxObserver(spec)
+        obs(w)
+        with pytest.raises(CalibrationError, match="MinMaxObserver saw non-finite values"):
+            obs.calculate_qparams()
+    obs = MinMaxObserver(spec)
+    obs(torch.tensor([[3.4e38, -3.4e38], [1.0, 2.0]]))
+    assert bool(torch.isfinite(obs.calculate_qparams().scale).all())
+
+
+_F32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    low=_F32,
+    high=_F32,
+    bits=st.integers(2, 16),
+    signed=st.booleans(),
+    scheme=st.sampled_from(["symmetric", "affine"]),
+    reduce_range=st.booleans(),
+)
+def test_per_tensor_qparams_equal_one_channel_qparams_bit_for_bit(
+    low: float, high: float, bits: int, signed: bool, scheme: str, reduce_range: bool
+) -> None:
+    """A range per tensor gets exactly the scale and zero point of the same range as one channel."""
+    kwargs: dict[str, Any] = {"bits": bits, "signed": signed, "scheme": scheme}
+    kwargs["reduce_range"] = reduce_range and bits > 2
+    one = qparams_from_range(low, high, QuantSpec(**kwargs))
+    channel = QuantSpec(granularity="per_channel", axis=0, **kwargs)
+    many = qparams_from_range(torch.tensor([low]), torch.tensor([high]), channel)
+    assert one.scale.shape == () and one.zero_point.dtype == torch.int32
+    assert one.scale.view(torch.int32).item() == many.scale.view(torch.int32).item()
+    assert one.zero_point.item() == many.zero_point.item()
+
+
 def test_observers_refuse_specs_they_cannot_serve() -> None:
     """per_channel_minmax needs per_channel; histogram needs per_tensor; both say what to use."""
     with pytest.raises(PlanError, match="needs granularity: per_channel.*observer: minmax"):

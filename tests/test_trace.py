@@ -248,6 +248,43 @@ def test_fused_intrinsic_modules_are_leaves() -> None:
     ]
 
 
+def test_layer_with_qswap_activation_slots_is_one_leaf() -> None:
+    """A fake-quantized layer (qswap's input/output slots) is one call fed by its real producer."""
+    from qswap.backends import fake
+    from qswap.config import QuantSpec
+    from qswap.quantizers import AffineQuantizer, fake_quantize, qparams_from_range
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    seen: list[str] = []
+    model[2].register_forward_pre_hook(lambda m, a: seen.append("user pre"))
+    spec = QuantSpec(signed=False, scheme="affine")
+    qp = qparams_from_range(-2.0, 2.0, spec)
+    for which in ("input", "output"):
+        quantizer = AffineQuantizer(spec)
+        quantizer.set_qparams(qp)
+        fake.attach_activation(model[2], which, fake.ActivationSlot(quantizer=quantizer))
+    assert (fake.INPUT_SLOT, fake.OUTPUT_SLOT) == ("qswap_input", "qswap_output")
+    order = list(model[2]._forward_pre_hooks)
+    x = torch.randn(3, 4)
+    t = trace(model, (x,))
+    assert [(c.target, c.module_type) for c in t.calls] == [
+        ("0", nn.Linear),
+        ("1", nn.ReLU),
+        ("2", nn.Linear),
+    ]
+    relu, last = t.calls[1], t.calls[2]
+    assert last.inputs == relu.outputs  # not the slot's fake-quantized copy
+    assert t.outputs == last.outputs
+    assert seen == ["user pre"]
+    assert list(model[2]._forward_pre_hooks) == order
+    with torch.no_grad():
+        h = model[1](model[0](x))
+        expected = fake_quantize(
+            nn.functional.linear(fake_quantize(h, qp), model[2].weight, model[2].bias), qp
+        )
+        assert torch.equal(model(x), expected)
+
+
 def test_user_hooks_untouched_and_firing() -> None:
     """User hooks fire and remain; a leaf's hook ops are part of its call, a container's are dataflow."""
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Linear(2, 2)))
