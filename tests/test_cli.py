@@ -18,6 +18,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     """Run ``python -m qswap`` in a subprocess, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "qswap", *args],
+        check=False,
         capture_output=True,
         text=True,
         cwd=cwd,
