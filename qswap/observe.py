@@ -20,7 +20,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from pydantic import BaseModel
@@ -188,10 +188,51 @@ def copy_model(model: nn.Module, share: Iterable[nn.Module] = ()) -> nn.Module:
     """
     memo: dict[int, Any] = {id(m): m for m in share}
     plain: dict[type, bool] = {}
-    return _copy_module(model, memo, plain)
+    return _copy_module(model, memo, plain, set())
 
 
-def _copy_module(module: nn.Module, memo: dict[int, Any], plain: dict[type, bool]) -> nn.Module:
+def _copy_tensor(t: Any, memo: dict[int, Any], seen: set[int]) -> Any:
+    """``copy.deepcopy(t, memo)``, by a plain clone where that gives the same result.
+
+    The clone is taken only for a plain leaf tensor that alone fills a storage not met
+    before in this copy (and has no grad nor Python attributes); anything that may share
+    storage goes through ``copy.deepcopy`` so sharing stays exactly as it makes it.
+    ``nn.Parameter.__deepcopy__`` already is a bare clone, cheaper than these checks.
+    """
+    if type(t) is not torch.Tensor:
+        return copy.deepcopy(t, memo)
+    done = memo.get(id(t))
+    if done is not None:
+        return done
+    if t.layout is torch.strided:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        torch_memo = cast(dict[Any, Any], memo).setdefault("torch", {})
+        if (
+            t.is_leaf
+            and t.grad is None
+            and not t.is_quantized
+            and not t.is_meta
+            and t.is_contiguous()
+            and t.storage_offset() == 0
+            and storage.nbytes() == t.numel() * t.element_size()
+            and ptr not in seen
+            and storage._cdata not in torch_memo
+            and not t.__dict__
+        ):
+            seen.add(ptr)
+            new = t.detach().clone().requires_grad_(t.requires_grad)
+            # as Tensor.__deepcopy__ does: later copies of this storage share the clone's
+            torch_memo[storage._cdata] = new.untyped_storage()
+            memo[id(t)] = new
+            return new
+        seen.add(ptr)
+    return copy.deepcopy(t, memo)
+
+
+def _copy_module(
+    module: nn.Module, memo: dict[int, Any], plain: dict[type, bool], seen: set[int]
+) -> nn.Module:
     done = memo.get(id(module))
     if done is not None:
         return done  # type: ignore[no-any-return]
@@ -219,7 +260,7 @@ def _copy_module(module: nn.Module, memo: dict[int, Any], plain: dict[type, bool
     children = module.__dict__["_modules"]
     copied = type(children)()
     for name, child in children.items():
-        copied[name] = None if child is None else _copy_module(child, memo, plain)
+        copied[name] = None if child is None else _copy_module(child, memo, plain, seen)
     for key, value in module.__dict__.items():
         kind = type(value)
         if key == "_modules":
@@ -232,6 +273,10 @@ def _copy_module(module: nn.Module, memo: dict[int, Any], plain: dict[type, bool
             state[key] = value  # frozen pydantic models (specs, options) are never mutated
         elif key == "_compiled_call_impl":
             continue
+        elif (key == "_parameters" or key == "_buffers") and (kind is dict or kind is OrderedDict):
+            state[key] = memo[id(value)] = kind(
+                (name, _copy_tensor(t, memo, seen)) for name, t in value.items()
+            )
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
@@ -416,8 +461,16 @@ def calibrate(
         batches = itertools.islice(batches, max_batches)
     from tqdm import tqdm
 
-    flags = [(m, m.training) for m in prepared.modules()]
-    prepared.train(False)
+    modules = list(prepared.modules())
+    if any(type(m).train is not nn.Module.train for m in modules):
+        # a module overrides train(): let it see the call, and restore every flag as it was
+        flags = [(m, m.training) for m in modules]
+        prepared.train(False)
+    else:
+        # plain train(False) only clears flags: touch just the modules in training mode
+        flags = [(m, True) for m in modules if m.training]
+        for m, _ in flags:
+            m.training = False
     seen = 0
     first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     try:

@@ -214,3 +214,19 @@ def test_qat_mode_fake_quantizes_while_observing() -> None:
     assert len(weight.unique()) <= 16  # 4-bit grid
     assert not torch.equal(weight, model[0].weight.detach())
     assert prepared[0].parametrizations.weight.original.grad is not None
+
+
+def test_prepare_keeps_tied_weights_tied() -> None:
+    """A weight tied between two modules is one Parameter in the prepared copy too; the user's model is untouched."""
+    emb = nn.Embedding(5, 4)
+    model = nn.Sequential(emb, nn.Linear(4, 5))
+    model[1].weight = emb.weight  # tied
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare(model, FAKE)
+    params = dict(prepared.named_parameters(remove_duplicate=False))
+    tied = [p for name, p in params.items() if name.startswith(("0.", "1.")) and "weight" in name]
+    assert len(tied) == 2 and tied[0] is tied[1]
+    assert all(p is not emb.weight for p in tied)
+    assert model[1].weight is model[0].weight is emb.weight
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
