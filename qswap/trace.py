@@ -606,3 +606,82 @@ def trace(
         tuple(name for name, _ in named_outputs),
         tracer.scopes,
     )
+
+
+def fused_view(
+    t: Trace, model: nn.Module, groups: Sequence[tuple[Sequence[str], Sequence[str]]]
+) -> Trace | None:
+    """What ``trace`` would record on ``model``, the traced model after fusing ``groups``.
+
+    ``groups`` are ``(member paths in forward order, kept paths)``: the first member now runs
+    the whole group and makes the output of the last member not kept; the other members not
+    kept are ``nn.Identity`` (their calls hand that output back); kept members still run
+    (see ``qswap.fuse.FusionGroup``). Module types and paths are read from ``model`` as it is
+    now, so fused, folded and swapped modules show their new types. Call indices are those
+    a new trace would give.
+
+    ``None`` when ``t`` cannot tell what ``model`` does without running it: a member called
+    more than once, a kept member before a fused one, a module that changed from leaf to
+    container or back, a path that no longer exists, or an intermediate value still read.
+
+    >>> seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval()
+    >>> t = trace(seq, (torch.randn(1, 2),))
+    >>> from qswap.fuse import fuse_model, find_fusion_groups
+    >>> fuse_model(seq, find_fusion_groups(seq, t))
+    >>> [(c.target, c.module_type.__name__) for c in fused_view(t, seq, [(("0", "1"), ())]).calls]
+    [('0', 'LinearReLU'), ('1', 'Identity')]
+    """
+    outputs_of: dict[int, tuple[int, ...]] = {}  # head call index -> the fused outputs
+    identity_of: dict[int, tuple[int, ...]] = {}  # removed member call index -> its value
+    for members, kept in groups:
+        fused: list[Call] = []
+        for path in members[: len(members) - len(kept)]:
+            found = t.calls_of(path)
+            if len(found) != 1 or path in kept:
+                return None
+            fused.append(found[0])
+        out = fused[-1].outputs
+        outputs_of[fused[0].index] = out
+        for c in fused[1:]:
+            identity_of[c.index] = out
+    module_paths, leaves, containers = _walk(model, _never)
+    leaf_of: dict[str, nn.Module] = {}
+    for m in leaves:
+        for path in module_paths[id(m)]:
+            leaf_of[path] = m
+    container_paths = {p for m in containers for p in module_paths[id(m)]}
+    if any(s.target not in container_paths for s in t.scopes):
+        return None  # a container is now a leaf (or gone): its calls would change
+    removed: set[int] = set()
+    for index, out in outputs_of.items():
+        removed.update(v for v in t.calls[index].outputs if v not in out)
+    for index, out in identity_of.items():
+        removed.update(v for v in t.calls[index].outputs if v not in out)
+    values = dict(t.values)
+    calls: list[Call] = []
+    for c in t.calls:
+        if c.kind != "module":
+            if removed.intersection(c.inputs):
+                return None
+            calls.append(c)
+            continue
+        module = leaf_of.get(c.target)
+        if module is None:
+            return None  # gone, or no longer a leaf: a new trace would see its insides
+        paths = module_paths[id(module)]
+        ins, outs = c.inputs, c.outputs
+        if c.index in outputs_of:
+            outs = outputs_of[c.index]
+            for v in outs:
+                old = values[v]
+                values[v] = Value(v, old.shape, old.dtype, c.index, None, old.name)
+        elif c.index in identity_of:
+            ins = outs = identity_of[c.index]
+        elif removed.intersection(ins):
+            return None
+        calls.append(Call(c.index, "module", paths[0], type(module), ins, outs, paths))
+    if removed.intersection(t.outputs):
+        return None
+    for v in removed:
+        values.pop(v, None)
+    return Trace(calls, values, t.inputs, t.outputs, t.output_paths, list(t.scopes))

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from qswap.fuse import FusionGroup
     from qswap.quantizers import QParams
+    from qswap.trace import Trace
 
 __all__ = [
     "Decision",
@@ -132,6 +133,24 @@ class _Group:
     kept: tuple[str, ...] = ()  # members folded in *and* left in place (run elsewhere too)
 
 
+@dataclass(frozen=True)
+class _Traced:
+    """The trace the plan fused from, and the example inputs it ran on."""
+
+    trace: Trace
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def same_inputs(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+        """Whether ``args``/``kwargs`` are the very objects the trace ran on."""
+        return (
+            len(args) == len(self.args)
+            and all(a is b for a, b in zip(args, self.args, strict=True))
+            and kwargs.keys() == self.kwargs.keys()
+            and all(kwargs[k] is v for k, v in self.kwargs.items())
+        )
+
+
 class Plan:
     """Every decision for one model and config; ``print(plan)`` shows them as a table.
 
@@ -154,8 +173,10 @@ class Plan:
         uncovered: list[str],
         uncovered_reasons: dict[type, str],
         uncovered_params: dict[type, list[str]] | None = None,
+        traced: _Traced | None = None,
     ) -> None:
         self.config = config
+        self._traced = traced
         self.registry = registry
         self.backend = backend
         self.model_type = model_type
@@ -167,6 +188,22 @@ class Plan:
         self._uncovered_params = uncovered_params or {}
 
     # -- access -------------------------------------------------------------------------
+
+    def fused_trace(
+        self, model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> Trace | None:
+        """The dataflow of ``model`` (this plan's model, fused) on these inputs, without running it.
+
+        Derived from the trace the plan fused from (``qswap.trace.fused_view``) when that trace
+        ran on the same input objects in eval mode; ``None`` when it cannot be told, and
+        the caller traces ``model`` itself.
+        """
+        found = self._traced
+        if found is None or not found.same_inputs(args, kwargs):
+            return None
+        from qswap.trace import fused_view
+
+        return fused_view(found.trace, model, [(g.paths, g.kept) for g in self._groups])
 
     @property
     def groups(self) -> list[tuple[str, ...]]:
@@ -828,7 +865,8 @@ def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inp
     nodes, by_path = _walk_nodes(walk)
     redirect = _match_rules(cfg, nodes, by_path, model, w)
 
-    groups = _fusion_groups(model, cfg, reg, example_inputs)
+    traced: list[_Traced] = []
+    groups = _fusion_groups(model, cfg, reg, example_inputs, traced)
     member: dict[str, int] = {}
     head: dict[str, int] = {}
     kept: dict[str, int] = {}
@@ -911,6 +949,7 @@ def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inp
         uncovered=uncovered,
         uncovered_reasons=w.uncovered_reasons,
         uncovered_params=w.uncovered_params,
+        traced=traced[0] if traced else None,
     )
 
 
@@ -1164,7 +1203,11 @@ def _fallback(
 
 
 def _fusion_groups(
-    model: nn.Module, cfg: QConfig, reg: Registry, example_inputs: Any
+    model: nn.Module,
+    cfg: QConfig,
+    reg: Registry,
+    example_inputs: Any,
+    traced: list[_Traced] | None = None,
 ) -> list[_Group]:
     """The fusion groups the config asks for, with the type each one fuses into."""
     if cfg.fusion == "off":
@@ -1177,6 +1220,10 @@ def _fusion_groups(
         from qswap.trace import trace
 
         tr = trace(model, inputs[0], inputs[1])
+        if traced is not None and not any(m.training for m in model.modules()):
+            # kept so that int8 lowering need not trace the fused model again (eval mode
+            # only: a training-mode forward may take other branches than eval's)
+            traced.append(_Traced(tr, inputs[0], inputs[1]))
     if isinstance(cfg.fusion, list):
         found = fuse.check_explicit_groups(model, cfg.fusion, tr, reg)
     else:

@@ -16,7 +16,9 @@ SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 LIBRARIES = {"forum_models.py"}
 
 
-@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.name not in LIBRARIES], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "script", [p for p in SCRIPTS if p.name not in LIBRARIES], ids=lambda p: p.name
+)
 def test_example_script_runs(script: Path) -> None:
     """The example exits 0 and prints something, with warnings turned into errors."""
     env = dict(os.environ, PYTHONWARNINGS="error", QSWAP_EXAMPLE_QUICK="1")

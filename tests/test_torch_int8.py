@@ -779,3 +779,67 @@ def test_in_place_add_as_a_statement_updates_the_tensor() -> None:
     assert "quantized.add" in ti.describe_lowering(qmodel)
     x = torch.rand(4, 3, 6, 6)
     assert sqnr(model(x), qmodel(x)) > 25
+
+
+@pytest.mark.parametrize(
+    ("counterpart", "float_module", "x"),
+    [
+        (ti.QuantizedLinear, nn.Linear(12, 5), torch.randn(4, 12)),
+        (ti.QuantizedLinearReLU, nn.Linear(12, 5, bias=False), torch.randn(4, 12)),
+        (ti.QuantizedConv2d, nn.Conv2d(6, 8, 3, padding=1, groups=2), torch.randn(2, 6, 5, 5)),
+        (ti.QuantizedConvReLU1d, nn.Conv1d(3, 4, 3, stride=2), torch.randn(2, 3, 9)),
+    ],
+    ids=["linear", "linear-relu-nobias", "conv2d-groups", "conv-relu1d"],
+)
+def test_counterparts_match_torch_ao_constructors(
+    counterpart: type, float_module: nn.Module, x: torch.Tensor
+) -> None:
+    """Built with the weight packed once, a counterpart equals torch.ao's own construction.
+
+    Same attributes, same state_dict, same integer outputs as ``cls(sizes...)`` followed by
+    ``set_weight_bias``: the path torch.ao documents.
+    """
+    torch.manual_seed(0)
+    spec = make_spec(float_module, counterpart, x)
+    fast = counterpart.from_float(float_module, spec)
+    ref_args: tuple[Any, ...]
+    inner: Any = float_module
+    if isinstance(inner, nn.Linear):
+        ref_args = (inner.in_features, inner.out_features, inner.bias is not None, torch.qint8)
+    else:
+        ref_args = (
+            inner.in_channels, inner.out_channels, inner.kernel_size, inner.stride,
+            inner.padding, inner.dilation, inner.groups, inner.bias is not None,
+            inner.padding_mode,
+        )  # fmt: skip
+    with ti._torch_ao_deprecations_silenced():
+        ref: Any = counterpart(*ref_args)
+        ref.set_weight_bias(fast.weight(), fast.bias())  # type: ignore[operator]
+    ref.scale, ref.zero_point = fast.scale, fast.zero_point
+    ref.input_scale, ref.input_zero_point = fast.input_scale, fast.input_zero_point
+    assert sorted(vars(fast)) == sorted(vars(ref))
+    assert {k: v for k, v in vars(fast).items() if not k.startswith("_")} == {
+        k: v for k, v in vars(ref).items() if not k.startswith("_")
+    }
+    got, want = fast.state_dict(), ref.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        assert _same(got[key], want[key]), key
+    with torch.no_grad():
+        assert torch.equal(fast(x).int_repr(), ref(x).int_repr())
+    assert repr(fast) == repr(ref)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, tensors (quantized ones by integer values and qparams) inside tuples."""
+    if isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(b, torch.Tensor):
+        if not isinstance(a, torch.Tensor) or a.is_quantized != b.is_quantized:
+            return False
+        if b.is_quantized:
+            return torch.equal(a.int_repr(), b.int_repr()) and torch.equal(
+                a.dequantize(), b.dequantize()
+            )
+        return torch.equal(a, b)
+    return bool(a == b)

@@ -410,3 +410,98 @@ def test_trace_of_a_4000_module_model_records_every_call() -> None:
     assert len(t.calls) == 4000
     assert [c.target for c in t.calls[:3]] == ["0", "1", "2"]
     assert t.calls[-1].target == "3999"
+
+
+# --------------------------------------------------------------------------- fused_view
+
+
+class _Skip(nn.Module):
+    """Conv-BN-ReLU blocks with a skip add, an in-place ReLU used twice and a data-dependent branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 3)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(out))
+        y += out
+        y = self.relu(y)
+        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1)
+        if float(pooled.sum()) < 0:  # data-dependent: torch.fx cannot trace this
+            pooled = -pooled
+        return {"logits": self.heads["a"](pooled), "pooled": pooled}
+
+
+def _canonical(t: Trace) -> tuple[Any, ...]:
+    """The trace with value ids renamed by first appearance, so two traces compare by structure."""
+    names: dict[int, int] = {}
+
+    def ids(vids: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(names.setdefault(v, len(names)) for v in vids)
+
+    inputs = ids(t.inputs)
+    calls = [
+        (c.index, c.kind, c.target, c.module_type, c.paths, ids(c.inputs), ids(c.outputs))
+        for c in t.calls
+    ]
+    return inputs, calls, ids(t.outputs), t.output_paths
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "config"),
+    [
+        (lambda: vgg(width=0.25), (2, 3, 32, 32), "x86_int8"),
+        (lambda: resnet18(width=0.25), (2, 3, 32, 32), "x86_int8"),
+        (_Skip, (2, 3, 8, 8), "x86_int8"),
+        (_Skip, (2, 3, 8, 8), {"extends": ["x86_int8"], "mode": "qat"}),
+        (
+            _Skip,
+            (2, 3, 8, 8),
+            {"extends": ["x86_int8"], "rules": [{"match": {"name": "conv2"}, "skip": True}]},
+        ),
+    ],
+    ids=["vgg", "resnet18", "skip-add", "skip-add-qat", "skip-add-conv2-float"],
+)
+def test_lowering_reads_the_plan_trace_as_a_new_trace_would_record_it(
+    monkeypatch: pytest.MonkeyPatch, build: Any, shape: tuple[int, ...], config: Any
+) -> None:
+    """The fused model's dataflow derived from the plan's trace equals tracing it anew."""
+    import qswap
+    from qswap.backends import torch_int8 as ti
+
+    seen: list[tuple[Trace | None, Trace]] = []
+
+    def both(model: nn.Module, args: tuple[Any, ...], kwargs: Any) -> Trace:
+        derived = model._qswap.plan.fused_trace(model, args, kwargs)  # type: ignore[union-attr,operator]
+        fresh = trace(model, args, kwargs)
+        seen.append((derived, fresh))
+        return fresh
+
+    monkeypatch.setattr(ti, "_dataflow", both)
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.rand(*shape)
+    qswap.quantize(model, config, calib_data=[x], example_inputs=(x,), progress=False)
+    assert len(seen) == 1
+    derived, fresh = seen[0]
+    assert derived is not None
+    assert _canonical(derived) == _canonical(fresh)
+
+
+def test_plan_trace_is_not_reused_for_other_inputs_or_training_mode() -> None:
+    """Another example input, or a model traced in training mode, gets a new trace."""
+    import qswap
+
+    model = _Skip().eval()
+    x = torch.rand(2, 3, 8, 8)
+    the_plan = qswap.plan(model, "x86_int8", example_inputs=(x,))
+    assert the_plan.fused_trace(model, (x,), {}) is not None
+    assert the_plan.fused_trace(model, (x.clone(),), {}) is None
+    training = qswap.plan(model.train(), "x86_int8", example_inputs=(x,))
+    assert training.fused_trace(model, (x,), {}) is None

@@ -15,6 +15,7 @@ float tensor. Nothing in the user's model code is edited: no QuantStub, no Float
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import threading
 import warnings
@@ -64,19 +65,31 @@ _QTENSOR_DEPRECATION = (
 _AO_DEPRECATION = r"(?s).*torch\.ao\.(nn\.)?(quantized|intrinsic|quantization)\b.*deprecated"
 
 
+_SILENCED: contextvars.ContextVar[bool] = contextvars.ContextVar("qswap_ao_silenced", default=False)
+
+
 @contextlib.contextmanager
 def _torch_ao_deprecations_silenced() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_QTENSOR_DEPRECATION, category=UserWarning)
-        warnings.filterwarnings("ignore", message=_AO_DEPRECATION, category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=_AO_DEPRECATION, category=FutureWarning)
-        yield
+    """Ignore torch.ao's deprecation warnings (only those) inside the block; cheap when nested."""
+    if _SILENCED.get():
+        yield  # an enclosing block already filters them (per-layer builders inside _lower)
+        return
+    token = _SILENCED.set(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_QTENSOR_DEPRECATION, category=UserWarning)
+            warnings.filterwarnings("ignore", message=_AO_DEPRECATION, category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=_AO_DEPRECATION, category=FutureWarning)
+            yield
+    finally:
+        _SILENCED.reset(token)
 
 
 with _torch_ao_deprecations_silenced():
     import torch.ao.nn.intrinsic as nni
     import torch.ao.nn.intrinsic.quantized as nniq
     import torch.ao.nn.quantized as nnq
+    from torch.ao.nn.quantized.modules.linear import LinearPackedParams as _PackedParams
 
 _QTENSOR_WARNING_SEEN = False
 
@@ -280,6 +293,26 @@ def _inner(module: nn.Module, fused: type[nn.Module]) -> nn.Module:
     return module
 
 
+def _new_linear(cls: type[_IntegerModule], linear: nn.Linear, qweight: Tensor) -> _IntegerModule:
+    """``cls(in, out, bias, qint8)`` with ``qweight`` set, packing the weight once.
+
+    torch.ao's constructors pack a placeholder weight twice before ``set_weight_bias``
+    packs the real one; this sets the same attributes directly (tests compare the two).
+    """
+    packed: Any = _PackedParams.__new__(_PackedParams)
+    nn.Module.__init__(packed)
+    packed.dtype = torch.qint8
+    packed._packed_params = torch.ops.quantized.linear_prepack(qweight, _bias(linear))
+    q: Any = cls.__new__(cls)
+    nn.Module.__init__(q)
+    q.in_features = linear.in_features
+    q.out_features = linear.out_features
+    q._packed_params = packed
+    q.scale = 1.0
+    q.zero_point = 0
+    return cast(_IntegerModule, q)
+
+
 def _build_linear(
     cls: type[_IntegerModule], module: nn.Module, spec: LayerSpec, fused: type[nn.Module]
 ) -> nn.Module:
@@ -293,8 +326,7 @@ def _build_linear(
     )
     scale, zero_point = _out(spec, module)
     with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, torch.qint8)
-        q.set_weight_bias(qweight, _bias(linear))  # type: ignore[operator]
+        q = _new_linear(cls, linear, qweight)
     q.scale = scale
     q.zero_point = zero_point
     q._set_input(spec, module)
@@ -327,9 +359,11 @@ def _build_conv(
     qweight = _quantize_weight(conv.weight, _qparams(spec, "weight", module), f"{spec.name} weight")
     scale, zero_point = _out(spec, module)
     with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
+        # Built with one channel per group, so its placeholder weight packs in no time,
+        # then given the real sizes and weight: the weight is packed once, not twice.
         q = cls(
-            conv.in_channels,
-            conv.out_channels,
+            conv.groups,
+            conv.groups,
             conv.kernel_size,
             conv.stride,
             conv.padding,
@@ -338,6 +372,8 @@ def _build_conv(
             conv.bias is not None,
             conv.padding_mode,
         )
+        q.in_channels = conv.in_channels  # type: ignore[assignment]
+        q.out_channels = conv.out_channels  # type: ignore[assignment]
         q.set_weight_bias(qweight, _bias(conv))  # type: ignore[operator]
     q.scale = scale
     q.zero_point = zero_point
@@ -1155,6 +1191,14 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _dataflow(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Trace:
+    """The trace of the fused model: from its plan's trace where that tells it, else recorded."""
+    state = model.__dict__.get("_qswap")
+    the_plan = getattr(state, "plan", None)
+    found = None if the_plan is None else the_plan.fused_trace(model, args, kwargs)
+    return found if found is not None else trace(model, args, kwargs)
+
+
 def _lower(
     backend: str,
     model: nn.Module,
@@ -1175,7 +1219,7 @@ def _lower(
         (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
     )
     model.eval()
-    t = trace(model, tuple(example_inputs), example_kwargs)
+    t = _dataflow(model, tuple(example_inputs), example_kwargs or {})
 
     paths_of: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
