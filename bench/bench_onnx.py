@@ -11,6 +11,11 @@ exports the int8 model and the float model to ONNX, and prints:
   ORT int8 (at ``ORT_ENABLE_EXTENDED``, where QDQ becomes QLinearConv/QGemm/QLinearAdd),
   measured in interleaved rounds, and the ratios ORT int8 / ORT float and
   ORT int8 / PyTorch int8 (below 1: ORT int8 is faster);
+* layer by layer (``compare_layers``: each layer fed ORT's integer input): the largest
+  difference in steps over all layers and the share of layer outputs that differ at all;
+* qswap against itself: its fake model run one image at a time against the whole test set
+  in one batch (float rounding changes with the batch size), as a yardstick for the
+  end-to-end numbers;
 * which integer kernels ORT runs after fusing the QDQ graph.
 
     python bench/bench_onnx.py            # a few minutes on 2 cores
@@ -34,7 +39,7 @@ from forum_models import load_digits_dataset, resnet18, train, vgg
 from measure import median_ms, parse_options, write_json
 
 import qswap
-from qswap.backends.onnx import export_onnx, onnx_session, ort_optimized_ops
+from qswap.backends.onnx import compare_layers, export_onnx, onnx_session, ort_optimized_ops
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -95,6 +100,17 @@ def main(argv: list[str] | None = None) -> int:
             row[f"sqnr_ort_vs_qswap_{name}"] = sqnr_db(qout, got)
             row[f"within_one_step_{name}"] = float((steps <= 1.001).float().mean())
             row[f"max_steps_{name}"] = float(steps.max())
+            layers = compare_layers(int8 if name == "int8" else fake, paths[name], x)
+            row[f"layer_max_steps_{name}"] = max(r.max_steps for r in layers)
+            row[f"layer_differing_{name}"] = sum(r.differing for r in layers) / sum(
+                r.elements for r in layers
+            )
+            row[f"layers_ok_{name}"] = f"{sum(r.ok for r in layers)}/{len(layers)}"
+        with torch.no_grad():
+            one_by_one = torch.cat([fake(image[None]) for image in x])
+        steps = (one_by_one - out_fake).abs() / step_fake
+        row["within_one_step_fake_batch1"] = float((steps <= 1.001).float().mean())
+        row["max_steps_fake_batch1"] = float(steps.max())
         row["sqnr_torch_int8_vs_float"] = sqnr_db(ref, out_int8)
         row["sqnr_fake_vs_float"] = sqnr_db(ref, out_fake)
         for threads in (1, 2):
@@ -136,6 +152,20 @@ def report(results: dict[str, dict[str, object]]) -> None:
             f"{r['sqnr_ort_vs_qswap_int8']:.1f} | {100 * r['within_one_step_int8']:.1f} % | "  # type: ignore[operator]
             f"{r['max_steps_int8']:.0f} | {r['sqnr_ort_vs_qswap_fake']:.1f} | "
             f"{100 * r['within_one_step_fake']:.1f} % | {r['max_steps_fake']:.0f} |"  # type: ignore[operator]
+        )
+    print("\nLayer by layer (each layer fed ORT's integer input), and qswap against itself")
+    print(
+        "| model | layers within 1 step (int8) | max steps (int8) | outputs differing (int8) "
+        "| layers within 1 step (fake) | max steps (fake) | outputs differing (fake) "
+        "| qswap fake batch 1 vs 360: within 1 step | max steps |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, r in results.items():
+        print(
+            f"| {label} | {r['layers_ok_int8']} | {r['layer_max_steps_int8']} | "
+            f"{100 * r['layer_differing_int8']:.3f} % | {r['layers_ok_fake']} | "  # type: ignore[operator]
+            f"{r['layer_max_steps_fake']} | {100 * r['layer_differing_fake']:.3f} % | "  # type: ignore[operator]
+            f"{100 * r['within_one_step_fake_batch1']:.1f} % | {r['max_steps_fake_batch1']:.0f} |"  # type: ignore[operator]
         )
     print("\nLatency, median ms per call (ratios < 1: ORT int8 is faster)")
     print(

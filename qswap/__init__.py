@@ -13,7 +13,7 @@ first call of :func:`default_registry`.
 from __future__ import annotations
 
 from qswap.artifact import Calibration, load_calibration, save_calibration
-from qswap.backends.onnx import export_onnx
+from qswap.backends.onnx import LayerAgreement, compare_layers, export_onnx
 from qswap.config import (
     ComponentRef,
     Match,
@@ -66,6 +66,7 @@ __all__ = [
     "Decision",
     "FrozenRegistryError",
     "FusionPattern",
+    "LayerAgreement",
     "LayerReport",
     "LayerSpec",
     "MappingEntry",
@@ -88,6 +89,7 @@ __all__ = [
     "Trace",
     "UnsupportedModuleError",
     "calibrate",
+    "compare_layers",
     "convert",
     "default_registry",
     "dump_config",

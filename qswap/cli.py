@@ -31,6 +31,7 @@ from typing import Any
 
 from qswap.exceptions import (
     CalibrationError,
+    PlanError,
     PluginError,
     QSwapError,
     UnsupportedModuleError,
@@ -311,18 +312,33 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         (tmp / "report.txt").write_text(str(rep) + "\n", encoding="utf-8")
         rep.to_json(tmp / "report.json")
         rep.to_csv(tmp / "report.csv")
+        onnx_rows = None
         if args.onnx:
-            from qswap.backends.onnx import export_onnx
+            from qswap.backends.onnx import compare_layers, export_onnx
 
             export_onnx(qmodel, example, tmp / "model.onnx")
+            # ONNX Runtime on the file against qswap, layer by layer, on the example batch
+            try:
+                onnx_rows = compare_layers(qmodel, tmp / "model.onnx", example)
+                check = "".join(f"{row}\n" for row in onnx_rows)
+            except PlanError as exc:  # nothing to compare (no int8-weighted layer in the file)
+                check = f"not checked: {exc}\n"
+            (tmp / "onnx_check.txt").write_text(check, encoding="utf-8")
         _publish(tmp, out, args.force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(
         f"wrote {out}/: calibration.pt, model.pt, config.yaml, plan.txt, report.txt/json/csv"
-        + (", model.onnx" if args.onnx else "")
+        + (", model.onnx, onnx_check.txt" if args.onnx else "")
     )
+    if onnx_rows is not None:
+        bad = [row for row in onnx_rows if not row.ok]
+        print(
+            f"ONNX Runtime check: {len(onnx_rows) - len(bad)}/{len(onnx_rows)} layers within one "
+            "quantization step of qswap on the same input"
+            + "".join(f"\n  differs: {row}" for row in bad)
+        )
     print(
         f"output SQNR {rep.output_sqnr_db:.1f} dB over {rep.batches} batch(es); "
         f"{sum(r.params_before for r in rep.rows)} -> {sum(r.params_after for r in rep.rows)} "

@@ -82,8 +82,11 @@ def test_plan_prints_one_row_per_module(factory: str, capsys: pytest.CaptureFixt
     assert "5 (torch.nn.Linear): quantize" in capsys.readouterr().out
 
 
-def test_quantize_writes_artifact_model_report_and_onnx(factory: str, tmp_path: Path) -> None:
-    """`qswap quantize --onnx` writes every file; the saved model reloads to identical outputs."""
+def test_quantize_writes_artifact_model_report_and_onnx(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`qswap quantize --onnx` writes every file, checks the ONNX file layer by layer in ONNX
+    Runtime, and the saved model reloads to identical outputs."""
     out = tmp_path / "out"
     args = [
         "quantize",
@@ -106,7 +109,12 @@ def test_quantize_writes_artifact_model_report_and_onnx(factory: str, tmp_path: 
         "report.json",
         "report.csv",
         "model.onnx",
+        "onnx_check.txt",
     }
+    checked = (out / "onnx_check.txt").read_text().splitlines()  # the conv and the linear
+    assert [r.split()[0] for r in checked] == ["0", "5"]
+    assert all("max 0 step" in r or "max 1 step" in r for r in checked), checked
+    assert "ONNX Runtime check: 2/2 layers within one" in capsys.readouterr().out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], (
         "no temporary folder left"
     )

@@ -4,8 +4,7 @@
 ("QDQ") graph, opset 13 or later, with per-tensor and per-channel scales:
 
 * a **fake** model (backend ``fake``) is exported as it computes: every fake-quantizer
-  becomes a Q/DQ pair with the same scale, zero point and rounding, so ONNX Runtime
-  reproduces qswap's output;
+  becomes a Q/DQ pair with the same scale, zero point and rounding;
 * an **int8** model (backends ``x86``/``qnnpack``) is exported as its integer kernels
   compute: one Q/DQ pair per integer tensor, the skip connections that run as quantized
   ``add``/``add_relu``/``cat`` as Q/DQ around ``Add``/``Concat``.
@@ -14,6 +13,14 @@ Weights are stored as int8 initializers behind a DequantizeLinear and biases as 
 the graph computes exactly what qswap computes; at ``ORT_ENABLE_EXTENDED`` or above ONNX
 Runtime fuses it into ``QLinearConv``, ``QGemm``, ``QLinearAdd``... (rounding biases to
 int32 as its integer kernels need; :func:`onnx_session` opens it that way).
+
+How close can ONNX Runtime get? Two int8 implementations round differently (ONNX Runtime
+rounds biases to int32, PyTorch's x86 kernels keep them float; sums run in another order),
+so each layer's integer output may differ by one step in a few elements. In a deep network
+such a difference moves the layers after it, and the outputs of a ResNet may end up a few
+steps apart (qswap itself changes a few outputs with the batch size).
+:func:`compare_layers` checks the export where a bound holds: every layer, fed the integers
+ONNX Runtime computed for its input, within one step of qswap's layer.
 
 Needs the ``onnx`` extra (``pip install 'qswap[onnx]'``). The export uses torch's
 TorchScript-based exporter (``dynamo=False``), whose deprecation warning is silenced here.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import os
 import tempfile
@@ -41,12 +49,20 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from qswap.artifact import write_atomic
-from qswap.exceptions import UnsupportedModuleError
+from qswap.exceptions import PlanError, UnsupportedModuleError
 
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["MAX_OPSET", "MIN_OPSET", "export_onnx", "onnx_session", "ort_optimized_ops"]
+__all__ = [
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "LayerAgreement",
+    "compare_layers",
+    "export_onnx",
+    "onnx_session",
+    "ort_optimized_ops",
+]
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 MAX_OPSET = 20  # the highest opset torch's TorchScript-based exporter writes
@@ -818,13 +834,20 @@ def onnx_session(
     >>> sess = onnx_session("model.onnx", threads=1)  # doctest: +SKIP
     >>> sess.run(None, {"input": x.numpy()})[0]  # doctest: +SKIP
     """
+    return _session(str(path), threads=threads, optimization=optimization)
+
+
+def _session(
+    source: str | bytes, *, threads: int | None = None, optimization: Optimization = "extended"
+) -> Any:
+    """An ONNX Runtime CPU session for a file name or a serialized model."""
     ort = _require("onnxruntime")
     options = ort.SessionOptions()
     options.graph_optimization_level = _level(ort, optimization)
     if threads is not None:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def _level(ort: Any, optimization: str) -> Any:
@@ -865,3 +888,378 @@ def ort_optimized_ops(
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
+
+
+# --------------------------------------------------------------------------- layer-by-layer check
+
+# the nodes that compute a layer with weights; between one and the QuantizeLinear of the
+# layer's output there may be a ReLU the exporter kept or the bias Add of a MatMul
+_COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAgreement:
+    """How ONNX Runtime's integer output of one layer compares with qswap's on the same input.
+
+    Both sides start from the integers ONNX Runtime computed for the layer's input.
+    ``max_steps`` is the largest difference between the two integer outputs (steps of
+    the layer's output scale) and ``differing`` how many of the ``elements`` differ at
+    all. ``qparams_match`` is False when the file quantizes the layer's input or output
+    with another scale or zero point than qswap.
+    """
+
+    layer: str
+    node: str
+    elements: int
+    differing: int
+    max_steps: int
+    qparams_match: bool
+
+    @property
+    def ok(self) -> bool:
+        """Same grids and within one step everywhere: as close as two int8 kernels get."""
+        return self.qparams_match and self.max_steps <= 1
+
+    def __str__(self) -> str:
+        share = self.differing / self.elements if self.elements else 0.0
+        grids = "" if self.qparams_match else "; input/output qparams differ from qswap's"
+        return (
+            f"{self.layer or '(root)'} [{self.node}]: max {self.max_steps} step(s), "
+            f"{share:.3%} of {self.elements} outputs differ{grids}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    """Where a layer sits in the graph: its node and the integer tensors of its input and output."""
+
+    index: int
+    node: str
+    codes_in: str
+    type_in: int
+    qp_in: QP
+    codes_out: str
+    type_out: int
+    qp_out: QP
+
+
+def compare_layers(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_inputs: Any,
+    *,
+    optimization: Optimization = "extended",
+) -> list[LayerAgreement]:
+    """Check an export layer by layer: ONNX Runtime against qswap, each layer on the same input.
+
+    Runs ``path`` in ONNX Runtime on ``example_inputs`` (as :func:`export_onnx` takes
+    them), finds every layer of ``model`` with int8 weights in the file by its weights,
+    runs qswap's layer on the integers ONNX Runtime computed for that layer's input and
+    compares the two integer outputs. In a correct export every layer is within one step
+    (``all(row.ok for row in rows)``): that much two int8 kernels differ by rounding
+    (ONNX Runtime rounds biases to int32, PyTorch's x86 kernels keep them float). The
+    end-to-end outputs of a deep network may differ by more, as a one-step difference in
+    an early layer moves the layers after it; this check tells that drift from a broken
+    export. Layers whose input or output qswap leaves in float are not compared.
+
+    Returns one :class:`LayerAgreement` per layer, in the order the graph runs them.
+
+    >>> rows = compare_layers(qmodel, "model.onnx", x[:16])  # doctest: +SKIP
+    >>> print(rows[0])  # doctest: +SKIP
+    conv1 [/conv1/conv1.0/Conv]: max 1 step(s), 0.018% of 65536 outputs differ
+    """
+    from qswap.observe import state_of
+
+    onnx = _require("onnx")
+    _require("onnxruntime")
+    state = state_of(model)
+    if state is None or state.stage != "converted":
+        raise UnsupportedModuleError(
+            "compare_layers() needs the quantized model the file was exported from (what "
+            f"qswap.quantize() or qswap.convert() returned), got a {type(model).__name__} "
+            "that qswap has not converted"
+        )
+    weights = _layer_weights(model, state)
+    if not weights:
+        raise PlanError(
+            f"compare_layers() found no layer of this {type(model).__name__} with int8 weights "
+            "and a quantized input and output, so there is nothing to compare layer by layer; "
+            "compare the model's outputs with ONNX Runtime's instead"
+        )
+    proto = onnx.load(str(path))
+    sites = _LayerGraph(proto).sites(weights, str(path))
+    outputs = {o.name for o in proto.graph.output}
+    for site in sites.values():
+        for name, elem_type in ((site.codes_in, site.type_in), (site.codes_out, site.type_out)):
+            if name not in outputs:
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+                outputs.add(name)
+    session = _session(proto.SerializeToString(), optimization=optimization)
+    wanted = sorted({t for s in sites.values() for t in (s.codes_in, s.codes_out)})
+    feed = _feed(session, example_inputs)
+    codes = dict(zip(wanted, session.run(wanted, feed), strict=True))
+    seen = _integer_inputs(model, list(sites), example_inputs)
+    with torch.no_grad():
+        return [
+            _agreement(model, state.layers[name], name, site, codes, seen.get(name))
+            for name, site in sites.items()
+        ]
+
+
+def _layer_weights(model: nn.Module, state: Any) -> dict[str, Any]:
+    """The integer weights of every layer whose weight, input and output qswap quantizes."""
+    from qswap.backends.fake import param_location
+    from qswap.backends.torch_int8 import _IntegerModule
+
+    found: dict[str, Any] = {}
+    for name, layer in state.layers.items():
+        if not {"weight", "input", "output"} <= layer.qparams.keys():
+            continue
+        module = model.get_submodule(name)
+        if isinstance(module, _IntegerModule):
+            packed = getattr(module, "weight", None)
+            qweight = packed() if callable(packed) else None
+            if isinstance(qweight, Tensor) and qweight.is_quantized:
+                found[name] = qweight.int_repr().numpy()
+            continue
+        qp = layer.qparams["weight"]
+        if qp.granularity == "per_group":
+            continue
+        owner, pname = param_location(module, "weight")
+        weight = getattr(owner, pname).detach().float()
+        scale, zero_point = qp.scale.float(), qp.zero_point
+        if qp.axis is not None:
+            shape = [1] * weight.dim()
+            shape[qp.axis] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        found[name] = (torch.round(weight / scale) + zero_point).to(torch.int32).numpy()
+    return found
+
+
+class _LayerGraph:
+    """Finds qswap's layers in an ONNX graph by their integer weights."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        from onnx import numpy_helper
+
+        graph = model.graph
+        self.consts: dict[str, Any] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        for n in graph.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        self.nodes = list(graph.node)
+        self.producers = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list[Any]] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def weight(self, node: Any) -> Any:
+        """The integer weight of a Conv/Gemm/MatMul, laid out as torch keeps it; None if float."""
+        if node.op_type not in _COMPUTE_OPS or len(node.input) < 2:
+            return None
+        dq = self.producers.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in self.consts:
+            return None
+        w = self.consts[dq.input[0]]
+        attrs = {a.name: a for a in node.attribute}
+        transposed = node.op_type == "MatMul" or (
+            node.op_type == "Gemm" and not ("transB" in attrs and attrs["transB"].i)
+        )
+        return w.T if transposed and w.ndim == 2 else w
+
+    def qparams(self, node: Any) -> QP | None:
+        """The per-tensor (scale, zero point) of a QuantizeLinear/DequantizeLinear node."""
+        scale = self.consts.get(node.input[1])
+        zero_point = self.consts.get(node.input[2]) if len(node.input) > 2 else 0
+        if scale is None or zero_point is None or scale.size != 1:
+            return None
+        import numpy as np
+
+        return float(scale.reshape(())), int(np.asarray(zero_point).reshape(()))
+
+    def elem_type(self, node: Any) -> int:
+        """The ONNX element type of the integers a QuantizeLinear/DequantizeLinear works on."""
+        import onnx
+
+        zero_point = self.consts.get(node.input[2]) if len(node.input) > 2 else None
+        if zero_point is None:
+            return int(onnx.TensorProto.UINT8)
+        return int(onnx.helper.np_dtype_to_tensor_dtype(zero_point.dtype))
+
+    def sites(self, weights: Mapping[str, Any], where: str) -> dict[str, _Site]:
+        """The site of each layer of ``weights``, in graph order; a layer not found is an error."""
+        import numpy as np
+
+        candidates = [(i, n, self.weight(n)) for i, n in enumerate(self.nodes)]
+        candidates = [(i, n, w) for i, n, w in candidates if w is not None]
+        claimed: set[int] = set()
+        found: list[tuple[int, str, _Site]] = []
+        for name, w in weights.items():
+            for index, node, theirs in candidates:
+                if index in claimed:
+                    continue
+                if theirs.shape == w.shape and np.array_equal(theirs, w):
+                    claimed.add(index)
+                    found.append((index, name, self._site(name, index, node, where)))
+                    break
+            else:
+                raise PlanError(
+                    f"layer {name!r}: no Conv, Gemm or MatMul node in {where} has its int8 "
+                    f"weights (shape {list(w.shape)}); the file was not exported from this "
+                    "model or its weights were changed since. Export it again with "
+                    "qswap.export_onnx(model, example_inputs, path)"
+                )
+        return {name: site for _, name, site in sorted(found, key=lambda item: item[0])}
+
+    def _site(self, name: str, index: int, node: Any, where: str) -> _Site:
+        label = f"layer {name!r} (node {node.name!r} in {where})"
+        dq = self.producers.get(node.input[0])
+        qp_in = None if dq is None or dq.op_type != "DequantizeLinear" else self.qparams(dq)
+        if dq is None or qp_in is None:
+            raise PlanError(
+                f"{label}: the input is not dequantized from per-tensor integers, while qswap "
+                "quantizes it; export the model with qswap.export_onnx()"
+            )
+        tensor = node.output[0]
+        while True:
+            users = self.consumers.get(tensor, [])
+            q = next((u for u in users if u.op_type == "QuantizeLinear"), None)
+            if q is not None or len(users) != 1 or not self._epilogue(users[0]):
+                break
+            tensor = users[0].output[0]
+        qp_out = None if q is None else self.qparams(q)
+        if q is None or qp_out is None:
+            raise PlanError(
+                f"{label}: the output is not quantized to per-tensor integers, while qswap "
+                "quantizes it; export the model with qswap.export_onnx()"
+            )
+        codes_out = q.output[0]
+        # a [0, 127] range is written as uint8 followed by a Clip
+        clip = next((u for u in self.consumers.get(codes_out, []) if u.op_type == "Clip"), None)
+        return _Site(
+            index=index,
+            node=node.name or node.op_type,
+            codes_in=dq.input[0],
+            type_in=self.elem_type(dq),
+            qp_in=qp_in,
+            codes_out=codes_out if clip is None else clip.output[0],
+            type_out=self.elem_type(q),
+            qp_out=qp_out,
+        )
+
+    def _epilogue(self, node: Any) -> bool:
+        """A ReLU, or the Add of a constant bias: part of the layer, before its QuantizeLinear."""
+        if node.op_type == "Relu":
+            return True
+        return node.op_type == "Add" and any(i in self.consts for i in node.input)
+
+
+def _feed(session: Any, example_inputs: Any) -> dict[str, Any]:
+    """ONNX Runtime's input dict for ``example_inputs``, by position and then by name."""
+    args, kwargs = _split(example_inputs)
+    names = [i.name for i in session.get_inputs()]
+    if len(args) > len(names):
+        raise UnsupportedModuleError(
+            f"got {len(args)} positional example inputs, but the file takes {len(names)}: "
+            f"{', '.join(names)}"
+        )
+    feed = {**dict(zip(names, args, strict=False)), **kwargs}
+    unknown = sorted(set(feed) - set(names))
+    if unknown:
+        raise UnsupportedModuleError(
+            f"example inputs {', '.join(map(repr, unknown))} are not inputs of the file, "
+            f"whose inputs are {', '.join(map(repr, names))}"
+        )
+    return {k: v.detach().cpu().numpy() if isinstance(v, Tensor) else v for k, v in feed.items()}
+
+
+def _integer_inputs(model: nn.Module, names: Sequence[str], example_inputs: Any) -> dict[str, QP]:
+    """The qparams of the quantized tensor each int8 layer gets when qswap runs ``model``.
+
+    A layer after a quantized ``add`` gets the add's grid, not its own calibrated input's.
+    """
+    from qswap.backends.torch_int8 import _IntegerModule
+
+    found: dict[str, QP] = {}
+
+    def recorder(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if name in found or not isinstance(x, Tensor):
+                return
+            if x.is_quantized:
+                found[name] = (float(x.q_scale()), int(x.q_zero_point()))
+            else:
+                int8: Any = module
+                found[name] = (float(int8.input_scale), int(int8.input_zero_point))
+
+        return record
+
+    handles = [
+        module.register_forward_pre_hook(recorder(name))
+        for name in names
+        if isinstance(module := model.get_submodule(name), _IntegerModule)
+    ]
+    if not handles:
+        return found
+    args, kwargs = _split(example_inputs)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _agreement(
+    model: nn.Module,
+    layer: Any,
+    name: str,
+    site: _Site,
+    codes: Mapping[str, Any],
+    seen: QP | None,
+) -> LayerAgreement:
+    """Run qswap's layer on ONNX Runtime's integer input; compare the integer outputs."""
+    import numpy as np
+
+    from qswap.backends.torch_int8 import _IntegerModule
+
+    module = model.get_submodule(name)
+    ort_in, ort_out = codes[site.codes_in], codes[site.codes_out]
+    if isinstance(module, _IntegerModule):
+        int8: Any = module
+        qp_in: QP = seen or (float(int8.input_scale), int(int8.input_zero_point))
+        x = torch._make_per_tensor_quantized_tensor(torch.from_numpy(ort_in), *qp_in)
+        y: Tensor = module(x)
+        qp_out: QP = (float(y.q_scale()), int(y.q_zero_point()))
+        ours = y.int_repr().to(torch.int64)
+    else:
+        qin, qout = layer.qparams["input"], layer.qparams["output"]
+        qp_in = (float(qin.scale), int(qin.zero_point))
+        qp_out = (float(qout.scale), int(qout.zero_point))
+        x = (torch.from_numpy(ort_in.astype(np.float32)) - qp_in[1]) * qp_in[0]
+        y = module(x)
+        ours = torch.round(y.double() / qp_out[0]).to(torch.int64) + qp_out[1]
+    theirs = torch.from_numpy(ort_out.astype(np.int64))
+    if ours.shape != theirs.shape:
+        raise PlanError(
+            f"layer {name!r}: ONNX Runtime's output of node {site.node!r} has shape "
+            f"{list(theirs.shape)}, qswap's {list(ours.shape)}; the file does not compute "
+            "this layer as the model does. Export it again with qswap.export_onnx()"
+        )
+    diff = (ours - theirs).abs()
+    return LayerAgreement(
+        layer=name,
+        node=site.node,
+        elements=diff.numel(),
+        differing=int((diff > 0).sum()),
+        max_steps=int(diff.max()) if diff.numel() else 0,
+        qparams_match=_same_grid(site.qp_in, qp_in) and _same_grid(site.qp_out, qp_out),
+    )
+
+
+def _same_grid(a: QP, b: QP) -> bool:
+    """The same zero point, and scales equal up to their float32 rounding."""
+    return a[1] == b[1] and abs(a[0] - b[0]) <= 1e-6 * abs(b[0])
