@@ -50,7 +50,7 @@ from qswap.observe import (
 from qswap.qat import TrainableFusion
 from qswap.quantizers import AffineQuantizer, QParams
 from qswap.registry import Registry
-from qswap.walker import LayerSpec, Plan, gc_paused
+from qswap.walker import LayerSpec, Plan, gc_paused, set_eval
 
 if TYPE_CHECKING:
     from qswap.artifact import Calibration
@@ -138,7 +138,7 @@ def convert(
                     "quant/dequant boundaries; pass example_inputs= to prepare() or run "
                     "calibrate() first"
                 )
-            model.train(False)
+            set_eval(model)
             own = {name: layer for name, layer in layers.items() if layer.backend == target.name}
             model = lower(model, own, tuple(args), dict(kwargs))
     object.__setattr__(

@@ -495,6 +495,26 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def set_eval(model: nn.Module) -> None:
+    """``model.train(False)``, touching only the modules still in training mode.
+
+    ``train`` sets the flag of every module through ``nn.Module.__setattr__``; on a model of
+    thousands of modules that costs milliseconds even when all are in eval mode already. A
+    module that overrides ``train`` gets the real call.
+
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2)).train()
+    >>> set_eval(m); m.training, m[0].training
+    (False, False)
+    """
+    modules = list(model.modules())
+    if any(type(m).train is not nn.Module.train for m in modules):
+        model.train(False)
+        return
+    for m in modules:
+        if m.training:
+            m.training = False
+
+
 # --------------------------------------------------------------------------- the walk
 
 

@@ -1218,7 +1218,9 @@ def _lower(
     float_dtype = next(
         (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
     )
-    model.eval()
+    from qswap.walker import set_eval
+
+    set_eval(model)
     t = _dataflow(model, tuple(example_inputs), example_kwargs or {})
 
     paths_of: dict[int, list[str]] = {}
