@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -50,11 +51,24 @@ def logits(model: nn.Module, x: torch.Tensor, batch: int = 120) -> torch.Tensor:
 def latency_ms(
     models: dict[str, nn.Module], x: torch.Tensor, threads: int, reps: int, warmup: int
 ) -> dict[str, float]:
-    """Median ms per call for each model, measured in interleaved rounds (drift hits all alike)."""
+    """Median ms per call for each model, in blocks of ``reps`` calls taken in ABBA order.
+
+    Each round runs every model ``warmup`` + ``reps`` times in a row and keeps the median of
+    the timed calls; rounds alternate the order of the models (drift hits all alike) and the
+    result is the median over rounds. Calling the models one after another instead lets the
+    slot a model runs in decide its time: the same FX model timed in two consecutive slots
+    differed by up to 12 % on 2 cores. ``fx_again`` (FX timed a second time) shows the noise.
+    """
     torch.set_num_threads(threads)
-    return median_ms(
-        {name: functools.partial(model, x) for name, model in models.items()}, reps, warmup
-    )
+    runners = {name: functools.partial(model, x) for name, model in models.items()}
+    if "fx" in runners:
+        runners["fx_again"] = runners["fx"]
+    names = list(runners)
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(4):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            per_round[name].append(median_ms({name: runners[name]}, reps, warmup)[name])
+    return {name: statistics.median(times) for name, times in per_round.items()}
 
 
 def build_flows(
@@ -138,11 +152,13 @@ def report(results: dict[str, dict[str, object]]) -> None:
     for label, r in results.items():
         print(
             f"| {label} | {r['acc_float']:.2f} | {r['acc_eager']:.2f} | {r['acc_fx']:.2f} | "
-            f"{r['acc_qswap']:.2f} | {r['sqnr_eager']:.1f} | {r['sqnr_fx']:.1f} | {r['sqnr_qswap']:.1f} |"
+            f"{r['acc_qswap']:.2f} | {r['sqnr_eager']:.2f} | {r['sqnr_fx']:.2f} | {r['sqnr_qswap']:.2f} |"
         )
-    print("\nLatency, median ms per call (ratios < 1: qswap is faster)")
-    print("| model | threads | batch | float | eager | FX | qswap | qswap/FX | qswap/eager |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\nLatency, median ms per call (ratios < 1: qswap is faster; FX/FX: the noise floor)")
+    print(
+        "| model | threads | batch | float | eager | FX | qswap | qswap/FX | qswap/eager | FX/FX |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
         for threads in (1, 2):
             for batch in (1, 64):
@@ -151,7 +167,7 @@ def report(results: dict[str, dict[str, object]]) -> None:
                 print(
                     f"| {label} | {threads} | {batch} | {ms['float']:.2f} | {ms['eager']:.2f} | "
                     f"{ms['fx']:.2f} | {ms['qswap']:.2f} | {ms['qswap'] / ms['fx']:.2f} | "
-                    f"{ms['qswap'] / ms['eager']:.2f} |"
+                    f"{ms['qswap'] / ms['eager']:.2f} | {ms['fx_again'] / ms['fx']:.2f} |"
                 )
     print("\nTime to build each int8 model (calibration included), s")
     for label, r in results.items():

@@ -60,7 +60,9 @@ __all__ = [
 _FP32_EPS = float(torch.finfo(torch.float32).eps)
 _NO_AXIS = -(2**62)  # stands for ``axis=None`` inside an int64 buffer
 _EXACT_CELLS = 1024  # above this many grid steps the MSE search uses the s**2/12 rounding model
+_GRID1 = (512, 33, 3)  # coarse points, fine points, fine rounds of the 1-D MSE search
 _GRID2 = (12, 7, 4)
+_ZP_WINDOW = 4  # zero points either side of the grid search's that the affine refinement tries
 _CHUNK = 16384  # grid boundaries evaluated per tensor op in the MSE search
 _TINY_RANGE = 2.0**-100  # width given to a histogram that has only seen zeros
 _F32 = struct.Struct("f")
@@ -1059,7 +1061,7 @@ class _Density:
 
 def _grid_search(cost: Callable[[Tensor], Tensor], dims: int, device: torch.device) -> Tensor:
     """Minimize ``cost`` over ``[0, 1]**dims`` (batched points ``[K, dims]``), coarse to fine."""
-    coarse, fine, rounds = (128, 33, 3) if dims == 1 else _GRID2
+    coarse, fine, rounds = _GRID1 if dims == 1 else _GRID2
 
     def grid(axis: Tensor) -> Tensor:
         mesh = torch.meshgrid(*([axis] * dims), indexing="ij")
@@ -1076,12 +1078,66 @@ def _grid_search(cost: Callable[[Tensor], Tensor], dims: int, device: torch.devi
     return best
 
 
+def _refine_affine(
+    density: _Density, low: float, high: float, x_min: float, x_max: float, qmin: int, qmax: int
+) -> tuple[float, float]:
+    """The affine clip range ``(low, high)`` improved over nearby zero points and scales.
+
+    Candidates are the zero points within ``_ZP_WINDOW`` of the one ``(low, high)`` gives and,
+    for each, scales within 4 % of its scale: 0.1 % apart, then 0.005 % and 0.00025 % apart
+    around that zero point's best. A pair counts only if its grid reaches at most one step
+    past ``[x_min, x_max]`` at either end. Returns the input unless a pair has a lower
+    expected error.
+    """
+    scale, zero_point = _scalar_scale_zero_point(low, high, qmin, qmax, False)
+    zs = torch.arange(
+        max(qmin, zero_point - _ZP_WINDOW),
+        min(qmax, zero_point + _ZP_WINDOW) + 1,
+        dtype=torch.float64,
+        device=density.edges.device,
+    ).unsqueeze(1)
+
+    def cost(scales: Tensor) -> Tensor:  # scales: [Z, K] -> expected error, inf where outside
+        zp = zs.expand_as(scales)
+        error = density.expected_error(scales.reshape(-1), zp.reshape(-1), qmin, qmax)
+        error = error.reshape(scales.shape)
+        # a grid may reach up to one step past the data, as rounding the zero point can
+        inside = ((qmin - zp + 1) * scales >= x_min) & ((qmax - zp - 1) * scales <= x_max)
+        return torch.where(inside, error, torch.full_like(error, math.inf))
+
+    base = density.expected_error(
+        torch.tensor([scale], dtype=torch.float64, device=zs.device),
+        torch.tensor([zero_point], dtype=torch.float64, device=zs.device),
+        qmin,
+        qmax,
+    )
+    step = 0.04 / 40
+    scales = scale * (1 + torch.linspace(-0.04, 0.04, 81, dtype=torch.float64, device=zs.device))
+    scales = scales.expand(zs.shape[0], -1)
+    for _ in range(2):
+        errors = cost(scales)
+        best_k = errors.argmin(1, keepdim=True)
+        centre = scales.gather(1, best_k)
+        offsets = torch.linspace(-step, step, 41, dtype=torch.float64, device=zs.device)
+        scales = centre * (1 + offsets)
+        step = 2 * step / 40
+    errors = cost(scales)
+    flat = int(errors.argmin())
+    if not float(errors.reshape(-1)[flat]) < float(base[0]):
+        return low, high
+    row, col = divmod(flat, errors.shape[1])
+    s, z = float(scales[row, col]), float(zs[row, 0])
+    # the clip range whose float32 qparams are (s, z), as qparams_from_range recomputes them
+    return _f32((qmin - z) * s), _f32((qmax - z) * s)
+
+
 class HistogramObserver(Observer):
     """Histogram of a tensor's values with a clipping-range search (per tensor only).
 
     ``method: mse`` picks the range whose quantization grid minimizes the expected squared
     error under the histogram's density (clipping and rounding, computed exactly from bin
-    moments, vectorised over candidate ranges, coarse to fine); ``method: percentile``
+    moments, vectorised over candidate ranges, coarse to fine; an affine range that clips at
+    both ends is then refined over nearby zero points); ``method: percentile``
     clips at the ``percentile`` (and ``100 - percentile``) point. The histogram always
     covers 0 and every observed value; ``forward`` costs one ``aminmax`` and one
     ``torch.histc``. When the range grows, or when merging, histograms are re-binned to the
@@ -1167,7 +1223,11 @@ class HistogramObserver(Observer):
         self.max_val = torch.max(self.max_val, other.max_val.to(self.max_val.device))
 
     def clip_range(self) -> tuple[float, float]:
-        """The ``(low, high)`` clipping range the search chose (within the observed range)."""
+        """The ``(low, high)`` clipping range the search chose.
+
+        It lies within the observed range, except that an affine ``mse`` range may reach up
+        to one grid step past it where a shifted grid (another zero point) fits better.
+        """
         self._require_seen()
         x_min, x_max = float(self.min_val), float(self.max_val)
         lo, hi = self.hist_range.tolist()
@@ -1176,9 +1236,8 @@ class HistogramObserver(Observer):
             p = self.percentile / 100.0
             q = density.quantile(torch.tensor([1.0 - p, p], device=self.histogram.device))
             low, high = q.tolist()
-        else:
-            low, high = self._mse_range(density, x_min, x_max)
-        return min(max(low, x_min), x_max), min(max(high, x_min), x_max)
+            return min(max(low, x_min), x_max), min(max(high, x_min), x_max)
+        return self._mse_range(density, x_min, x_max)
 
     def _mse_range(self, density: _Density, x_min: float, x_max: float) -> tuple[float, float]:
         qmin, qmax = self.spec.quant_range()
@@ -1209,7 +1268,12 @@ class HistogramObserver(Observer):
 
         best = _grid_search(cost, len(spans), device).unsqueeze(0)
         lo, hi = bounds(best)
-        return float(lo.to(torch.float32)), float(hi.to(torch.float32))
+        low, high = float(lo.to(torch.float32)), float(hi.to(torch.float32))
+        if len(spans) == 2:
+            # Both ends clip: the error jumps wherever the zero point changes, which a grid
+            # over (low, high) can step over. Search (scale, zero point) pairs near the winner.
+            low, high = _refine_affine(density, low, high, x_min, x_max, qmin, qmax)
+        return low, high
 
     def calculate_qparams(self) -> QParams:
         """QParams for the clipping range chosen by ``method``."""

@@ -795,6 +795,106 @@ def test_histogram_mse_range_is_a_local_optimum_of_measured_error(scheme: str, b
     assert lo > float(x.min()) or hi < float(x.max())  # it did clip something
 
 
+HISTOGRAM_VS_TORCH = [
+    (
+        QuantSpec(signed=False, scheme="affine"),
+        {"dtype": torch.quint8, "qscheme": torch.per_tensor_affine},
+    ),
+    (
+        QuantSpec(signed=True, scheme="symmetric"),
+        {"dtype": torch.qint8, "qscheme": torch.per_tensor_symmetric},
+    ),
+    (
+        QuantSpec(signed=False, scheme="affine", reduce_range=True),
+        {"dtype": torch.quint8, "qscheme": torch.per_tensor_affine, "reduce_range": True},
+    ),
+]
+
+
+def standard_sample(name: str, n: int = 50_000, seed: int = 3) -> torch.Tensor:
+    """Gaussian, Laplace, half-normal (a ReLU's output: half the values exactly 0) or uniform."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "gaussian":
+        return torch.randn(n, generator=g)
+    if name == "laplace":
+        return laplace(n, seed)
+    if name == "half_normal":
+        return torch.randn(n, generator=g).clamp_min(0)
+    return torch.rand(n, generator=g) * 3 - 1  # uniform on [-1, 2]
+
+
+STANDARD = ["gaussian", "laplace", "half_normal", "uniform"]
+
+
+@pytest.mark.parametrize("name", STANDARD)
+@pytest.mark.parametrize(("spec", "torch_kwargs"), HISTOGRAM_VS_TORCH)
+def test_histogram_mse_at_least_as_good_as_torch_on_standard_distributions(
+    name: str, spec: QuantSpec, torch_kwargs: dict[str, Any]
+) -> None:
+    """The MSE range's SQNR is at least torch's HistogramObserver's (within 0.005 dB) and minmax's."""
+    x = standard_sample(name)
+    ours, minmax = HistogramObserver(spec), MinMaxObserver(spec)
+    with torch_ao_quiet():
+        theirs = tq.HistogramObserver(**torch_kwargs)
+        for chunk in x.chunk(4):
+            ours(chunk)
+            theirs(chunk)
+            minmax(chunk)
+        scale, zero_point = theirs.calculate_qparams()
+    qmin, qmax = spec.quant_range()
+    torch_sqnr = sqnr_db(x, fake_quantize(x, QParams(scale, zero_point, qmin, qmax)))
+    our_sqnr = sqnr_db(x, fake_quantize(x, ours.calculate_qparams()))
+    minmax_sqnr = sqnr_db(x, fake_quantize(x, minmax.calculate_qparams()))
+    # uniform data has nothing worth clipping: all three land within 0.003 dB of each other
+    assert our_sqnr >= torch_sqnr - 0.005
+    assert our_sqnr >= minmax_sqnr - 0.005
+    if name != "uniform":
+        assert our_sqnr > max(torch_sqnr, minmax_sqnr) + 0.01
+
+
+@pytest.mark.parametrize("name", STANDARD)
+@pytest.mark.parametrize(("spec", "torch_kwargs"), HISTOGRAM_VS_TORCH)
+def test_histogram_mse_is_within_0_005_db_of_exhaustive_search_on_the_data(
+    name: str, spec: QuantSpec, torch_kwargs: dict[str, Any]
+) -> None:
+    """No zero point within 5 of the chosen one and no scale within 5 % quantizes the data better."""
+    x = standard_sample(name)
+    obs = HistogramObserver(spec)
+    obs(x)
+    qp = obs.calculate_qparams()
+    scale, zero_point = float(qp.scale), int(qp.zero_point)
+    ours = sqnr_db(x, fake_quantize(x, qp))
+    zero_points = [zero_point]
+    if spec.scheme == "affine":
+        zero_points = list(
+            range(max(qp.quant_min, zero_point - 5), min(qp.quant_max, zero_point + 5) + 1)
+        )
+    best = max(
+        sqnr_db(
+            x, torch.fake_quantize_per_tensor_affine(x, scale * f, z, qp.quant_min, qp.quant_max)
+        )
+        for z in zero_points
+        for f in torch.linspace(0.95, 1.05, 201).tolist()
+    )
+    assert ours >= best - 0.005
+
+
+def test_histogram_affine_range_may_shift_past_the_data_to_fit_the_grid() -> None:
+    """Where no zero point fits the data's ends, the MSE grid reaches past one and beats minmax."""
+    x = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    spec = QuantSpec(signed=False, scheme="affine", reduce_range=True)
+    obs, minmax = HistogramObserver(spec), MinMaxObserver(spec)
+    obs(x)
+    minmax(x)
+    low, high = obs.clip_range()
+    qp = obs.calculate_qparams()
+    step = float(qp.scale)
+    assert low < float(x.min()) or high > float(x.max())
+    assert float(x.min()) - step <= low and high <= float(x.max()) + step
+    ours = sqnr_db(x, fake_quantize(x, qp))
+    assert ours > sqnr_db(x, fake_quantize(x, minmax.calculate_qparams())) + 0.1
+
+
 def test_histogram_percentile_picks_the_quantiles() -> None:
     """percentile=99 on uniform [-1, 3] data clips at about -0.96 and 2.96."""
     x = torch.linspace(-1, 3, 400_001)

@@ -843,3 +843,33 @@ def _same(a: Any, b: Any) -> bool:
             )
         return torch.equal(a, b)
     return bool(a == b)
+
+
+def test_pooling_and_flatten_on_int8_skip_the_dispatch_mode_and_keep_their_results() -> None:
+    """Pools/flatten that only see int8 run as int8-only variants; same name, same outputs.
+
+    A pool that sees the float input stays the plain torch module.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.MaxPool2d(2),  # float input: stays as it is
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    ).eval()
+    batches = [(torch.rand(4, 3, 8, 8),) for _ in range(2)]
+    qmodel = ti.lower_x86(copy.deepcopy(model), calibrated_layers(model, batches), batches[0], None)
+    assert type(qmodel[0]) is nn.MaxPool2d
+    for i, base in ((3, nn.MaxPool2d), (4, nn.AdaptiveAvgPool2d), (5, nn.Flatten)):
+        assert isinstance(qmodel[i], ti._IntegerNative) and isinstance(qmodel[i], base)
+        assert repr(qmodel[i]) == repr(model[i])
+    plain = copy.deepcopy(qmodel)
+    for i in (3, 4, 5):
+        plain[i] = ti.float_native(plain[i])
+        assert type(plain[i]) is type(model[i])
+    x = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), plain(x))

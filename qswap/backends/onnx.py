@@ -411,6 +411,8 @@ def _int8_twin(model: nn.Module) -> nn.Module:
             replacement = _QDQLayer(module)
         elif isinstance(module, ti._IntegerReLU):
             replacement = _QDQReLU(inplace=False)
+        elif isinstance(module, ti._IntegerNative):
+            replacement = ti.float_native(cast(nn.Module, module))  # the mode sees it again
         if replacement is None:
             continue
         for name in ti._HOOK_DICTS:

@@ -548,6 +548,95 @@ class _IntegerReLU(nn.ReLU):
         return "ReLU"
 
 
+class _IntegerNative:
+    """Mixin: ``forward`` without torch-function dispatch, for a module that only sees int8.
+
+    Pooling and flattening keep a quantized tensor's scale and zero point, so the lowered
+    model's dispatch mode would only hand the call on; skipping it saves ~3-4 us a call.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch._C.DisableTorchFunction():
+            return cast(Any, super()).forward(*args, **kwargs)
+
+    def _get_name(self) -> str:
+        return type(self).__mro__[2].__name__
+
+
+class _IntegerMaxPool1d(_IntegerNative, nn.MaxPool1d):
+    pass
+
+
+class _IntegerMaxPool2d(_IntegerNative, nn.MaxPool2d):
+    pass
+
+
+class _IntegerMaxPool3d(_IntegerNative, nn.MaxPool3d):
+    pass
+
+
+class _IntegerAvgPool1d(_IntegerNative, nn.AvgPool1d):
+    pass
+
+
+class _IntegerAvgPool2d(_IntegerNative, nn.AvgPool2d):
+    pass
+
+
+class _IntegerAvgPool3d(_IntegerNative, nn.AvgPool3d):
+    pass
+
+
+class _IntegerAdaptiveAvgPool1d(_IntegerNative, nn.AdaptiveAvgPool1d):
+    pass
+
+
+class _IntegerAdaptiveAvgPool2d(_IntegerNative, nn.AdaptiveAvgPool2d):
+    pass
+
+
+class _IntegerAdaptiveAvgPool3d(_IntegerNative, nn.AdaptiveAvgPool3d):
+    pass
+
+
+class _IntegerFlatten(_IntegerNative, nn.Flatten):
+    pass
+
+
+# Exact module type -> its variant that skips the dispatch mode (see _IntegerNative).
+_NATIVE_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.MaxPool1d: _IntegerMaxPool1d,
+    nn.MaxPool2d: _IntegerMaxPool2d,
+    nn.MaxPool3d: _IntegerMaxPool3d,
+    nn.AvgPool1d: _IntegerAvgPool1d,
+    nn.AvgPool2d: _IntegerAvgPool2d,
+    nn.AvgPool3d: _IntegerAvgPool3d,
+    nn.AdaptiveAvgPool1d: _IntegerAdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d: _IntegerAdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d: _IntegerAdaptiveAvgPool3d,
+    nn.Flatten: _IntegerFlatten,
+}
+
+
+def _retyped(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A ``cls`` with ``module``'s settings, buffers and hooks (the same objects)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    return new
+
+
+def float_native(module: nn.Module) -> nn.Module:
+    """The plain torch module behind one of the int8-only pooling/flatten variants.
+
+    >>> float_native(_retyped(nn.MaxPool2d(2), _IntegerMaxPool2d))
+    MaxPool2d(kernel_size=2, stride=2, padding=0, dilation=1, ceil_mode=False)
+    """
+    for base, variant in _NATIVE_MODULES.items():
+        if type(module) is variant:
+            return _retyped(module, base)
+    return module
+
+
 # A conv/linear whose only consumer is a ReLU is lowered to the fused kernel (see _analyse).
 _WITH_RELU: dict[type[_IntegerModule], type[_IntegerModule]] = {
     QuantizedLinear: QuantizedLinearReLU,
@@ -742,6 +831,7 @@ class _Lowering:
     dequantize_inputs: set[str]  # float leaf modules that receive integer tensors
     float_fed: set[str]  # weighted layers that some call feeds a float tensor
     integer_relus: set[str]  # nn.ReLU modules that only ever see integer tensors
+    integer_natives: set[str]  # pooling/flatten modules that only ever see integer tensors
     notes: list[str]
 
 
@@ -766,6 +856,7 @@ def _analyse(
     dequantize_inputs: set[str] = set()
     float_fed: set[str] = set()
     relus: dict[str, bool] = {}  # ReLU module -> whether every call gets an integer tensor
+    natives: dict[str, bool] = {}  # the same for pooling/flatten modules (_NATIVE_MODULES)
     notes: list[str] = []
 
     def path_of(call: Call) -> str | None:
@@ -853,6 +944,9 @@ def _analyse(
                 if call.module_type is nn.ReLU:
                     target = call.paths[0] if call.paths else call.target
                     relus[target] = relus.get(target, True) and integer_in
+                elif call.module_type in _NATIVE_MODULES:
+                    target = call.paths[0] if call.paths else call.target
+                    natives[target] = natives.get(target, True) and integer_in
             elif any(v in qp for v in ins):
                 dequantize_inputs.add(call.paths[0] if call.paths else call.target)
             continue
@@ -884,7 +978,10 @@ def _analyse(
             continue
         notes.append(f"call #{call.index} {name}: no int8 kernel, so it runs in float")
     integer_relus = {p for p, always in relus.items() if always}
-    return _Lowering(ops, folds, dequantize_inputs, float_fed, integer_relus, notes)
+    integer_natives = {p for p, always in natives.items() if always}
+    return _Lowering(
+        ops, folds, dequantize_inputs, float_fed, integer_relus, integer_natives, notes
+    )
 
 
 # --------------------------------------------------------------------------- run time
@@ -1325,6 +1422,15 @@ def _lower(
             for alias_path in paths_of.get(id(relu), [path]):
                 if alias_path:
                     _set_submodule(model, alias_path, fast)
+        for path in sorted(lowering.integer_natives):
+            native = model.get_submodule(path) if path else model
+            fast_cls = _NATIVE_MODULES.get(type(native))
+            if fast_cls is None:
+                continue
+            fast_module = _retyped(native, fast_cls)
+            for alias_path in paths_of.get(id(native), [path]):
+                if alias_path:
+                    _set_submodule(model, alias_path, fast_module)
     notes += lowering.notes
 
     runtime = _Runtime(lowering.integer_ops, float_dtype, notes, backend, swapped)
