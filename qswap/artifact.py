@@ -294,6 +294,8 @@ class Calibration:
     meta: dict[str, Any]
     source: str = "<memory>"
     layers_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per layer, what bias correction subtracts from its bias (``bias_correction: true``)
+    bias_shifts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def config_text(self) -> str:
@@ -408,6 +410,10 @@ def calibration_payload(model: nn.Module) -> dict[str, Any]:
             for which in ("input", "output")
             if getattr(planned, which) is not None and getattr(layer, which) is None
         ]
+        bias_shift = None
+        if layer.bias_shift is not None:
+            bias_shift = f"{index}.bias_shift"
+            tensors[bias_shift] = layer.bias_shift.detach().to("cpu").clone()
         entries.append(
             {
                 "name": name,
@@ -419,6 +425,7 @@ def calibration_payload(model: nn.Module) -> dict[str, Any]:
                 "param_shapes": shapes,
                 "weight_digests": digests,
                 "observers": observers.get(name, {}),
+                "bias_shift": bias_shift,
             }
         )
     example = _example_specs(state)
@@ -509,6 +516,7 @@ def _decode(payload: Mapping[str, Any], source: str) -> Calibration:
             "not written by qswap.save_calibration or was edited. Write it again"
         )
     qparams: dict[str, dict[str, QParams]] = {}
+    shifts: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, dict[str, Any]] = {}
     try:
         for entry in layers:
@@ -525,13 +533,18 @@ def _decode(payload: Mapping[str, Any], source: str) -> Calibration:
                     None if info["group_size"] is None else int(info["group_size"]),
                 )
             qparams[name] = slots
+            key = entry.get("bias_shift")
+            if key is not None:
+                shifts[name] = tensors[key]
             layers_meta[name] = entry
     except (KeyError, TypeError, ValueError, PlanError) as exc:
         raise CalibrationError(
             f"calibration artifact {source!r} is corrupt ({type(exc).__name__}: {exc}); "
             "write it again with qswap.save_calibration"
         ) from exc
-    return Calibration(qparams=qparams, meta=meta, source=source, layers_meta=layers_meta)
+    return Calibration(
+        qparams=qparams, meta=meta, source=source, layers_meta=layers_meta, bias_shifts=shifts
+    )
 
 
 def load_calibration(path: str | os.PathLike[str]) -> Calibration:
@@ -640,6 +653,9 @@ def calibrated_layers(
             for slot, qp in cal.qparams[name].items()
         }
         changes: dict[str, Any] = {"qparams": qparams}
+        shift = cal.bias_shifts.get(name)
+        if shift is not None:
+            changes["bias_shift"] = shift.to(device)
         changes.update((str(which), None) for which in entry.get("dropped", []))
         out[name] = dataclasses.replace(layer, **changes)
     from qswap.observe import state_of

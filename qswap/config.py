@@ -665,6 +665,13 @@ class QConfig(BaseModel):
     strict: StrictBool = Field(
         default=True, description="A rule that matches no module is an error."
     )
+    bias_correction: StrictBool = Field(
+        default=False,
+        description=(
+            "Static mode: subtract from each conv/linear bias the mean shift that weight "
+            "quantization causes on the calibration inputs (E[(Wq - W) x])."
+        ),
+    )
 
     @field_validator("version", mode="before")
     @classmethod
@@ -810,6 +817,7 @@ def _plain_config(cfg: QConfig) -> dict[str, Any]:
     out["backend"] = cfg.backend
     out["mode"] = cfg.mode
     out["fusion"] = cfg.fusion if isinstance(cfg.fusion, str) else [list(g) for g in cfg.fusion]
+    out["bias_correction"] = cfg.bias_correction
     out["activation"] = cfg.activation.model_dump(mode="json", exclude_none=True)
     out["weight"] = cfg.weight.model_dump(mode="json", exclude_none=True)
     out["rules"] = [_plain_rule(rule) for rule in cfg.rules]

@@ -35,6 +35,7 @@ from qswap.backends.fake import (
     parametrizations_of,
     refit,
 )
+from qswap.bias_correction import correctable, shift_of
 from qswap.config import QConfig
 from qswap.exceptions import CalibrationError, PlanError
 from qswap.methods import learns_qparams
@@ -107,6 +108,7 @@ def convert(
         parts = Components(state.registry)
         for name, layer in layers.items():
             module = model.get_submodule(name)
+            _correct_bias(module, layer)
             on_fake = layer.backend == "fake" or not target.integer
             if isinstance(module, TrainableFusion):
                 # QAT conv/linear + BN: fold with the trained statistics, then as PTQ
@@ -193,6 +195,9 @@ def _collect_qparams(model: nn.Module, the_plan: Plan) -> dict[str, LayerSpec]:
                 observer(original_of(owner, pname).detach())
             qparams[slot] = _effective(_qparams(observer, name, slot), spec, parts)
         changes: dict[str, Any] = {}
+        shift = _bias_shift(module, layer, qparams.get("weight"), parts)
+        if shift is not None:
+            changes["bias_shift"] = shift
         if mode in ("static", "qat"):
             for which, spec in layer.activation_specs().items():
                 slot_module = activation_slot(module, which)
@@ -217,6 +222,37 @@ def _collect_qparams(model: nn.Module, the_plan: Plan) -> dict[str, LayerSpec]:
                 qparams[which] = learned
         out[name] = dataclasses.replace(layer, qparams=qparams, **changes)
     return out
+
+
+def _bias_shift(
+    module: nn.Module, layer: LayerSpec, weight_qparams: QParams | None, parts: Components
+) -> torch.Tensor | None:
+    """``E[(Wq - W) x]`` for a layer whose input mean was recorded (``bias_correction``)."""
+    slot = activation_slot(module, "input")
+    mean: Any = None if slot is None else slot._modules.get("mean")
+    core = correctable(module)
+    if mean is None or not mean.seen or core is None or weight_qparams is None:
+        return None
+    assert layer.weight is not None  # a layer with weight qparams has a weight spec
+    owner, pname = param_location(module, "weight")
+    # the float weight as observed: reading core.weight would run the observer again
+    weight = original_of(owner, pname) if parametrizations_of(owner, pname) else core.weight
+    quantizer = parts.quantizer(layer.weight, weight_qparams)
+    with torch.no_grad():
+        error = quantizer(weight.detach()) - weight.detach()
+        return shift_of(core, error, mean)
+
+
+def _correct_bias(module: nn.Module, layer: LayerSpec) -> None:
+    """Subtract the layer's ``bias_shift`` from its bias (a plain parameter of this copy)."""
+    core = correctable(module)
+    if layer.bias_shift is None or core is None:
+        return
+    bias = core._parameters.get("bias")
+    if bias is None:  # parametrized by the user: leave it as it is
+        return
+    with torch.no_grad():
+        bias.sub_(layer.bias_shift.to(device=bias.device, dtype=bias.dtype))
 
 
 def _learned(quantizer: nn.Module | None) -> QParams | None:

@@ -33,6 +33,7 @@ from qswap.backends.fake import (
     attach_parametrization,
     param_location,
 )
+from qswap.bias_correction import InputMeanObserver, correctable
 from qswap.config import QConfig
 from qswap.exceptions import CalibrationError, PlanError
 from qswap.methods import learns_qparams
@@ -371,6 +372,7 @@ def _weight_observer(
 def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) -> None:
     mode = the_plan.config.mode
     qat = mode == "qat"
+    correct_bias = the_plan.config.bias_correction and mode == "static"
     for name, layer in the_plan.layers.items():
         module = model.get_submodule(name)
         for slot, spec in layer.param_specs().items():
@@ -395,6 +397,13 @@ def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) 
                 quantizer=components.create("quantizer", spec) if qat else None,
                 requant=qat,
             )
+            if which == "input" and correct_bias and layer.weight is not None:
+                core = correctable(module)
+                if core is not None:
+                    mean = InputMeanObserver(
+                        spec, kind="linear" if isinstance(core, nn.Linear) else "conv"
+                    )
+                    slot_module.add_module("mean", mean)
             if device is not None and device.type != "cpu":
                 slot_module.to(device)
             attach_activation(module, which, slot_module)

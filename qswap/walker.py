@@ -80,6 +80,8 @@ class LayerSpec:
     mode: str = "static"
     aliases: tuple[str, ...] = ()
     registry: Registry | None = field(default=None, repr=False, compare=False)
+    #: after convert with ``bias_correction``: what was subtracted from the layer's bias
+    bias_shift: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def param_specs(self) -> dict[str, QuantSpec]:
         """Parameter slots to quantize (``weight`` first), by slot name."""

@@ -782,11 +782,13 @@ def test_dump_config_is_to_yaml_and_loaded_configs_drop_extends() -> None:
         "backend",
         "mode",
         "fusion",
+        "bias_correction",
         "activation",
         "weight",
         "rules",
         "strict",
     ]
+    assert data["bias_correction"] is True  # from the x86_int8 preset it extends
     assert data["rules"] == [
         {"match": {"name": "features.0", "type": "Conv2d"}, "skip": True},
         {"match": {"name": "classifier.1", "type": "torch.nn.Linear"}, "skip": True},

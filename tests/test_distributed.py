@@ -77,6 +77,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "extends": ["w8a8_minmax"],
         "activation": {"observer": "clipped_merge"},
     },
+    "bias_correction": {"version": 1, "extends": ["w8a8_minmax"], "bias_correction": True},
 }
 SKIP_LINEAR = {
     "version": 1,
@@ -140,11 +141,15 @@ def prepare(config: dict[str, Any], reg: qswap.Registry | None = None) -> nn.Mod
 def qparams_of(prepared: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every slot's (scale, zero point) after convert, keyed ``layer/slot``."""
     converted = qswap.convert(prepared)
-    return {
+    found = {
         f"{layer}/{slot}": (qp.scale, qp.zero_point)
         for layer, spec in converted._qswap.layers.items()
         for slot, qp in spec.qparams.items()
     }
+    for layer, spec in converted._qswap.layers.items():  # bias correction's shifts, if any
+        if spec.bias_shift is not None:
+            found[f"{layer}/bias_shift"] = (spec.bias_shift, spec.bias_shift)
+    return found
 
 
 def clip_ranges(prepared: nn.Module) -> dict[str, tuple[float, float, float]]:
@@ -440,7 +445,21 @@ def test_ranks_with_different_models_fail_clearly(ranks: Ranks) -> None:
         )
 
 
-@pytest.mark.parametrize("config", ["minmax", "moving_average", "histogram_mse"])
+def test_bias_correction_means_reduce_to_one_process(ranks: Ranks) -> None:
+    """The input means bias correction records, reduced over the ranks, give one process's shifts."""
+    reference = qparams_of(calibrated(CONFIGS["bias_correction"], batches()))
+    assert {"0/bias_shift", "3/bias_shift"} <= reference.keys()
+    for result in ranks.results:
+        got = result["bias_correction"]["qparams"]
+        assert got.keys() == reference.keys()
+        for key, (scale, zero_point) in reference.items():
+            if key.endswith("bias_shift"):  # float64 sums in another order: equal to rounding
+                torch.testing.assert_close(got[key][0], scale, rtol=1e-5, atol=1e-7)
+            else:
+                assert torch.equal(got[key][0], scale) and torch.equal(got[key][1], zero_point)
+
+
+@pytest.mark.parametrize("config", ["minmax", "moving_average", "histogram_mse", "bias_correction"])
 def test_reducing_again_counts_nothing_twice(ranks: Ranks, config: str) -> None:
     """A second reduction with no new data leaves batch counts, ranges and histograms as they were."""
     for result in ranks.results:

@@ -215,12 +215,18 @@ class ActivationSlot(nn.Module):
         self.use(observer=observer, quantizer=quantizer)
 
     def use(self, *, observer: nn.Module | None, quantizer: nn.Module | None) -> None:
-        """Replace the observer and quantizer (``None`` removes one)."""
+        """Replace the observer and quantizer (``None`` removes one).
+
+        Removing the observer also removes the input mean that bias correction records
+        beside it (``mean``, see ``qswap.bias_correction``).
+        """
         for name, module in (("observer", observer), ("quantizer", quantizer)):
             if module is None:
                 self._modules.pop(name, None)
             else:
                 self._modules[name] = module
+        if observer is None:
+            self._modules.pop("mean", None)
 
     @property
     def observer(self) -> nn.Module | None:
@@ -245,6 +251,9 @@ class ActivationSlot(nn.Module):
             return quantizer(x)  # type: ignore[no-any-return]
         if observer is not None:
             observer(x)
+            mean = self._modules.get("mean")  # bias correction's input mean (qswap.bias_correction)
+            if mean is not None:
+                mean(x)
             if quantizer is None:
                 return x
             if self.requant and not learns_qparams(quantizer):
