@@ -34,7 +34,7 @@ from qswap.quantizers import Observer, _add_buffer, _set_buffer
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
 
-__all__ = ["InputMeanObserver", "correctable", "shift_of"]
+__all__ = ["InputMeanObserver", "apply_shift", "correctable", "shift_of"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -215,3 +215,20 @@ def shift_of(module: nn.Module, weight_error: Tensor, observer: InputMeanObserve
         x = x.reshape(1, -1, *([1] * dims)).expand(1, x.numel(), *error.shape[2:])
         out = conv(x, error, None, 1, 0, 1, module.groups)
     return out.mean(dim=tuple(range(2, out.dim()))).reshape(-1).to(dtype)
+
+
+def apply_shift(module: nn.Module, shift: Tensor | None, *, undo: bool = False) -> None:
+    """Subtract ``shift`` from the bias of ``module``'s linear/convolution (add it: ``undo``).
+
+    Only a plain bias parameter is changed (one the user parametrized is left alone). A layer
+    that ends up running in float after all gets its bias back with ``undo=True``.
+    """
+    core = correctable(module)
+    if shift is None or core is None:
+        return
+    bias = core._parameters.get("bias")
+    if bias is None:
+        return
+    with torch.no_grad():
+        delta = shift.to(device=bias.device, dtype=bias.dtype)
+        bias.add_(delta) if undo else bias.sub_(delta)

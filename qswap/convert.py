@@ -35,7 +35,7 @@ from qswap.backends.fake import (
     parametrizations_of,
     refit,
 )
-from qswap.bias_correction import correctable, shift_of
+from qswap.bias_correction import apply_shift, correctable, shift_of
 from qswap.config import QConfig
 from qswap.exceptions import CalibrationError, PlanError
 from qswap.methods import learns_qparams
@@ -108,7 +108,7 @@ def convert(
         parts = Components(state.registry)
         for name, layer in layers.items():
             module = model.get_submodule(name)
-            _correct_bias(module, layer)
+            apply_shift(module, layer.bias_shift)
             on_fake = layer.backend == "fake" or not target.integer
             if isinstance(module, TrainableFusion):
                 # QAT conv/linear + BN: fold with the trained statistics, then as PTQ
@@ -241,18 +241,6 @@ def _bias_shift(
     with torch.no_grad():
         error = quantizer(weight.detach()) - weight.detach()
         return shift_of(core, error, mean)
-
-
-def _correct_bias(module: nn.Module, layer: LayerSpec) -> None:
-    """Subtract the layer's ``bias_shift`` from its bias (a plain parameter of this copy)."""
-    core = correctable(module)
-    if layer.bias_shift is None or core is None:
-        return
-    bias = core._parameters.get("bias")
-    if bias is None:  # parametrized by the user: leave it as it is
-        return
-    with torch.no_grad():
-        bias.sub_(layer.bias_shift.to(device=bias.device, dtype=bias.dtype))
 
 
 def _learned(quantizer: nn.Module | None) -> QParams | None:

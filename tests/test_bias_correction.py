@@ -189,3 +189,16 @@ def test_only_static_mode_corrects() -> None:
         qmodel = _quantized(cfg, model, data)
         assert qmodel._qswap.layers["0"].bias_shift is None, mode  # type: ignore[union-attr]
         torch.testing.assert_close(qmodel[0].bias, model[0].bias)
+
+
+def test_a_layer_left_in_float_keeps_its_own_bias() -> None:
+    """A conv torch's int8 kernels refuse (string padding) stays float with its bias as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+    data = _data((4, 3, 6, 6))
+    cfg = {"extends": ["x86_int8"], "activation": {"observer": "minmax"}}
+    qmodel = _quantized(cfg, model, data)
+    assert "stays float" in str(qmodel._qswap_int8.notes)  # type: ignore[union-attr]
+    assert isinstance(qmodel[0][0], nn.Conv2d)
+    torch.testing.assert_close(qmodel[0][0].bias, model[0].bias)
+    assert qmodel._qswap.layers["2"].bias_shift is not None  # type: ignore[union-attr]

@@ -1315,6 +1315,7 @@ def _lower(
     float_dtype = next(
         (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
     )
+    from qswap.bias_correction import apply_shift
     from qswap.walker import set_eval
 
     set_eval(model)
@@ -1363,6 +1364,7 @@ def _lower(
                         relu_out_q[p] = acts["output"]
                 continue
             if not (isinstance(cp, type) and issubclass(cp, _IntegerModule)):
+                apply_shift(module, spec.bias_shift, undo=True)  # not lowered: float weights
                 continue
             try:
                 q = cp.from_float(module, spec)
@@ -1374,6 +1376,7 @@ def _lower(
                 )
             except UnsupportedModuleError as exc:
                 notes.append(f"{exc} (the layer stays float)")
+                apply_shift(module, spec.bias_shift, undo=True)  # float weights: no correction
                 continue
             built[path] = cast(_IntegerModule, q)
             for p in aliases(path):
@@ -1394,6 +1397,7 @@ def _lower(
                 )
                 owner = next(fp for fp in built if p in aliases(fp))
                 built.pop(owner)
+                apply_shift(modules[owner], layers[owner].bias_shift, undo=True)
                 for alias_path in aliases(owner):
                     kinds.pop(alias_path, None)
         swapped: dict[str, str] = {}
