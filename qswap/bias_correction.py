@@ -2,7 +2,7 @@
 
 Rounding a layer's weights to ``Wq`` moves its output by ``(Wq - W) x``. Over the
 calibration data that error has a mean, ``(Wq - W) E[x]``, which a layer passes on to the
-next as a systematic offset. With ``bias_correction: true`` (static mode; on in the
+next as a systematic offset. With ``bias_correction: true`` (static and weight-only modes; on in the
 ``x86_int8`` and ``qnnpack_int8`` presets) ``prepare`` records the mean input of every
 conv/linear layer with a bias while calibration runs, and ``convert`` subtracts that shift
 from the bias (the same correction as NNCF's fast bias correction or AIMET's empirical

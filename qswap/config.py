@@ -668,8 +668,8 @@ class QConfig(BaseModel):
     bias_correction: StrictBool = Field(
         default=False,
         description=(
-            "Static mode: subtract from each conv/linear bias the mean shift that weight "
-            "quantization causes on the calibration inputs (E[(Wq - W) x])."
+            "Static and weight-only modes: subtract from each conv/linear bias the mean shift "
+            "that weight quantization causes on the calibration inputs (E[(Wq - W) x])."
         ),
     )
 

@@ -34,7 +34,7 @@ from qswap.backends.fake import (
     param_location,
 )
 from qswap.bias_correction import InputMeanObserver, correctable
-from qswap.config import QConfig
+from qswap.config import QConfig, QuantSpec
 from qswap.exceptions import CalibrationError, PlanError
 from qswap.methods import learns_qparams
 from qswap.registry import Registry, default_registry
@@ -369,10 +369,18 @@ def _weight_observer(
     return WeightObserver(observer, quantizer)
 
 
+def _input_mean(module: nn.Module, layer: LayerSpec, spec: QuantSpec) -> InputMeanObserver | None:
+    """The input-mean recorder bias correction needs for this layer, if it can be corrected."""
+    core = correctable(module)
+    if core is None or layer.weight is None:
+        return None
+    return InputMeanObserver(spec, kind="linear" if isinstance(core, nn.Linear) else "conv")
+
+
 def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) -> None:
     mode = the_plan.config.mode
     qat = mode == "qat"
-    correct_bias = the_plan.config.bias_correction and mode == "static"
+    correct_bias = the_plan.config.bias_correction and mode in ("static", "weight_only")
     for name, layer in the_plan.layers.items():
         module = model.get_submodule(name)
         for slot, spec in layer.param_specs().items():
@@ -386,7 +394,16 @@ def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) 
                 observer.to(device)
             attach_parametrization(owner, pname, observer)
         if mode not in ("static", "qat"):
-            continue  # weight_only: no activations; dynamic: quantized per batch at run time
+            # weight_only: no activations; dynamic: quantized per batch at run time
+            mean = _input_mean(module, layer, the_plan.config.activation) if correct_bias else None
+            if mean is not None:  # weight_only with bias correction: record the input mean only
+                slot_module = ActivationSlot()
+                slot_module.add_module("mean", mean)
+                device = _device_of(module)
+                if device is not None and device.type != "cpu":
+                    slot_module.to(device)
+                attach_activation(module, "input", slot_module)
+            continue
         acts = layer.activation_specs()
         if not acts:
             continue
@@ -397,13 +414,9 @@ def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) 
                 quantizer=components.create("quantizer", spec) if qat else None,
                 requant=qat,
             )
-            if which == "input" and correct_bias and layer.weight is not None:
-                core = correctable(module)
-                if core is not None:
-                    mean = InputMeanObserver(
-                        spec, kind="linear" if isinstance(core, nn.Linear) else "conv"
-                    )
-                    slot_module.add_module("mean", mean)
+            mean = _input_mean(module, layer, spec) if which == "input" and correct_bias else None
+            if mean is not None:
+                slot_module.add_module("mean", mean)
             if device is not None and device.type != "cpu":
                 slot_module.to(device)
             attach_activation(module, which, slot_module)

@@ -180,15 +180,21 @@ def test_artifact_carries_the_shift(tmp_path: Path) -> None:
     assert set(qswap.load_calibration(path).bias_shifts) == {"0", "2"}
 
 
-def test_only_static_mode_corrects() -> None:
-    """QAT trains its biases and weight-only/dynamic modes record no inputs: no correction."""
-    model = nn.Sequential(nn.Linear(8, 4)).eval()
-    data = _data((4, 8))
-    for mode in ("weight_only", "dynamic"):
-        cfg = {**COARSE, "bias_correction": True, "mode": mode}
-        qmodel = _quantized(cfg, model, data)
-        assert qmodel._qswap.layers["0"].bias_shift is None, mode  # type: ignore[union-attr]
-        torch.testing.assert_close(qmodel[0].bias, model[0].bias)
+def test_weight_only_mode_corrects_too_and_dynamic_does_not() -> None:
+    """Weight-only layers record their input mean (no activation observer) and are corrected;
+    dynamic mode quantizes inputs per batch and records nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    data = _data((16, 32))
+    weight_only = {**COARSE, "mode": "weight_only"}
+    plain = _quantized(weight_only, model, data)
+    corrected = _quantized({**weight_only, "bias_correction": True}, model, data)
+    before, after = _mean_error(model, plain, data), _mean_error(model, corrected, data)
+    assert after.max() < before.mean() / 20
+    assert not [n for n, _ in corrected.named_modules() if "qswap_input" in n]  # slot removed
+    dynamic = _quantized({**COARSE, "mode": "dynamic", "bias_correction": True}, model, data)
+    assert dynamic._qswap.layers["0"].bias_shift is None  # type: ignore[union-attr]
+    torch.testing.assert_close(dynamic[0].bias, model[0].bias)
 
 
 def test_a_layer_left_in_float_keeps_its_own_bias() -> None:

@@ -249,11 +249,11 @@ class ActivationSlot(nn.Module):
             fresh(x)
             quantizer.set_qparams(fresh.calculate_qparams())
             return quantizer(x)  # type: ignore[no-any-return]
+        mean = self._modules.get("mean")  # bias correction's input mean (qswap.bias_correction)
+        if mean is not None:
+            mean(x)
         if observer is not None:
             observer(x)
-            mean = self._modules.get("mean")  # bias correction's input mean (qswap.bias_correction)
-            if mean is not None:
-                mean(x)
             if quantizer is None:
                 return x
             if self.requant and not learns_qparams(quantizer):
