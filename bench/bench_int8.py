@@ -122,6 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"acc_{name}"] = accuracy(m, data.x_test, data.y_test)
                 if name != "float":
                     row[f"sqnr_{name}"] = sqnr_db(ref, out)
+            # what bias correction (on in the preset) adds: the same flow without it
+            plain = quantize(
+                model,
+                {"extends": ["x86_int8"], "bias_correction": False},
+                calib_data=calib,
+                example_inputs=(data.x_test[:1],),
+                progress=False,
+            )
+            row["sqnr_qswap_no_bc"] = sqnr_db(ref, logits(plain, data.x_test))
+            row["acc_qswap_no_bc"] = accuracy(plain, data.x_test, data.y_test)
             for threads in (1, 2):
                 for batch in (1, 64):
                     x = data.x_test[:batch]
@@ -146,13 +156,15 @@ def main(argv: list[str] | None = None) -> int:
 def report(results: dict[str, dict[str, object]]) -> None:
     print("\nQuality (test set, 360 images)")
     print(
-        "| model | float acc | eager acc | FX acc | qswap acc | SQNR eager | SQNR FX | SQNR qswap |"
+        "| model | float acc | eager acc | FX acc | qswap acc | SQNR eager | SQNR FX | SQNR qswap "
+        "| SQNR qswap without bias correction (acc) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
         print(
             f"| {label} | {r['acc_float']:.2f} | {r['acc_eager']:.2f} | {r['acc_fx']:.2f} | "
-            f"{r['acc_qswap']:.2f} | {r['sqnr_eager']:.2f} | {r['sqnr_fx']:.2f} | {r['sqnr_qswap']:.2f} |"
+            f"{r['acc_qswap']:.2f} | {r['sqnr_eager']:.2f} | {r['sqnr_fx']:.2f} | {r['sqnr_qswap']:.2f} "
+            f"| {r['sqnr_qswap_no_bc']:.2f} ({r['acc_qswap_no_bc']:.2f}) |"
         )
     print("\nLatency, median ms per call (ratios < 1: qswap is faster; FX/FX: the noise floor)")
     print(
