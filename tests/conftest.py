@@ -50,3 +50,13 @@ class TwoInputs(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sum": self.a(x) + self.b(y), "a": self.a(x)}
+
+
+def forum_model(build: Any) -> nn.Module:
+    """A width-0.25 forum model with BatchNorm statistics from random batches, in eval mode."""
+    torch.manual_seed(0)
+    model: nn.Module = build(width=0.25)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 32, 32))
+    return model.eval()

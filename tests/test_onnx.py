@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import forum_model
 from forum_models import resnet18, vgg
 from torch import nn
 
@@ -25,20 +26,10 @@ TEST = X[32:]
 INT8 = {"extends": ["x86_int8"], "activation": {"observer": "minmax"}}
 
 
-def forum(build: object) -> nn.Module:
-    """A width-0.25 forum model with BatchNorm statistics from random batches, in eval mode."""
-    torch.manual_seed(0)
-    model: nn.Module = build(width=0.25)  # type: ignore[operator]
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(16, 3, 32, 32))
-    return model.eval()
-
-
 def quantized(build: object, config: object) -> nn.Module:
     """The forum model quantized with ``config``."""
     return qswap.quantize(
-        forum(build), config, calib_data=CALIB, example_inputs=(X[:1],), progress=False
+        forum_model(build), config, calib_data=CALIB, example_inputs=(X[:1],), progress=False
     )
 
 
@@ -101,7 +92,7 @@ def test_resnet_on_ort_integer_kernels_is_closer_to_qswap_than_qswap_to_float(
     path = export_onnx(qmodel, (X[:1],), tmp_path / "r.onnx")
     with torch.no_grad():
         expected = qmodel(TEST)
-        reference = forum(resnet18)(TEST)
+        reference = forum_model(resnet18)(TEST)
     got = run(path, TEST)
     assert sqnr(expected, got) > sqnr(reference, expected)
     assert ort_optimized_ops(path).get("QLinearConv") == 20
@@ -166,7 +157,7 @@ def test_export_refuses_what_qdq_cannot_hold(tmp_path: Path) -> None:
     }
     with pytest.raises(UnsupportedModuleError, match="'classifier.1'.*slot 'weight'.*bits: 8"):
         export_onnx(quantized(vgg, config), (X[:1],), tmp_path / "a.onnx")
-    prepared = qswap.prepare(forum(vgg), "w8a8_minmax", example_inputs=(X[:1],))
+    prepared = qswap.prepare(forum_model(vgg), "w8a8_minmax", example_inputs=(X[:1],))
     with pytest.raises(UnsupportedModuleError, match="convert"):
         export_onnx(prepared, (X[:1],), tmp_path / "b.onnx")
     with pytest.raises(UnsupportedModuleError, match="opset"):

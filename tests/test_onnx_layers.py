@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import forum_model
 from forum_models import resnet18, vgg
 from torch import nn
 
@@ -28,20 +29,10 @@ INT8 = {"extends": ["x86_int8"], "activation": {"observer": "minmax"}}
 CONFIGS = {"fake": "w8a8_minmax", "int8": INT8}
 
 
-def forum(build: Any) -> nn.Module:
-    """A width-0.25 forum model with BatchNorm statistics from random batches, in eval mode."""
-    torch.manual_seed(0)
-    model: nn.Module = build(width=0.25)
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(16, 3, 32, 32))
-    return model.eval()
-
-
 def quantized(build: Any, config: object) -> nn.Module:
     """The forum model quantized with ``config``."""
     return qswap.quantize(
-        forum(build), config, calib_data=CALIB, example_inputs=(X[:1],), progress=False
+        forum_model(build), config, calib_data=CALIB, example_inputs=(X[:1],), progress=False
     )
 
 
@@ -142,10 +133,10 @@ def test_changed_weights_or_another_model_are_errors(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match=r"layer 'features\.0'.*export_onnx"):
         compare_layers(qmodel, other_path, TEST)
     with pytest.raises(UnsupportedModuleError, match="not converted"):
-        compare_layers(forum(vgg), path, TEST)
+        compare_layers(forum_model(vgg), path, TEST)
     # weights quantized, activations left float: no layer has integers on both sides
     weight_only = qswap.quantize(
-        forum(vgg),
+        forum_model(vgg),
         {"extends": ["w8a8_minmax"], "mode": "weight_only"},
         calib_data=CALIB,
         progress=False,

@@ -737,24 +737,23 @@ def test_options_models_are_frozen_with_documented_defaults() -> None:
 
 # --------------------------------------------------------------------------- histogram observer
 
+HISTOGRAM_VS_TORCH = [
+    (
+        QuantSpec(signed=False, scheme="affine"),
+        {"dtype": torch.quint8, "qscheme": torch.per_tensor_affine},
+    ),
+    (
+        QuantSpec(signed=True, scheme="symmetric"),
+        {"dtype": torch.qint8, "qscheme": torch.per_tensor_symmetric},
+    ),
+    (
+        QuantSpec(signed=False, scheme="affine", reduce_range=True),
+        {"dtype": torch.quint8, "qscheme": torch.per_tensor_affine, "reduce_range": True},
+    ),
+]
 
-@pytest.mark.parametrize(
-    ("spec", "torch_kwargs"),
-    [
-        (
-            QuantSpec(signed=False, scheme="affine"),
-            {"dtype": torch.quint8, "qscheme": torch.per_tensor_affine},
-        ),
-        (
-            QuantSpec(signed=True, scheme="symmetric"),
-            {"dtype": torch.qint8, "qscheme": torch.per_tensor_symmetric},
-        ),
-        (
-            QuantSpec(signed=False, scheme="affine", reduce_range=True),
-            {"dtype": torch.quint8, "qscheme": torch.per_tensor_affine, "reduce_range": True},
-        ),
-    ],
-)
+
+@pytest.mark.parametrize(("spec", "torch_kwargs"), HISTOGRAM_VS_TORCH)
 def test_histogram_mse_beats_torch_histogram_observer_on_laplace(
     spec: QuantSpec, torch_kwargs: dict[str, Any]
 ) -> None:
@@ -793,22 +792,6 @@ def test_histogram_mse_range_is_a_local_optimum_of_measured_error(scheme: str, b
     best = mse(1.0)
     assert best < mse(0.95) and best < mse(1.05)
     assert lo > float(x.min()) or hi < float(x.max())  # it did clip something
-
-
-HISTOGRAM_VS_TORCH = [
-    (
-        QuantSpec(signed=False, scheme="affine"),
-        {"dtype": torch.quint8, "qscheme": torch.per_tensor_affine},
-    ),
-    (
-        QuantSpec(signed=True, scheme="symmetric"),
-        {"dtype": torch.qint8, "qscheme": torch.per_tensor_symmetric},
-    ),
-    (
-        QuantSpec(signed=False, scheme="affine", reduce_range=True),
-        {"dtype": torch.quint8, "qscheme": torch.per_tensor_affine, "reduce_range": True},
-    ),
-]
 
 
 def standard_sample(name: str, n: int = 50_000, seed: int = 3) -> torch.Tensor:
