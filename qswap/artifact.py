@@ -361,11 +361,12 @@ def calibration_payload(model: nn.Module) -> dict[str, Any]:
     the_plan = state.plan
     observers: dict[str, dict[str, dict[str, Any]]] = {}
     if state.stage == "prepared":
-        from qswap.convert import _collect_qparams
+        from qswap.convert import _collect_qparams, chain_inputs
 
         for name, layer in the_plan.layers.items():
             observers[name] = _observers(model, layer)
-        layers = _collect_qparams(model, the_plan)
+        # the qparams convert will use: fake layers fed by a quantized layer take its output's
+        layers = chain_inputs(model, state, _collect_qparams(model, the_plan))
     else:
         layers = state.layers
     tensors: dict[str, torch.Tensor] = {}

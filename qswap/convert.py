@@ -105,6 +105,7 @@ def convert(
     with gc_paused():
         model = prepared if inplace else copy_model(prepared, share=_observers(prepared, the_plan))
         layers = reused if reused is not None else _collect_qparams(model, the_plan)
+        layers = chain_inputs(model, state, layers)
         parts = Components(state.registry)
         for name, layer in layers.items():
             module = model.get_submodule(name)
@@ -241,6 +242,84 @@ def _bias_shift(
     with torch.no_grad():
         error = quantizer(weight.detach()) - weight.detach()
         return shift_of(core, error, mean)
+
+
+def _grid_preserving() -> tuple[frozenset[type[nn.Module]], frozenset[str]]:
+    """Modules and functions that keep an integer tensor on its grid (int8 runs them as is)."""
+    from qswap.backends import torch_int8
+
+    pools: set[type[nn.Module]] = {
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveAvgPool3d,
+    }
+    return torch_int8._EXACT_PASSTHROUGH | pools, torch_int8._NATIVE
+
+
+def chain_inputs(
+    model: nn.Module, state: QSwapState, layers: dict[str, LayerSpec]
+) -> dict[str, LayerSpec]:
+    """Fake layers fed by another layer's quantized output take that output's qparams as input.
+
+    On an integer backend such a layer receives the producer's int8 tensor as it is (through
+    pooling, flatten, ReLU...), never re-quantized with its own input observer; a layer on
+    ``fake`` does the same with this, so fake-quant and int8 models compute alike. Needs the
+    plan's trace (see ``Plan.fused_trace``); without it the layers keep their own qparams.
+    Applying it again changes nothing (outputs are never replaced).
+    """
+    backend = state.plan.backend.name
+    args = state.example_args
+    if state.plan.config.mode == "qat":
+        return layers  # QAT trained each input quantizer: the converted model keeps them
+    if args is None or not any(
+        layer.backend == "fake" or backend == "fake" for layer in layers.values()
+    ):
+        return layers
+    t = state.plan.fused_trace(model, tuple(args), dict(state.example_kwargs))
+    if t is None:
+        return layers
+    modules, functions = _grid_preserving()
+    producer_layer: dict[str, str] = {}
+    for name, layer in layers.items():
+        for path in (name, *layer.aliases):
+            producer_layer[path] = name
+
+    def source(vid: int, depth: int = 0) -> str | None:
+        """The layer whose quantized output ``vid`` is, through grid-preserving calls."""
+        call = t.producer(vid)
+        if call is None or depth > 16 or len(call.outputs) != 1:
+            return None
+        if call.kind == "module":
+            name = next((producer_layer[p] for p in call.paths if p in producer_layer), None)
+            if name is not None:
+                out = layers[name].qparams.get("output")
+                return name if out is not None else None
+            if call.module_type not in modules:
+                return None
+        elif call.target not in functions:
+            return None
+        feeds = [v for v in call.inputs if t.values[v].producer is not None or v in t.inputs]
+        return source(feeds[0], depth + 1) if len(feeds) == 1 else None
+
+    out = dict(layers)
+    for name, layer in layers.items():
+        on_fake = layer.backend == "fake" or backend == "fake"
+        if not on_fake or "input" not in layer.qparams:
+            continue
+        calls = [c for p in (name, *layer.aliases) for c in t.calls_of(p)]
+        found = {source(c.inputs[0]) if c.inputs else None for c in calls}
+        if len(found) != 1 or None in found:
+            continue
+        (producer,) = found
+        if producer is None or producer == name:
+            continue
+        qparams = dict(layer.qparams)
+        qparams["input"] = layers[producer].qparams["output"]
+        out[name] = dataclasses.replace(layer, qparams=qparams)
+    return out
 
 
 def _learned(quantizer: nn.Module | None) -> QParams | None:

@@ -1,0 +1,70 @@
+"""Fake layers fed by another layer's quantized output take its qparams, as int8 layers do."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import qswap
+
+STATIC = {"extends": ["x86_int8"], "backend": "fake", "activation": {"observer": "minmax"}}
+
+
+class Net(nn.Module):
+    """conv -> relu -> maxpool -> conv -> relu -> avgpool -> flatten -> linear, and a sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.avg = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu1(self.conv1(x)))
+        x = self.avg(self.relu2(self.conv2(x)))
+        x = self.fc(torch.flatten(x, 1))
+        return self.head(torch.sigmoid(x))  # a float op: head keeps its own input qparams
+
+
+def _quantized(config: object) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Net().eval()
+    data = [torch.rand(8, 3, 8, 8) for _ in range(3)]
+    qmodel = qswap.quantize(
+        model, config, calib_data=data, example_inputs=(data[0],), progress=False
+    )
+    return model, qmodel, data
+
+
+def test_inputs_after_grid_preserving_ops_take_the_producer_output_qparams() -> None:
+    """Through ReLU, max/avg pooling and flatten, the next layer's input uses the producer's output."""
+    _, qmodel, _ = _quantized(STATIC)
+    layers = qmodel._qswap.layers  # type: ignore[union-attr]
+    assert layers["conv2"].qparams["input"] is layers["conv1"].qparams["output"]
+    assert layers["fc"].qparams["input"] is layers["conv2"].qparams["output"]
+    head_in, fc_out = layers["head"].qparams["input"], layers["fc"].qparams["output"]
+    assert not torch.equal(head_in.scale, fc_out.scale)  # after a sigmoid: its own observer
+    assert "input" in layers["conv1"].qparams  # the model input: its own observer
+
+
+def test_fake_model_computes_what_the_int8_model_computes() -> None:
+    """The same config on fake and on x86 int8: outputs within one output step nearly everywhere."""
+    _, fake, _ = _quantized(STATIC)
+    _, int8, _ = _quantized({**STATIC, "backend": "x86"})
+    step = float(int8._qswap.layers["head"].qparams["output"].scale)  # type: ignore[union-attr]
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        steps = (fake(x) - int8(x)).abs() / step
+    assert float((steps <= 1.001).float().mean()) >= 0.99
+
+
+def test_qat_keeps_the_input_quantizers_it_trained() -> None:
+    """In QAT every input quantizer was trained: convert does not replace its qparams."""
+    _, qmodel, _ = _quantized({**STATIC, "mode": "qat"})
+    layers = qmodel._qswap.layers  # type: ignore[union-attr]
+    assert layers["conv2"].qparams["input"] is not layers["conv1"].qparams["output"]
