@@ -384,6 +384,21 @@ class QuantSpec(_SpecChecks):
             return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         return 0, (1 << bits) - 1
 
+    def storage_range(self) -> tuple[int, int]:
+        """The integers a quantized tensor can hold: ``quant_range`` without ``reduce_range``.
+
+        ``reduce_range`` narrows the grid qparams are computed for (so an int8 kernel's
+        intermediate sums cannot overflow), not what the tensor stores: values beyond the
+        calibrated range still fit up to the full ``bits``, as in torch's int8 kernels and
+        its ``FakeQuantize(quant_max=255, reduce_range=True)``.
+
+        >>> QuantSpec(bits=8, signed=False, reduce_range=True).storage_range()
+        (0, 255)
+        """
+        if self.signed:
+            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        return 0, (1 << self.bits) - 1
+
 
 class QuantSpecPatch(_SpecChecks):
     """A partial QuantSpec used by rules; ``None`` means "keep the value underneath".

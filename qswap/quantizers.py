@@ -282,7 +282,9 @@ def qparams_from_range(
     """QParams for observed ``[min_val, max_val]`` (widened to include 0) under ``spec``.
 
     Shapes follow ``spec.granularity``: scalars per tensor, ``[C]`` per channel, ``[C, G]``
-    per group. Uses ``spec.quant_range()`` (so ``reduce_range`` is honoured).
+    per group. Scale and zero point map the range onto ``spec.quant_range()`` (so
+    ``reduce_range`` is honoured); the QParams clamp to ``spec.storage_range()``, what the
+    quantized tensor holds.
 
     >>> from qswap.config import QuantSpec
     >>> qp = qparams_from_range(-1.0, 3.0, QuantSpec(signed=False, scheme="affine"))
@@ -310,9 +312,9 @@ def qparams_from_range(
             s, z = _scalar_scale_zero_point(low, high, quant_min, quant_max, symmetric)
             scale = torch.scalar_tensor(s, dtype=torch.float32)  # s is a float32 value: exact
             zero_point = torch.scalar_tensor(z, dtype=torch.int32)
-            return QParams(scale, zero_point, quant_min, quant_max)
+            return QParams(scale, zero_point, *spec.storage_range())
     scale, zero_point = _scale_zero_point(lo, hi, quant_min, quant_max, symmetric)
-    return QParams(scale, zero_point, quant_min, quant_max, axis, group_size)
+    return QParams(scale, zero_point, *spec.storage_range(), axis, group_size)
 
 
 # --------------------------------------------------------------------------- fake-quantization
@@ -604,7 +606,7 @@ class Quantizer(_StateModule):
     ) -> None:
         super().__init__()
         _set_attrs(self, spec=spec, options=_validated_options(type(self), options))
-        qmin, qmax = spec.quant_range()
+        qmin, qmax = spec.storage_range()
         axis, group_size = _layout(spec)
         _add_buffer(self, "scale", torch.empty(0, dtype=torch.float32))
         _add_buffer(self, "zero_point", torch.empty(0, dtype=torch.int32))

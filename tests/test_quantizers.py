@@ -135,11 +135,16 @@ def test_qparams_rejects_inconsistent_fields(kwargs: dict[str, Any], message: st
 def test_qparams_from_range_matches_hand_computation(
     spec: QuantSpec, lo: float, hi: float, scale: float, zero_point: int
 ) -> None:
-    """Scale and zero point follow the documented formulas, the range always covering 0."""
+    """Scale and zero point follow the documented formulas, the range always covering 0.
+
+    They map the range onto ``quant_range`` (reduced by ``reduce_range``); the clamp is the
+    ``storage_range`` a quantized tensor holds (torch's int8 tensors: all 8 bits).
+    """
     qp = qparams_from_range(lo, hi, spec)
     assert qp.scale.item() == pytest.approx(scale, rel=1e-6)
     assert qp.zero_point.item() == zero_point
-    assert (qp.quant_min, qp.quant_max) == spec.quant_range()
+    assert (qp.quant_min, qp.quant_max) == spec.storage_range()
+    assert spec.storage_range() == (spec.quant_range() if not spec.reduce_range else (0, 255))
 
 
 def test_qparams_from_range_checks_shapes_against_granularity() -> None:
@@ -287,11 +292,12 @@ def test_unsigned_symmetric_reduce_range_uses_midpoint_zero_point() -> None:
     ours = MinMaxObserver(spec)
     ours(torch.tensor([-1.0, 1.0]))
     qp = ours.calculate_qparams()
-    assert qp.zero_point.item() == 64 and (qp.quant_min, qp.quant_max) == (0, 127)
+    assert qp.zero_point.item() == 64 and (qp.quant_min, qp.quant_max) == (0, 255)
     assert qp.scale.item() == pytest.approx(1 / 63.5)
-    # levels -64..63 around zero: both ends are within half a step
-    out = fake_quantize(torch.tensor([-1.0, 1.0]), qp)
-    assert out.tolist() == pytest.approx([-64 / 63.5, 63 / 63.5])
+    # 1.0 is 63.5 steps: it rounds to 64, which the uint8 tensor holds (the 7-bit grid would
+    # clamp it to 63); beyond the calibrated range values fit up to 191 steps above zero
+    out = fake_quantize(torch.tensor([-1.0, 1.0, 2.0, 5.0]), qp)
+    assert out.tolist() == pytest.approx([-64 / 63.5, 64 / 63.5, 127 / 63.5, 191 / 63.5])
 
 
 # --------------------------------------------------------------------------- fake-quantization
@@ -840,22 +846,23 @@ def test_histogram_mse_at_least_as_good_as_torch_on_standard_distributions(
 def test_histogram_mse_is_within_0_005_db_of_exhaustive_search_on_the_data(
     name: str, spec: QuantSpec, torch_kwargs: dict[str, Any]
 ) -> None:
-    """No zero point within 5 of the chosen one and no scale within 5 % quantizes the data better."""
+    """No zero point within 5 of the chosen one and no scale within 5 % quantizes the data better.
+
+    Measured on the grid the observer chooses for (``quant_range``: with ``reduce_range`` the
+    data should fit 7 bits, although the tensor could hold 8).
+    """
     x = standard_sample(name)
     obs = HistogramObserver(spec)
     obs(x)
     qp = obs.calculate_qparams()
+    qmin, qmax = spec.quant_range()
     scale, zero_point = float(qp.scale), int(qp.zero_point)
-    ours = sqnr_db(x, fake_quantize(x, qp))
+    ours = sqnr_db(x, torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax))
     zero_points = [zero_point]
     if spec.scheme == "affine":
-        zero_points = list(
-            range(max(qp.quant_min, zero_point - 5), min(qp.quant_max, zero_point + 5) + 1)
-        )
+        zero_points = list(range(max(qmin, zero_point - 5), min(qmax, zero_point + 5) + 1))
     best = max(
-        sqnr_db(
-            x, torch.fake_quantize_per_tensor_affine(x, scale * f, z, qp.quant_min, qp.quant_max)
-        )
+        sqnr_db(x, torch.fake_quantize_per_tensor_affine(x, scale * f, z, qmin, qmax))
         for z in zero_points
         for f in torch.linspace(0.95, 1.05, 201).tolist()
     )
