@@ -56,6 +56,7 @@ from qswap.walker import LayerSpec, Plan, gc_paused, set_eval
 if TYPE_CHECKING:
     from qswap.artifact import Calibration
     from qswap.config import QuantSpec
+    from qswap.trace import Trace
 
 __all__ = ["convert", "quantize"]
 
@@ -202,6 +203,8 @@ def _collect_qparams(model: nn.Module, the_plan: Plan) -> dict[str, LayerSpec]:
         if mode in ("static", "qat"):
             for which, spec in layer.activation_specs().items():
                 slot_module = activation_slot(module, which)
+                if slot_module is not None and slot_module.follows is not None:
+                    continue  # QAT input tied to its producer's output: chain_inputs fills it
                 if slot_module is None or slot_module.observer is None:
                     raise PlanError(
                         f"layer {name!r}: its {which} observer is missing; was the prepared model "
@@ -259,6 +262,45 @@ def _grid_preserving() -> tuple[frozenset[type[nn.Module]], frozenset[str]]:
     return torch_int8._EXACT_PASSTHROUGH | pools, torch_int8._NATIVE
 
 
+def input_sources(t: Trace, layers: Mapping[str, LayerSpec], producers: set[str]) -> dict[str, str]:
+    """Layer -> the layer (one of ``producers``) whose quantized output it receives.
+
+    A layer's input comes from a producer when every call of the layer gets the producer's
+    output through grid-preserving calls only (ReLU, pooling, flatten, view...): an integer
+    backend hands it the producer's int8 tensor as it is.
+    """
+    modules, functions = _grid_preserving()
+    producer_layer: dict[str, str] = {}
+    for name, layer in layers.items():
+        for path in (name, *layer.aliases):
+            producer_layer[path] = name
+
+    def source(vid: int, depth: int = 0) -> str | None:
+        call = t.producer(vid)
+        if call is None or depth > 16 or len(call.outputs) != 1:
+            return None
+        if call.kind == "module":
+            name = next((producer_layer[p] for p in call.paths if p in producer_layer), None)
+            if name is not None:
+                return name if name in producers else None
+            if call.module_type not in modules:
+                return None
+        elif call.target not in functions:
+            return None
+        feeds = [v for v in call.inputs if t.values[v].producer is not None or v in t.inputs]
+        return source(feeds[0], depth + 1) if len(feeds) == 1 else None
+
+    out: dict[str, str] = {}
+    for name, layer in layers.items():
+        calls = [c for p in (name, *layer.aliases) for c in t.calls_of(p)]
+        found = {source(c.inputs[0]) if c.inputs else None for c in calls}
+        if len(found) == 1 and None not in found:
+            (producer,) = found
+            if producer is not None and producer != name:
+                out[name] = producer
+    return out
+
+
 def chain_inputs(
     model: nn.Module, state: QSwapState, layers: dict[str, LayerSpec]
 ) -> dict[str, LayerSpec]:
@@ -268,53 +310,28 @@ def chain_inputs(
     pooling, flatten, ReLU...), never re-quantized with its own input observer; a layer on
     ``fake`` does the same with this, so fake-quant and int8 models compute alike. Needs the
     plan's trace (see ``Plan.fused_trace``); without it the layers keep their own qparams.
-    Applying it again changes nothing (outputs are never replaced).
+    In QAT only the inputs ``prepare`` tied to their producer (they trained that way) are
+    chained. Applying it again changes nothing (outputs are never replaced).
     """
     backend = state.plan.backend.name
     args = state.example_args
-    if state.plan.config.mode == "qat":
-        return layers  # QAT trained each input quantizer: the converted model keeps them
+    qat = state.plan.config.mode == "qat"
     if args is None or not any(
-        layer.backend == "fake" or backend == "fake" for layer in layers.values()
+        layer.backend == "fake" or backend == "fake" or qat for layer in layers.values()
     ):
         return layers
-    t = state.plan.fused_trace(model, tuple(args), dict(state.example_kwargs))
+    t = state.plan.fused_trace(model, tuple(args), dict(state.example_kwargs), training=qat)
     if t is None:
         return layers
-    modules, functions = _grid_preserving()
-    producer_layer: dict[str, str] = {}
-    for name, layer in layers.items():
-        for path in (name, *layer.aliases):
-            producer_layer[path] = name
-
-    def source(vid: int, depth: int = 0) -> str | None:
-        """The layer whose quantized output ``vid`` is, through grid-preserving calls."""
-        call = t.producer(vid)
-        if call is None or depth > 16 or len(call.outputs) != 1:
-            return None
-        if call.kind == "module":
-            name = next((producer_layer[p] for p in call.paths if p in producer_layer), None)
-            if name is not None:
-                out = layers[name].qparams.get("output")
-                return name if out is not None else None
-            if call.module_type not in modules:
-                return None
-        elif call.target not in functions:
-            return None
-        feeds = [v for v in call.inputs if t.values[v].producer is not None or v in t.inputs]
-        return source(feeds[0], depth + 1) if len(feeds) == 1 else None
-
+    producers = {name for name, layer in layers.items() if "output" in layer.qparams}
     out = dict(layers)
-    for name, layer in layers.items():
-        on_fake = layer.backend == "fake" or backend == "fake"
-        if not on_fake or "input" not in layer.qparams:
-            continue
-        calls = [c for p in (name, *layer.aliases) for c in t.calls_of(p)]
-        found = {source(c.inputs[0]) if c.inputs else None for c in calls}
-        if len(found) != 1 or None in found:
-            continue
-        (producer,) = found
-        if producer is None or producer == name:
+    for name, producer in input_sources(t, layers, producers).items():
+        layer = layers[name]
+        if qat:
+            slot = activation_slot(model.get_submodule(name), "input")
+            if slot is None or slot.follows is None:
+                continue
+        elif not (layer.backend == "fake" or backend == "fake") or "input" not in layer.qparams:
             continue
         qparams = dict(layer.qparams)
         qparams["input"] = layers[producer].qparams["output"]

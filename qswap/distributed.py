@@ -353,6 +353,8 @@ def _find_quantizers(
         if isinstance(module, WeightObserver):
             quantizer, observer = module.quantizer, module.observer
         elif isinstance(module, ActivationSlot) and not module.dynamic:
+            if module.follows is not None:
+                continue  # its quantizer is its producer's output quantizer, handled there
             quantizer = module.quantizer
             observer = module.observer if module.requant else None
         elif isinstance(module, Quantizer):

@@ -345,6 +345,8 @@ def prepare(
 
                 fuse_model(target, groups, reg)  # eval-mode BN folding
         _attach_observers(target, the_plan, Components(reg))
+        if the_plan.config.mode == "qat" and inputs is not None:
+            _tie_inputs(target, the_plan, inputs[0], inputs[1])
     state = QSwapState(
         plan=the_plan,
         registry=reg,
@@ -355,6 +357,33 @@ def prepare(
     )
     object.__setattr__(target, STATE_ATTR, state)
     return target
+
+
+def _tie_inputs(
+    model: nn.Module, the_plan: Plan, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """QAT: a layer fed another layer's quantized output uses that output's quantizer.
+
+    An int8 model hands the producer's tensor on as it is (through pooling, ReLU,
+    flatten...); tying the input slot to the producer's output quantizer makes QAT train
+    that very graph: one quantizer per tensor, its qparams (or learned step) shared.
+    """
+    from qswap.backends.fake import activation_slot
+    from qswap.convert import input_sources
+
+    t = the_plan.fused_trace(model, args, kwargs, training=True)  # QAT models train
+    if t is None:
+        return
+    layers = the_plan.layers
+    producers = {name for name, layer in layers.items() if layer.output is not None}
+    for name, producer in input_sources(t, layers, producers).items():
+        mine = activation_slot(model.get_submodule(name), "input")
+        theirs = activation_slot(model.get_submodule(producer), "output")
+        if mine is None or theirs is None or theirs.quantizer is None:
+            continue
+        mine.use(observer=None, quantizer=theirs.quantizer)
+        mine.requant = False
+        mine.follows = producer
 
 
 def _weight_observer(

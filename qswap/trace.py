@@ -609,7 +609,11 @@ def trace(
 
 
 def fused_view(
-    t: Trace, model: nn.Module, groups: Sequence[tuple[Sequence[str], Sequence[str]]]
+    t: Trace,
+    model: nn.Module,
+    groups: Sequence[tuple[Sequence[str], Sequence[str]]],
+    *,
+    leaf: Callable[[str, nn.Module], bool] | None = None,
 ) -> Trace | None:
     """What ``trace`` would record on ``model``, the traced model after fusing ``groups``.
 
@@ -618,7 +622,7 @@ def fused_view(
     kept are ``nn.Identity`` (their calls hand that output back); kept members still run
     (see ``qswap.fuse.FusionGroup``). Module types and paths are read from ``model`` as it is
     now, so fused, folded and swapped modules show their new types. Call indices are those
-    a new trace would give.
+    a new trace would give; ``leaf(path, module)`` marks more leaves, as for ``trace``.
 
     ``None`` when ``t`` cannot tell what ``model`` does without running it: a member called
     more than once, a kept member before a fused one, a module that changed from leaf to
@@ -644,7 +648,7 @@ def fused_view(
         outputs_of[fused[0].index] = out
         for c in fused[1:]:
             identity_of[c.index] = out
-    module_paths, leaves, containers = _walk(model, _never)
+    module_paths, leaves, containers = _walk(model, leaf or _never)
     leaf_of: dict[str, nn.Module] = {}
     for m in leaves:
         for path in module_paths[id(m)]:

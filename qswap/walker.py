@@ -142,6 +142,7 @@ class _Traced:
     trace: Trace
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    training: bool = False  # some module was in training mode when it ran
 
     def same_inputs(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
         """Whether ``args``/``kwargs`` are the very objects the trace ran on."""
@@ -192,20 +193,34 @@ class Plan:
     # -- access -------------------------------------------------------------------------
 
     def fused_trace(
-        self, model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
+        self,
+        model: nn.Module,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        *,
+        training: bool = False,
     ) -> Trace | None:
         """The dataflow of ``model`` (this plan's model, fused) on these inputs, without running it.
 
         Derived from the trace the plan fused from (``qswap.trace.fused_view``) when that trace
-        ran on the same input objects in eval mode; ``None`` when it cannot be told, and
-        the caller traces ``model`` itself.
+        ran on the same input objects, in eval mode (a training-mode forward may take other
+        branches) unless ``training`` accepts one recorded in training mode; ``None`` when
+        it cannot be told, and the caller traces ``model`` itself.
         """
         found = self._traced
         if found is None or not found.same_inputs(args, kwargs):
             return None
+        if found.training and not training:
+            return None
         from qswap.trace import fused_view
 
-        return fused_view(found.trace, model, [(g.paths, g.kept) for g in self._groups])
+        paths = {p for name, layer in self.layers.items() for p in (name, *layer.aliases)}
+        return fused_view(
+            found.trace,
+            model,
+            [(g.paths, g.kept) for g in self._groups],
+            leaf=lambda path, module: path in paths,  # a layer runs as one call (QAT fusions)
+        )
 
     @property
     def groups(self) -> list[tuple[str, ...]]:
@@ -1242,10 +1257,11 @@ def _fusion_groups(
         from qswap.trace import trace
 
         tr = trace(model, inputs[0], inputs[1])
-        if traced is not None and not any(m.training for m in model.modules()):
-            # kept so that int8 lowering need not trace the fused model again (eval mode
-            # only: a training-mode forward may take other branches than eval's)
-            traced.append(_Traced(tr, inputs[0], inputs[1]))
+        if traced is not None:
+            # kept so that int8 lowering need not trace the fused model again, and QAT can
+            # tie quantizers along the dataflow
+            training = any(m.training for m in model.modules())
+            traced.append(_Traced(tr, inputs[0], inputs[1], training))
     if isinstance(cfg.fusion, list):
         found = fuse.check_explicit_groups(model, cfg.fusion, tr, reg)
     else:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import qswap
+from qswap.backends.fake import activation_slot
 
 STATIC = {"extends": ["x86_int8"], "backend": "fake", "activation": {"observer": "minmax"}}
 
@@ -63,8 +64,34 @@ def test_fake_model_computes_what_the_int8_model_computes() -> None:
     assert float((steps <= 1.001).float().mean()) >= 0.99
 
 
-def test_qat_keeps_the_input_quantizers_it_trained() -> None:
-    """In QAT every input quantizer was trained: convert does not replace its qparams."""
-    _, qmodel, _ = _quantized({**STATIC, "mode": "qat"})
+def test_qat_trains_one_quantizer_per_tensor() -> None:
+    """QAT ties a chained input to its producer's output quantizer, so it trains the int8 graph.
+
+    The tied slot has no observer of its own, a training step moves the shared learned step
+    with the gradients of both uses, and convert gives the chained input the producer's qparams.
+    """
+    torch.manual_seed(0)
+    model = Net()
+    data = [torch.rand(8, 3, 8, 8) for _ in range(3)]
+    config = {
+        **STATIC,
+        "mode": "qat",
+        "activation": {"observer": "minmax", "quantizer": "lsq"},
+    }
+    prepared = qswap.prepare(model, config, example_inputs=(data[0],))
+    qswap.calibrate(prepared, data, progress=False)
+    tied = activation_slot(prepared.conv2, "input")
+    producer = activation_slot(prepared.conv1, "output")  # conv1 + relu1 fused
+    assert tied is not None and producer is not None and producer.quantizer is not None
+    assert tied.follows == "conv1" and tied.observer is None
+    assert tied.quantizer is producer.quantizer
+    head = activation_slot(prepared.head, "input")
+    assert head is not None and head.follows is None  # after the sigmoid: its own quantizer
+    prepared.train()
+    step = next(p for p in producer.quantizer.parameters())
+    prepared(data[0]).square().mean().backward()
+    assert step.grad is not None and float(step.grad.abs().sum()) > 0
+    qmodel = qswap.convert(prepared.eval())
     layers = qmodel._qswap.layers  # type: ignore[union-attr]
-    assert layers["conv2"].qparams["input"] is not layers["conv1"].qparams["output"]
+    assert layers["conv2"].qparams["input"] is layers["conv1"].qparams["output"]
+    assert layers["head"].qparams["input"] is not layers["fc"].qparams["output"]

@@ -212,6 +212,8 @@ class ActivationSlot(nn.Module):
         self.dynamic = dynamic
         self.calls = 0
         self.seen_float = False
+        #: QAT: the layer whose output quantizer this input slot uses (tied by prepare)
+        self.follows: str | None = None
         self.use(observer=observer, quantizer=quantizer)
 
     def use(self, *, observer: nn.Module | None, quantizer: nn.Module | None) -> None:
