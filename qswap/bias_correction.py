@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from qswap.backends.fake import activation_owner
 from qswap.exceptions import CalibrationError
 from qswap.quantizers import Observer, _add_buffer, _set_buffer
 
@@ -45,9 +46,7 @@ def correctable(module: nn.Module) -> nn.Linear | nn.modules.conv._ConvNd | None
     A fused container (``ConvReLU2d``, ``LinearReLU``, any ``Sequential``) computes with its
     first child.
     """
-    inner = module
-    while isinstance(inner, nn.Sequential) and len(inner) > 0:
-        inner = inner[0]
+    inner = activation_owner(module, "input")
     if isinstance(inner, nn.Linear) and inner.bias is not None:
         return inner
     if (

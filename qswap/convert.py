@@ -316,9 +316,8 @@ def chain_inputs(
     backend = state.plan.backend.name
     args = state.example_args
     qat = state.plan.config.mode == "qat"
-    if args is None or not any(
-        layer.backend == "fake" or backend == "fake" or qat for layer in layers.values()
-    ):
+    on_fake = backend == "fake" or any(layer.backend == "fake" for layer in layers.values())
+    if args is None or not (qat or on_fake):
         return layers
     t = state.plan.fused_trace(model, tuple(args), dict(state.example_kwargs), training=qat)
     if t is None:

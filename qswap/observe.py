@@ -38,7 +38,7 @@ from qswap.config import QConfig, QuantSpec
 from qswap.exceptions import CalibrationError, PlanError
 from qswap.methods import learns_qparams
 from qswap.registry import Registry, default_registry
-from qswap.walker import LayerSpec, Plan, gc_paused, plan, split_inputs
+from qswap.walker import LayerSpec, Plan, gc_paused, plan, set_eval, split_inputs
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -426,12 +426,7 @@ def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) 
             # weight_only: no activations; dynamic: quantized per batch at run time
             mean = _input_mean(module, layer, the_plan.config.activation) if correct_bias else None
             if mean is not None:  # weight_only with bias correction: record the input mean only
-                slot_module = ActivationSlot()
-                slot_module.add_module("mean", mean)
-                device = _device_of(module)
-                if device is not None and device.type != "cpu":
-                    slot_module.to(device)
-                attach_activation(module, "input", slot_module)
+                _attach_slot(module, "input", ActivationSlot(), mean, _device_of(module))
             continue
         acts = layer.activation_specs()
         if not acts:
@@ -444,11 +439,22 @@ def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) 
                 requant=qat,
             )
             mean = _input_mean(module, layer, spec) if which == "input" and correct_bias else None
-            if mean is not None:
-                slot_module.add_module("mean", mean)
-            if device is not None and device.type != "cpu":
-                slot_module.to(device)
-            attach_activation(module, which, slot_module)
+            _attach_slot(module, which, slot_module, mean, device)
+
+
+def _attach_slot(
+    module: nn.Module,
+    which: str,
+    slot_module: ActivationSlot,
+    mean: InputMeanObserver | None,
+    device: torch.device | None,
+) -> None:
+    """Hook ``slot_module`` (with bias correction's ``mean``, if any) on the module's device."""
+    if mean is not None:
+        slot_module.add_module("mean", mean)
+    if device is not None and device.type != "cpu":
+        slot_module.to(device)
+    attach_activation(module, which, slot_module)
 
 
 # --------------------------------------------------------------------------- calibrate
@@ -512,16 +518,7 @@ def calibrate(
         batches = itertools.islice(batches, max_batches)
     from tqdm import tqdm
 
-    modules = list(prepared.modules())
-    if any(type(m).train is not nn.Module.train for m in modules):
-        # a module overrides train(): let it see the call, and restore every flag as it was
-        flags = [(m, m.training) for m in modules]
-        prepared.train(False)
-    else:
-        # plain train(False) only clears flags: touch just the modules in training mode
-        flags = [(m, True) for m in modules if m.training]
-        for m, _ in flags:
-            m.training = False
+    flags = set_eval(prepared)  # restored as they were when calibration ends
     seen = 0
     first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     try:

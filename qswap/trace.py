@@ -196,7 +196,8 @@ def _flatten(obj: Any, path: str, out: list[tuple[str, torch.Tensor]]) -> None:
             _flatten(item, f"{path}[{key!r}]", out)
 
 
-def _tensors(obj: Any, out: list[torch.Tensor]) -> None:
+def _tensors(obj: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every tensor in ``obj`` (nested tuples, lists and dicts), appended to ``out``."""
     if isinstance(obj, torch.Tensor):
         out.append(obj)
     elif isinstance(obj, (tuple, list)):
@@ -205,6 +206,7 @@ def _tensors(obj: Any, out: list[torch.Tensor]) -> None:
     elif isinstance(obj, Mapping):
         for item in obj.values():
             _tensors(item, out)
+    return out
 
 
 def _version(t: torch.Tensor) -> int:

@@ -512,24 +512,27 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def set_eval(model: nn.Module) -> None:
+def set_eval(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     """``model.train(False)``, touching only the modules still in training mode.
 
     ``train`` sets the flag of every module through ``nn.Module.__setattr__``; on a model of
     thousands of modules that costs milliseconds even when all are in eval mode already. A
-    module that overrides ``train`` gets the real call.
+    module that overrides ``train`` gets the real call. Returns ``(module, flag)`` pairs
+    that restore the modes as they were (``module.training = flag``).
 
     >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2)).train()
-    >>> set_eval(m); m.training, m[0].training
-    (False, False)
+    >>> restore = set_eval(m); m.training, m[0].training, len(restore)
+    (False, False, 2)
     """
     modules = list(model.modules())
     if any(type(m).train is not nn.Module.train for m in modules):
+        flags = [(m, m.training) for m in modules]
         model.train(False)
-        return
-    for m in modules:
-        if m.training:
-            m.training = False
+        return flags
+    flags = [(m, True) for m in modules if m.training]
+    for m, _ in flags:
+        m.training = False
+    return flags
 
 
 # --------------------------------------------------------------------------- the walk

@@ -50,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 
 from qswap.artifact import write_atomic
 from qswap.exceptions import PlanError, UnsupportedModuleError
+from qswap.trace import _tensors, function_name
 
 if TYPE_CHECKING:
     import onnx
@@ -154,18 +155,6 @@ def _marks(tensors: Sequence[Any]) -> tuple[QP, ...] | None:
 def _fq(x: Tensor, qp: QP) -> Tensor:
     """``x`` rounded to the quint8 grid of ``qp`` (exported as one QuantizeLinear/DequantizeLinear)."""
     return torch.fake_quantize_per_tensor_affine(x, qp[0], qp[1], 0, 255)
-
-
-def _flat_tensors(obj: Any, out: list[Tensor]) -> list[Tensor]:
-    if isinstance(obj, Tensor):
-        out.append(obj)
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            _flat_tensors(item, out)
-    elif isinstance(obj, Mapping):
-        for item in obj.values():
-            _flat_tensors(item, out)
-    return out
 
 
 def _remark(obj: Any, qp: QP) -> Any:
@@ -337,10 +326,9 @@ class _Emulate(TorchFunctionMode):
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
         from qswap.backends.torch_int8 import _NATIVE
-        from qswap.trace import function_name
 
         kwargs = kwargs or {}
-        tensors = _flat_tensors([args, kwargs], [])
+        tensors = _tensors([args, kwargs], [])
         marks = [m for m in (_mark_of(t) for t in tensors) if m is not None]
         if not marks:
             return func(*args, **kwargs)
@@ -509,7 +497,7 @@ def export_onnx(
     )
     with torch.no_grad():
         out = target(*args, **kwargs)
-    n_out = len(_flat_tensors(out, []))
+    n_out = len(_tensors(out, []))
     names_out = (
         list(output_names)
         if output_names is not None
