@@ -9,6 +9,11 @@ is timed separately), all in one process.
     python bench/bench_prepare.py --full    # FX at 4000 modules too (minutes)
     python bench/bench_prepare.py --quick   # 100 and 1000 modules only
 
+The ``floor`` column makes only the torch calls that a flow built the way qswap is
+(``parametrize`` on weights, hooks on activations, torch.ao's int8 modules, the user's
+model copied) cannot avoid, with no decisions, checks or bookkeeping of its own: a
+lower bound for qswap's design, printed beside it.
+
 Each flow runs ``--repeat`` times (default 3) per size and the fastest run counts, so a
 busy machine disturbs the ratios less.
 """
@@ -25,15 +30,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers
 
 from qswap.convert import convert
-from qswap.observe import calibrate, prepare
+from qswap.observe import calibrate, copy_model, prepare
 
 with peers.torch_ao_quiet():
+    import torch.ao.nn.intrinsic as nni
+    import torch.ao.nn.intrinsic.quantized as nniq
     import torch.ao.quantization as tq
     from torch.ao.quantization import quantize_fx
 
@@ -133,10 +142,91 @@ def time_fx(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tuple[f
         return prep + time.perf_counter() - start, calib
 
 
+class _RangeObserver(nn.Module):
+    """The least an activation observer is: a module with min and max buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def hook(self, module: nn.Module, args: object, output: torch.Tensor) -> None:
+        self.min_val, self.max_val = torch.aminmax(output.detach())
+
+
+def time_floor(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tuple[float, float]:
+    """(seconds, calibration seconds) of the torch calls qswap's design must make, alone.
+
+    One forward with a pre- and a post-hook on every leaf (the trace), a copy
+    (qswap's structural copy, the fastest one here), fusion with torch's own helpers, one
+    ``register_parametrization`` per weight and one hooked observer per layer output;
+    after calibration, each layer's weight quantized per channel into torch.ao's int8
+    module. No rule cascade, dataflow analysis, input observers, checks or clean-up.
+    """
+    with peers.torch_ao_quiet():
+        start = time.perf_counter()
+        handles = []
+        for leaf in model.children():
+            handles.append(leaf.register_forward_pre_hook(lambda m, a: None))
+            handles.append(leaf.register_forward_hook(lambda m, a, y: None))
+        with torch.no_grad():
+            model(x)
+        for handle in handles:
+            handle.remove()
+        work = copy_model(model)
+        layers: list[tuple[int, nn.Module, _RangeObserver]] = []
+        for group in fuse:
+            first, *rest = (int(i) for i in group)
+            core = work[first]
+            if isinstance(work[first + 1], nn.BatchNorm2d):
+                core = fuse_conv_bn_eval(core, work[first + 1])
+            relu = work[first + len(rest)]
+            fused = (
+                nni.ConvReLU2d(core, relu)
+                if isinstance(core, nn.Conv2d)
+                else nni.LinearReLU(core, relu)
+            )
+            work[first] = fused
+            for i in rest:
+                work[i] = nn.Identity()
+            parametrize.register_parametrization(core, "weight", _RangeObserver(), unsafe=True)
+            observer = _RangeObserver()
+            fused.add_module("observer", observer)
+            fused.register_forward_hook(observer.hook)
+            layers.append((first, core, observer))
+        prep = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad():
+            work(x)
+        calib = time.perf_counter() - start
+        start = time.perf_counter()
+        for index, core, observer in layers:
+            weight = core.parametrizations.weight.original.detach()
+            rows = weight.reshape(weight.shape[0], -1)
+            scale = torch.maximum(rows.amin(1).neg(), rows.amax(1)) / 127.5
+            zero = torch.zeros(weight.shape[0], dtype=torch.int64)
+            qweight = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
+            if isinstance(core, nn.Conv2d):
+                qmodule: nn.Module = nniq.ConvReLU2d(
+                    core.in_channels, core.out_channels, core.kernel_size, padding=core.padding
+                )
+            else:
+                qmodule = nniq.LinearReLU(core.in_features, core.out_features)
+            qmodule.set_weight_bias(qweight, core.bias.detach())  # type: ignore[operator]
+            qmodule.scale = float((observer.max_val - observer.min_val) / 255)
+            qmodule.zero_point = 0
+            work[index] = qmodule
+        return prep + time.perf_counter() - start, calib
+
+
 FLOWS: dict[str, Callable[[nn.Module, torch.Tensor, list[list[str]]], tuple[float, float]]] = {
     "qswap": time_qswap,
     "eager": time_eager,
     "fx": time_fx,
+    "floor": time_floor,
 }
 
 
@@ -156,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         f"fuse + prepare + convert, ms per module, fastest of {args.repeat} runs "
         "(calibration of one batch not included)"
     )
-    print("| model | modules | qswap | eager | FX | qswap/eager | qswap total s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | modules | qswap | eager | FX | floor | qswap/eager | qswap/floor | qswap total s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, build in (("linear-relu", linear_relu), ("conv-bn-relu", conv_bn_relu)):
         for size in sizes:
             torch.manual_seed(0)
@@ -176,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             fx = f"{per['fx']:.3f}" if "fx" in per else "skipped"
             print(
                 f"| {label} | {n} | {per['qswap']:.3f} | {per['eager']:.3f} | {fx} | "
-                f"{per['qswap'] / per['eager']:.2f} | {per['qswap'] * n / 1e3:.2f} |",
+                f"{per['floor']:.3f} | {per['qswap'] / per['eager']:.2f} | "
+                f"{per['qswap'] / per['floor']:.2f} | {per['qswap'] * n / 1e3:.2f} |",
                 flush=True,
             )
     return 0

@@ -366,7 +366,7 @@ def calibration_payload(model: nn.Module) -> dict[str, Any]:
         for name, layer in the_plan.layers.items():
             observers[name] = _observers(model, layer)
         # the qparams convert will use: fake layers fed by a quantized layer take its output's
-        layers = chain_inputs(model, state, _collect_qparams(model, the_plan))
+        layers = chain_inputs(model, state, _collect_qparams(model, the_plan, state.layers))
     else:
         layers = state.layers
     tensors: dict[str, torch.Tensor] = {}

@@ -105,7 +105,7 @@ def convert(
         reused = calibrated_layers(prepared, the_plan, calibration)
     with gc_paused():
         model = prepared if inplace else copy_model(prepared, share=_observers(prepared, the_plan))
-        layers = reused if reused is not None else _collect_qparams(model, the_plan)
+        layers = reused if reused is not None else _collect_qparams(model, the_plan, state.layers)
         layers = chain_inputs(model, state, layers)
         parts = Components(state.registry)
         for name, layer in layers.items():
@@ -160,17 +160,20 @@ def convert(
     return model
 
 
-def _collect_qparams(model: nn.Module, the_plan: Plan) -> dict[str, LayerSpec]:
+def _collect_qparams(
+    model: nn.Module, the_plan: Plan, layers: Mapping[str, LayerSpec]
+) -> dict[str, LayerSpec]:
     """Each layer's spec with the qparams its observers computed (unseen activations dropped).
 
     In QAT the weights are observed once more as they are now, and quantizers that learn
     their qparams (LSQ) give their learned ones. Every qparams is what the slot's quantizer
-    actually uses (``pow2`` rounds scales to powers of two).
+    actually uses (``pow2`` rounds scales to powers of two). An input observed at its
+    producer (``LayerSpec.input_from``) is left to ``chain_inputs``.
     """
     mode = the_plan.config.mode
     parts = Components(the_plan.registry)
     out: dict[str, LayerSpec] = {}
-    for name, layer in the_plan.layers.items():
+    for name, layer in layers.items():
         module = model.get_submodule(name)
         qparams: dict[str, QParams] = {}
         for slot, spec in layer.param_specs().items():
@@ -202,6 +205,8 @@ def _collect_qparams(model: nn.Module, the_plan: Plan) -> dict[str, LayerSpec]:
             changes["bias_shift"] = shift
         if mode in ("static", "qat"):
             for which, spec in layer.activation_specs().items():
+                if which == "input" and layer.input_from is not None:
+                    continue  # observed once, as its producer's output: chain_inputs fills it
                 slot_module = activation_slot(module, which)
                 if slot_module is not None and slot_module.follows is not None:
                     continue  # QAT input tied to its producer's output: chain_inputs fills it
@@ -266,8 +271,9 @@ def input_sources(t: Trace, layers: Mapping[str, LayerSpec], producers: set[str]
     """Layer -> the layer (one of ``producers``) whose quantized output it receives.
 
     A layer's input comes from a producer when every call of the layer gets the producer's
-    output through grid-preserving calls only (ReLU, pooling, flatten, view...): an integer
-    backend hands it the producer's int8 tensor as it is.
+    output through grid-preserving calls only (ReLU, pooling, flatten, view...) and its
+    input spec is the producer's output spec: an integer backend hands it the producer's
+    int8 tensor as it is, and one set of qparams serves both.
     """
     modules, functions = _grid_preserving()
     producer_layer: dict[str, str] = {}
@@ -296,7 +302,7 @@ def input_sources(t: Trace, layers: Mapping[str, LayerSpec], producers: set[str]
         found = {source(c.inputs[0]) if c.inputs else None for c in calls}
         if len(found) == 1 and None not in found:
             (producer,) = found
-            if producer is not None and producer != name:
+            if producer is not None and producer != name and layers[producer].output == layer.input:
                 out[name] = producer
     return out
 
@@ -304,37 +310,49 @@ def input_sources(t: Trace, layers: Mapping[str, LayerSpec], producers: set[str]
 def chain_inputs(
     model: nn.Module, state: QSwapState, layers: dict[str, LayerSpec]
 ) -> dict[str, LayerSpec]:
-    """Fake layers fed by another layer's quantized output take that output's qparams as input.
+    """Layers fed by another layer's quantized output take that output's qparams as input.
 
     On an integer backend such a layer receives the producer's int8 tensor as it is (through
-    pooling, flatten, ReLU...), never re-quantized with its own input observer; a layer on
-    ``fake`` does the same with this, so fake-quant and int8 models compute alike. Needs the
-    plan's trace (see ``Plan.fused_trace``); without it the layers keep their own qparams.
-    In QAT only the inputs ``prepare`` tied to their producer (they trained that way) are
-    chained. Applying it again changes nothing (outputs are never replaced).
+    pooling, flatten, ReLU...), never re-quantized with its own input observer. ``prepare``
+    observes such a tensor once, at its producer (``LayerSpec.input_from``); those layers
+    always take the producer's qparams here. Without that record a layer on ``fake`` is
+    chained all the same when the plan's trace tells its producer (see
+    ``Plan.fused_trace``), so fake-quant and int8 models compute alike; in QAT only the
+    inputs ``prepare`` tied to their producer (they trained that way) are. Applying it
+    again changes nothing (outputs are never replaced).
     """
+    out = dict(layers)
+
+    def chain(name: str, producer: str) -> None:
+        found = layers[producer].qparams.get("output")
+        if found is not None:
+            layer = layers[name]
+            out[name] = dataclasses.replace(layer, qparams={**layer.qparams, "input": found})
+
+    for name, layer in layers.items():
+        if layer.input_from is not None:
+            chain(name, layer.input_from)
     backend = state.plan.backend.name
     args = state.example_args
     qat = state.plan.config.mode == "qat"
     on_fake = backend == "fake" or any(layer.backend == "fake" for layer in layers.values())
     if args is None or not (qat or on_fake):
-        return layers
+        return out
     t = state.plan.fused_trace(model, tuple(args), dict(state.example_kwargs), training=qat)
     if t is None:
-        return layers
+        return out
     producers = {name for name, layer in layers.items() if "output" in layer.qparams}
-    out = dict(layers)
     for name, producer in input_sources(t, layers, producers).items():
         layer = layers[name]
+        if layer.input_from is not None:
+            continue
         if qat:
             slot = activation_slot(model.get_submodule(name), "input")
             if slot is None or slot.follows is None:
                 continue
         elif not (layer.backend == "fake" or backend == "fake") or "input" not in layer.qparams:
             continue
-        qparams = dict(layer.qparams)
-        qparams["input"] = layers[producer].qparams["output"]
-        out[name] = dataclasses.replace(layer, qparams=qparams)
+        chain(name, producer)
     return out
 
 

@@ -19,7 +19,7 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
@@ -344,7 +344,11 @@ def prepare(
                 from qswap.fuse import fuse_model
 
                 fuse_model(target, groups, reg)  # eval-mode BN folding
-        _attach_observers(target, the_plan, Components(reg))
+        layers = dict(the_plan.layers)
+        if the_plan.config.mode == "static" and inputs is not None:
+            for name, producer in _shared_inputs(target, the_plan, inputs[0], inputs[1]).items():
+                layers[name] = replace(layers[name], input_from=producer)
+        _attach_observers(target, the_plan, layers, Components(reg))
         if the_plan.config.mode == "qat" and inputs is not None:
             _tie_inputs(target, the_plan, inputs[0], inputs[1])
     state = QSwapState(
@@ -353,10 +357,29 @@ def prepare(
         stage="prepared",
         example_args=inputs[0] if inputs is not None else None,
         example_kwargs=inputs[1] if inputs is not None else {},
-        layers=dict(the_plan.layers),
+        layers=layers,
     )
     object.__setattr__(target, STATE_ATTR, state)
     return target
+
+
+def _shared_inputs(
+    model: nn.Module, the_plan: Plan, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, str]:
+    """Layer -> the layer whose quantized output it takes as input (static PTQ, from the trace).
+
+    That tensor reaches the layer on the producer's grid (through ReLU, pooling, flatten...),
+    so one observer, the producer's output one, serves both: as PyTorch's FX flow observes
+    each tensor once. Empty when the plan's trace does not tell the fused dataflow.
+    """
+    from qswap.convert import input_sources
+
+    t = the_plan.fused_trace(model, args, kwargs)
+    if t is None:
+        return {}
+    layers = the_plan.layers
+    producers = {name for name, layer in layers.items() if layer.output is not None}
+    return input_sources(t, layers, producers)
 
 
 def _tie_inputs(
@@ -406,11 +429,13 @@ def _input_mean(module: nn.Module, layer: LayerSpec, spec: QuantSpec) -> InputMe
     return InputMeanObserver(spec, kind="linear" if isinstance(core, nn.Linear) else "conv")
 
 
-def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) -> None:
+def _attach_observers(
+    model: nn.Module, the_plan: Plan, layers: Mapping[str, LayerSpec], components: Components
+) -> None:
     mode = the_plan.config.mode
     qat = mode == "qat"
     correct_bias = the_plan.config.bias_correction and mode in ("static", "weight_only")
-    for name, layer in the_plan.layers.items():
+    for name, layer in layers.items():
         module = model.get_submodule(name)
         for slot, spec in layer.param_specs().items():
             owner, pname = param_location(module, slot)
@@ -433,6 +458,12 @@ def _attach_observers(model: nn.Module, the_plan: Plan, components: Components) 
             continue
         device = _device_of(module)
         for which, spec in acts.items():
+            if which == "input" and layer.input_from is not None:
+                # observed as the producer's output; bias correction still needs the mean here
+                mean = _input_mean(module, layer, spec) if correct_bias else None
+                if mean is not None:
+                    _attach_slot(module, "input", ActivationSlot(), mean, device)
+                continue
             slot_module = ActivationSlot(
                 observer=components.create("observer", spec),
                 quantizer=components.create("quantizer", spec) if qat else None,

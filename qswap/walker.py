@@ -82,6 +82,9 @@ class LayerSpec:
     registry: Registry | None = field(default=None, repr=False, compare=False)
     #: after convert with ``bias_correction``: what was subtracted from the layer's bias
     bias_shift: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    #: the layer whose quantized output is this layer's input (set by ``prepare`` from the
+    #: trace): that tensor is observed once, there, and its qparams serve both layers
+    input_from: str | None = None
 
     def param_specs(self) -> dict[str, QuantSpec]:
         """Parameter slots to quantize (``weight`` first), by slot name."""

@@ -95,3 +95,53 @@ def test_qat_trains_one_quantizer_per_tensor() -> None:
     layers = qmodel._qswap.layers  # type: ignore[union-attr]
     assert layers["conv2"].qparams["input"] is layers["conv1"].qparams["output"]
     assert layers["head"].qparams["input"] is not layers["fc"].qparams["output"]
+
+
+def _observers(prepared: nn.Module) -> dict[str, bool]:
+    """Per layer: whether its input slot has an observer of its own."""
+    out = {}
+    for name in ("conv1", "conv2", "fc", "head"):
+        slot = activation_slot(prepared.get_submodule(name), "input")
+        out[name] = slot is not None and slot.observer is not None
+    return out
+
+
+def test_static_prepare_observes_each_tensor_once() -> None:
+    """A chained input gets no observer: its producer's output observer sees the same tensor.
+
+    The spec records the producer and convert gives the input the producer's qparams, on
+    fake and on int8. Without example inputs there is no trace, and every input keeps its own.
+    """
+    torch.manual_seed(0)
+    model = Net().eval()
+    data = [torch.rand(8, 3, 8, 8) for _ in range(3)]
+    # on x86 the pooling layers are integer pass-through layers: they produce conv2's, fc's input
+    for backend, producers in (("fake", ("conv1", "conv2")), ("x86", ("pool", "avg"))):
+        prepared = qswap.prepare(model, {**STATIC, "backend": backend}, example_inputs=(data[0],))
+        assert _observers(prepared) == {"conv1": True, "conv2": False, "fc": False, "head": True}
+        specs = prepared._qswap.layers  # type: ignore[union-attr]
+        assert (specs["conv2"].input_from, specs["fc"].input_from) == producers
+        assert specs["conv1"].input_from is None and specs["head"].input_from is None
+        mean_only = activation_slot(prepared.conv2, "input")  # the preset corrects biases
+        assert mean_only is not None and "mean" in mean_only._modules
+        qmodel = qswap.convert(qswap.calibrate(prepared, data, progress=False))
+        layers = qmodel._qswap.layers  # type: ignore[union-attr]
+        for name, producer in zip(("conv2", "fc"), producers, strict=True):
+            assert layers[name].qparams["input"] is layers[producer].qparams["output"]
+            assert layers[name].bias_shift is not None
+    separate = qswap.prepare(model, STATIC)  # no trace to tell producers: each input observed
+    assert all(_observers(separate).values())
+    assert all(layer.input_from is None for layer in separate._qswap.layers.values())  # type: ignore[union-attr]
+
+
+def test_an_input_with_another_spec_keeps_its_own_observer() -> None:
+    """A layer whose input spec differs from its producer's output spec quantizes the tensor again."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    data = [torch.rand(8, 3, 8, 8) for _ in range(2)]
+    config = {**STATIC, "rules": [{"match": {"name": "fc"}, "input": {"bits": 6}}]}
+    prepared = qswap.prepare(model, config, example_inputs=(data[0],))
+    assert _observers(prepared) == {"conv1": True, "conv2": False, "fc": True, "head": True}
+    qmodel = qswap.convert(qswap.calibrate(prepared, data, progress=False))
+    fc_in = qmodel._qswap.layers["fc"].qparams["input"]  # type: ignore[union-attr]
+    assert (fc_in.quant_min, fc_in.quant_max) == (0, 63)
