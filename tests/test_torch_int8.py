@@ -788,8 +788,18 @@ def test_in_place_add_as_a_statement_updates_the_tensor() -> None:
         (ti.QuantizedLinearReLU, nn.Linear(12, 5, bias=False), torch.randn(4, 12)),
         (ti.QuantizedConv2d, nn.Conv2d(6, 8, 3, padding=1, groups=2), torch.randn(2, 6, 5, 5)),
         (ti.QuantizedConvReLU1d, nn.Conv1d(3, 4, 3, stride=2), torch.randn(2, 3, 9)),
+        (
+            ti.QuantizedConv3d,
+            nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1), dilation=(1, 2, 1)),
+            torch.randn(1, 2, 3, 6, 6),
+        ),
+        (
+            ti.QuantizedConvReLU2d,
+            nn.Conv2d(2, 4, 3, padding=2, padding_mode="reflect", bias=False),
+            torch.randn(1, 2, 6, 6),
+        ),
     ],
-    ids=["linear", "linear-relu-nobias", "conv2d-groups", "conv-relu1d"],
+    ids=["linear", "linear-relu-nobias", "conv2d-groups", "conv-relu1d", "conv3d", "reflect"],
 )
 def test_counterparts_match_torch_ao_constructors(
     counterpart: type, float_module: nn.Module, x: torch.Tensor

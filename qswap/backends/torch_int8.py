@@ -313,6 +313,34 @@ def _new_linear(cls: type[_IntegerModule], linear: nn.Linear, qweight: Tensor) -
     return cast(_IntegerModule, q)
 
 
+def _new_conv(
+    cls: type[_IntegerModule], conv: nn.modules.conv._ConvNd, qweight: Tensor
+) -> _IntegerModule:
+    """``cls(in, out, kernel, stride, ...)`` with ``qweight`` set, packing the weight once.
+
+    torch.ao's ``_ConvNd._init`` packs a placeholder weight (as costly as the real one on
+    small convolutions) before ``set_weight_bias``; this sets the attributes it sets, with
+    the float convolution's sizes (tuples already), and packs the real weight only. The
+    checks of those constructors are ``_build_conv``'s (tests compare the two).
+    """
+    q: Any = cls.__new__(cls)
+    nn.Module.__init__(q)
+    q.in_channels = conv.in_channels
+    q.out_channels = conv.out_channels
+    q.kernel_size = conv.kernel_size
+    q.stride = conv.stride
+    q.padding = conv.padding
+    q.dilation = conv.dilation
+    q.transposed = False
+    q.output_padding = (0,) * len(conv.kernel_size)
+    q.groups = conv.groups
+    q.padding_mode = conv.padding_mode
+    q.set_weight_bias(qweight, _bias(conv))
+    q.scale = 1.0
+    q.zero_point = 0
+    return cast(_IntegerModule, q)
+
+
 def _build_linear(
     cls: type[_IntegerModule], module: nn.Module, spec: LayerSpec, fused: type[nn.Module]
 ) -> nn.Module:
@@ -356,25 +384,15 @@ def _build_conv(
             f"{spec.name}: torch's quantized convolutions support padding_mode 'zeros' and "
             f"'reflect', not {conv.padding_mode!r}; skip the layer with a rule"
         )
+    if conv.padding_mode == "reflect" and len(conv.kernel_size) == 3:  # torch.ao's Conv3d refuses
+        raise UnsupportedModuleError(
+            f"{spec.name}: torch's int8 kernels cannot run this layer (Conv3d does not support "
+            "reflection padding); skip it with a rule or use backend 'fake'"
+        )
     qweight = _quantize_weight(conv.weight, _qparams(spec, "weight", module), f"{spec.name} weight")
     scale, zero_point = _out(spec, module)
     with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
-        # Built with one channel per group, so its placeholder weight packs in no time,
-        # then given the real sizes and weight: the weight is packed once, not twice.
-        q = cls(
-            conv.groups,
-            conv.groups,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-        )
-        q.in_channels = conv.in_channels  # type: ignore[assignment]
-        q.out_channels = conv.out_channels  # type: ignore[assignment]
-        q.set_weight_bias(qweight, _bias(conv))  # type: ignore[operator]
+        q = _new_conv(cls, conv, qweight)
     q.scale = scale
     q.zero_point = zero_point
     q._set_input(spec, module)
