@@ -27,16 +27,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers
 
+from qswap.backends import torch_int8
 from qswap.convert import convert
 from qswap.observe import calibrate, copy_model, prepare
 
@@ -163,8 +165,8 @@ def time_floor(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tupl
     One forward with a pre- and a post-hook on every leaf (the trace), a copy
     (qswap's structural copy, the fastest one here), fusion with torch's own helpers, one
     ``register_parametrization`` per weight and one hooked observer per layer output;
-    after calibration, each layer's weight quantized per channel into torch.ao's int8
-    module. No rule cascade, dataflow analysis, input observers, checks or clean-up.
+    after calibration, each layer's weight quantized per channel and packed once into
+    torch.ao's int8 module. No rule cascade, dataflow analysis, checks or clean-up.
     """
     with peers.torch_ao_quiet():
         start = time.perf_counter()
@@ -181,8 +183,17 @@ def time_floor(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tupl
         for group in fuse:
             first, *rest = (int(i) for i in group)
             core = work[first]
-            if isinstance(work[first + 1], nn.BatchNorm2d):
-                core = fuse_conv_bn_eval(core, work[first + 1])
+            bn = work[first + 1]
+            if isinstance(bn, nn.BatchNorm2d):  # folded into the copy's own conv, as qswap does
+                core.weight, core.bias = fuse_conv_bn_weights(
+                    core.weight,
+                    core.bias,
+                    bn.running_mean,
+                    bn.running_var,
+                    bn.eps,
+                    bn.weight,
+                    bn.bias,
+                )
             relu = work[first + len(rest)]
             fused = (
                 nni.ConvReLU2d(core, relu)
@@ -209,13 +220,11 @@ def time_floor(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tupl
             scale = torch.maximum(rows.amin(1).neg(), rows.amax(1)) / 127.5
             zero = torch.zeros(weight.shape[0], dtype=torch.int64)
             qweight = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
+            # the weight packed once into torch.ao's module, as qswap's lowering builds it
             if isinstance(core, nn.Conv2d):
-                qmodule: nn.Module = nniq.ConvReLU2d(
-                    core.in_channels, core.out_channels, core.kernel_size, padding=core.padding
-                )
+                qmodule: Any = torch_int8._new_conv(nniq.ConvReLU2d, core, qweight)
             else:
-                qmodule = nniq.LinearReLU(core.in_features, core.out_features)
-            qmodule.set_weight_bias(qweight, core.bias.detach())  # type: ignore[operator]
+                qmodule = torch_int8._new_linear(nniq.LinearReLU, core, qweight)
             qmodule.scale = float((observer.max_val - observer.min_val) / 255)
             qmodule.zero_point = 0
             work[index] = qmodule
