@@ -271,10 +271,13 @@ def input_sources(t: Trace, layers: Mapping[str, LayerSpec], producers: set[str]
     """Layer -> the layer (one of ``producers``) whose quantized output it receives.
 
     A layer's input comes from a producer when every call of the layer gets the producer's
-    output through grid-preserving calls only (ReLU, pooling, flatten, view...) and its
+    output through grid-preserving calls only (ReLU, pooling, flatten, view..., and layers
+    that int8 runs as they are, ``IntegerPassthrough``, which keep their input's grid) and its
     input spec is the producer's output spec: an integer backend hands it the producer's
     int8 tensor as it is, and one set of qparams serves both.
     """
+    from qswap.backends.torch_int8 import IntegerPassthrough as passthrough
+
     modules, functions = _grid_preserving()
     producer_layer: dict[str, str] = {}
     for name, layer in layers.items():
@@ -287,9 +290,9 @@ def input_sources(t: Trace, layers: Mapping[str, LayerSpec], producers: set[str]
             return None
         if call.kind == "module":
             name = next((producer_layer[p] for p in call.paths if p in producer_layer), None)
-            if name is not None:
+            if name is not None and layers[name].counterpart is not passthrough:
                 return name if name in producers else None
-            if call.module_type not in modules:
+            if call.module_type not in modules:  # an int8 pass-through layer is one of them
                 return None
         elif call.target not in functions:
             return None

@@ -115,12 +115,14 @@ def test_static_prepare_observes_each_tensor_once() -> None:
     torch.manual_seed(0)
     model = Net().eval()
     data = [torch.rand(8, 3, 8, 8) for _ in range(3)]
-    # on x86 the pooling layers are integer pass-through layers: they produce conv2's, fc's input
-    for backend, producers in (("fake", ("conv1", "conv2")), ("x86", ("pool", "avg"))):
+    producers = ("conv1", "conv2")
+    for backend in ("fake", "x86"):
         prepared = qswap.prepare(model, {**STATIC, "backend": backend}, example_inputs=(data[0],))
         assert _observers(prepared) == {"conv1": True, "conv2": False, "fc": False, "head": True}
         specs = prepared._qswap.layers  # type: ignore[union-attr]
         assert (specs["conv2"].input_from, specs["fc"].input_from) == producers
+        if backend == "x86":  # int8 runs the pools as they are: they keep conv1's, conv2's grid
+            assert (specs["pool"].input_from, specs["avg"].input_from) == producers
         assert specs["conv1"].input_from is None and specs["head"].input_from is None
         mean_only = activation_slot(prepared.conv2, "input")  # the preset corrects biases
         assert mean_only is not None and "mean" in mean_only._modules
@@ -145,3 +147,47 @@ def test_an_input_with_another_spec_keeps_its_own_observer() -> None:
     qmodel = qswap.convert(qswap.calibrate(prepared, data, progress=False))
     fc_in = qmodel._qswap.layers["fc"].qparams["input"]  # type: ignore[union-attr]
     assert (fc_in.quant_min, fc_in.quant_max) == (0, 63)
+
+
+class Block(nn.Module):
+    """The forum's BasicBlock shape: one ReLU module used after conv1 and after the skip add."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+def test_int8_pass_through_layers_keep_their_input_grid_and_adds_keep_their_own_range() -> None:
+    """Chaining looks through layers int8 runs as they are, and never past a skip add.
+
+    conv2 is fed conv1's int8 tensor through the shared ReLU (whose observer also sees the
+    add's output), so its input is conv1's output, not the ReLU's. The next block's conv1 is
+    fed the add's output: it keeps its own observer, whose qparams requantize the add.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Block(4), Block(4)).eval()
+    for block in (model[1], model[2]):
+        nn.init.uniform_(block.bn1.running_mean, -0.2, 0.2)
+        nn.init.uniform_(block.bn2.running_var, 0.5, 2.0)
+    data = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    prepared = qswap.prepare(model, STATIC | {"backend": "x86"}, example_inputs=(data[0],))
+    specs = prepared._qswap.layers  # type: ignore[union-attr]
+    assert specs["1.conv2"].input_from == "1.conv1"
+    assert specs["2.conv1"].input_from is None and specs["1.relu"].input_from is None
+    qmodel = qswap.convert(qswap.calibrate(prepared, data, progress=False))
+    layers = qmodel._qswap.layers  # type: ignore[union-attr]
+    adds = [op for op in qmodel._qswap_int8.ops if op.kind == "add_relu"]  # type: ignore[union-attr]
+    assert len(adds) == 2
+    next_input = layers["2.conv1"].qparams["input"]
+    assert adds[0].scale == float(next_input.scale)
+    assert adds[0].zero_point == int(next_input.zero_point)

@@ -1352,7 +1352,10 @@ def _lower(
     kinds: dict[str, str] = {}
     built: dict[str, _IntegerModule] = {}
     out_q: dict[str, _Act] = {}
+    # input qparams: observed on the layer's own input (what _analyse may give the value
+    # feeding it), and the paths with any, its producer's included (LayerSpec.input_from)
     in_q: dict[str, _Act] = {}
+    has_input: set[str] = set()
     relu_out_q: dict[str, _Act] = {}
 
     def aliases(path: str) -> list[str]:
@@ -1377,7 +1380,9 @@ def _lower(
                 for p in aliases(path):
                     kinds[p] = "passthrough"
                     if "input" in acts:
-                        in_q[p] = acts["input"]
+                        has_input.add(p)
+                        if spec.input_from is None:  # observed on this very value
+                            in_q[p] = acts["input"]
                     if "output" in acts and type(module) is nn.ReLU:
                         relu_out_q[p] = acts["output"]
                 continue
@@ -1401,11 +1406,13 @@ def _lower(
                 kinds[p] = "weighted"
                 out_q[p] = out
                 if inp is not None:
-                    in_q[p] = inp
+                    has_input.add(p)
+                    if spec.input_from is None:  # observed on this very value
+                        in_q[p] = inp
         foldable = {p for fp, q in built.items() if type(q) in _WITH_RELU for p in aliases(fp)}
         while True:
             lowering = _analyse(t, kinds, out_q, in_q, relu_out_q, foldable)
-            stuck = sorted(p for p in lowering.float_fed if p not in in_q)
+            stuck = sorted(p for p in lowering.float_fed if p not in has_input)
             if not stuck:
                 break
             for p in stuck:  # fed float by the caller or float code, with nothing to quantize it
