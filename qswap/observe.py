@@ -443,7 +443,8 @@ def _attach_observers(
             observer = _weight_observer(
                 module, slot, components.create("observer", spec), quantizer
             )
-            device = _device_of(owner)
+            tensor = owner._parameters.get(pname)  # else parametrized by the user already
+            device = tensor.device if tensor is not None else _device_of(owner)
             if device is not None and device.type != "cpu":
                 observer.to(device)
             attach_parametrization(owner, pname, observer)

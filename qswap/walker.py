@@ -527,7 +527,14 @@ def set_eval(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     >>> restore = set_eval(m); m.training, m[0].training, len(restore)
     (False, False, 2)
     """
-    modules = list(model.modules())
+    found = {id(model): model}  # model.modules(), without its per-module generator frames
+    stack = [model]
+    while stack:
+        for child in stack.pop()._modules.values():
+            if child is not None and id(child) not in found:
+                found[id(child)] = child
+                stack.append(child)
+    modules = list(found.values())
     if any(type(m).train is not nn.Module.train for m in modules):
         flags = [(m, m.training) for m in modules]
         model.train(False)
