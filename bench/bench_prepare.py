@@ -41,6 +41,7 @@ import peers
 from qswap.backends import torch_int8
 from qswap.convert import convert
 from qswap.observe import calibrate, copy_model, prepare
+from qswap.walker import gc_paused
 
 with peers.torch_ao_quiet():
     import torch.ao.nn.intrinsic as nni
@@ -166,9 +167,11 @@ def time_floor(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tupl
     (qswap's structural copy, the fastest one here), fusion with torch's own helpers, one
     ``register_parametrization`` per weight and one hooked observer per layer output;
     after calibration, each layer's weight quantized per channel and packed once into
-    torch.ao's int8 module. No rule cascade, dataflow analysis, checks or clean-up.
+    torch.ao's int8 module. No rule cascade, dataflow analysis, checks or clean-up. The
+    cyclic garbage collector pauses throughout, and its catch-up comes after the clock
+    stops: a floor on the low side.
     """
-    with peers.torch_ao_quiet():
+    with peers.torch_ao_quiet(), gc_paused():
         start = time.perf_counter()
         handles = []
         for leaf in model.children():
