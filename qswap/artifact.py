@@ -275,6 +275,8 @@ def _observers(model: nn.Module, layer: LayerSpec) -> dict[str, dict[str, Any]]:
         found = activation_slot(module, which)
         if found is not None and found.observer is not None:
             out[which] = _observer_summary(found.observer)
+    if layer.input_from is not None:  # one observer per tensor: the producer's output one
+        out["input"] = {"observed_as": f"{layer.input_from} output"}
     return out
 
 
@@ -314,6 +316,8 @@ class Calibration:
                 scale = f"{s.item():.4g}" if s.numel() == 1 else f"{s.min():.3g}..{s.max():.3g}"
                 zp = f"{z.item()}" if z.numel() == 1 else f"{int(z.min())}..{int(z.max())}"
                 obs = self.layers_meta.get(name, {}).get("observers", {}).get(slot, {})
+                producer = obs.get("observed_as")
+                observer = obs.get("name", f"as {producer}" if producer else "-")
                 rows.append(
                     (
                         name or "(root)",
@@ -322,7 +326,7 @@ class Calibration:
                         layout,
                         scale,
                         zp,
-                        str(obs.get("name", "-")),
+                        str(observer),
                     )
                 )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -363,7 +367,7 @@ def calibration_payload(model: nn.Module) -> dict[str, Any]:
     if state.stage == "prepared":
         from qswap.convert import _collect_qparams, chain_inputs
 
-        for name, layer in the_plan.layers.items():
+        for name, layer in state.layers.items():
             observers[name] = _observers(model, layer)
         # the qparams convert will use: fake layers fed by a quantized layer take its output's
         layers = chain_inputs(model, state, _collect_qparams(model, the_plan, state.layers))

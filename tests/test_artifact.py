@@ -87,8 +87,16 @@ def test_artifact_records_qparams_config_versions_and_observers(tmp_path: Path) 
     observed = cal.layers_meta["features.0"]["observers"]
     assert observed["input"]["name"] == "minmax"
     assert observed["input"]["max_val"] == pytest.approx(float(X[:32].max()), rel=1e-6)
+    # a tensor observed once: the next conv's input is the first conv's (pooled) output
+    assert cal.layers_meta["features.4"]["observers"]["input"] == {
+        "observed_as": "features.0 output"
+    }
+    assert torch.equal(
+        cal.qparams["features.4"]["input"].scale, cal.qparams["features.0"]["output"].scale
+    )
     table = str(cal)
     assert "features.0" in table and "per_channel(axis=0)" in table
+    assert "as features.0 output" in table
 
 
 def test_missing_artifact_is_a_clear_error(tmp_path: Path) -> None:
