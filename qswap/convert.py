@@ -205,7 +205,7 @@ def _collect_qparams(
             changes["bias_shift"] = shift
         if mode in ("static", "qat"):
             for which, spec in layer.activation_specs().items():
-                if which == "input" and layer.input_from is not None:
+                if which == "input" and layer.input_from is not None or keeps_input_grid(layer):
                     continue  # observed once, as its producer's output: chain_inputs fills it
                 slot_module = activation_slot(module, which)
                 if slot_module is not None and slot_module.follows is not None:
@@ -310,6 +310,23 @@ def input_sources(t: Trace, layers: Mapping[str, LayerSpec], producers: set[str]
     return out
 
 
+def keeps_input_grid(layer: LayerSpec) -> bool:
+    """Whether ``layer``'s output needs no observer: it is on its chained input's grid.
+
+    An int8 pass-through layer (pooling, flatten, dropout...: ``IntegerPassthrough``) fed
+    another layer's quantized output (``input_from``) hands its output on with its input's
+    qparams. A ReLU keeps its own: lowering folds it into the layer before with the range
+    it observed after the ReLU.
+    """
+    from qswap.backends.torch_int8 import IntegerPassthrough
+
+    return (
+        layer.input_from is not None
+        and layer.counterpart is IntegerPassthrough
+        and not issubclass(layer.module_type, nn.ReLU)
+    )
+
+
 def chain_inputs(
     model: nn.Module, state: QSwapState, layers: dict[str, LayerSpec]
 ) -> dict[str, LayerSpec]:
@@ -330,7 +347,10 @@ def chain_inputs(
         found = layers[producer].qparams.get("output")
         if found is not None:
             layer = layers[name]
-            out[name] = dataclasses.replace(layer, qparams={**layer.qparams, "input": found})
+            qparams = {**layer.qparams, "input": found}
+            if keeps_input_grid(layer):
+                qparams["output"] = found
+            out[name] = dataclasses.replace(layer, qparams=qparams)
 
     for name, layer in layers.items():
         if layer.input_from is not None:

@@ -432,6 +432,8 @@ def _input_mean(module: nn.Module, layer: LayerSpec, spec: QuantSpec) -> InputMe
 def _attach_observers(
     model: nn.Module, the_plan: Plan, layers: Mapping[str, LayerSpec], components: Components
 ) -> None:
+    from qswap.convert import keeps_input_grid
+
     mode = the_plan.config.mode
     qat = mode == "qat"
     correct_bias = the_plan.config.bias_correction and mode in ("static", "weight_only")
@@ -458,6 +460,8 @@ def _attach_observers(
         if not acts:
             continue
         device = _device_of(module)
+        if keeps_input_grid(layer):
+            continue  # a pooling (...) layer on its chained input's grid: nothing to observe
         for which, spec in acts.items():
             if which == "input" and layer.input_from is not None:
                 # observed as the producer's output; bias correction still needs the mean here

@@ -123,6 +123,9 @@ def test_static_prepare_observes_each_tensor_once() -> None:
         assert (specs["conv2"].input_from, specs["fc"].input_from) == producers
         if backend == "x86":  # int8 runs the pools as they are: they keep conv1's, conv2's grid
             assert (specs["pool"].input_from, specs["avg"].input_from) == producers
+            for pool in (prepared.pool, prepared.avg):  # so they observe nothing
+                assert activation_slot(pool, "input") is None
+                assert activation_slot(pool, "output") is None
         assert specs["conv1"].input_from is None and specs["head"].input_from is None
         mean_only = activation_slot(prepared.conv2, "input")  # the preset corrects biases
         assert mean_only is not None and "mean" in mean_only._modules
@@ -131,6 +134,10 @@ def test_static_prepare_observes_each_tensor_once() -> None:
         for name, producer in zip(("conv2", "fc"), producers, strict=True):
             assert layers[name].qparams["input"] is layers[producer].qparams["output"]
             assert layers[name].bias_shift is not None
+        if backend == "x86":
+            for pool, producer in zip(("pool", "avg"), producers, strict=True):
+                qp = layers[pool].qparams
+                assert qp["input"] is qp["output"] is layers[producer].qparams["output"]
     separate = qswap.prepare(model, STATIC)  # no trace to tell producers: each input observed
     assert all(_observers(separate).values())
     assert all(layer.input_from is None for layer in separate._qswap.layers.values())  # type: ignore[union-attr]
