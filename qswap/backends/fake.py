@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 
 from qswap.exceptions import PlanError
 from qswap.methods import learns_qparams
+from qswap.quantizers import _set_attrs
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -199,6 +200,13 @@ class ActivationSlot(nn.Module):
     from a fresh observer of the same kind.
     """
 
+    requant: bool
+    dynamic: bool
+    calls: int
+    seen_float: bool
+    #: QAT: the layer whose output quantizer this input slot uses (tied by prepare)
+    follows: str | None
+
     def __init__(
         self,
         *,
@@ -208,12 +216,7 @@ class ActivationSlot(nn.Module):
         dynamic: bool = False,
     ) -> None:
         super().__init__()
-        self.requant = requant
-        self.dynamic = dynamic
-        self.calls = 0
-        self.seen_float = False
-        #: QAT: the layer whose output quantizer this input slot uses (tied by prepare)
-        self.follows: str | None = None
+        _set_attrs(self, requant=requant, dynamic=dynamic, calls=0, seen_float=False, follows=None)
         self.use(observer=observer, quantizer=quantizer)
 
     def use(self, *, observer: nn.Module | None, quantizer: nn.Module | None) -> None:
