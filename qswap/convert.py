@@ -165,6 +165,9 @@ def _collect_qparams(
 ) -> dict[str, LayerSpec]:
     """Each layer's spec with the qparams its observers computed (unseen activations dropped).
 
+    A layer never called whose parameters calibration read (another module's code uses
+    them) keeps its parameter qparams only; one never reached at all is an error.
+
     In QAT the weights are observed once more as they are now, and quantizers that learn
     their qparams (LSQ) give their learned ones. Every qparams is what the slot's quantizer
     actually uses (``pow2`` rounds scales to powers of two). An input observed at its
@@ -176,11 +179,9 @@ def _collect_qparams(
     for name, layer in layers.items():
         module = model.get_submodule(name)
         qparams: dict[str, QParams] = {}
+        read = False  # whether calibration read one of its parameters
         for slot, spec in layer.param_specs().items():
             owner, pname = param_location(module, slot)
-            if mode == "qat":
-                with torch.no_grad():
-                    getattr(owner, pname)  # the parametrization observes the final weight
             found = parametrizations_of(owner, pname)
             if not found:
                 raise PlanError(
@@ -188,6 +189,10 @@ def _collect_qparams(
                     "modified after qswap.prepare()?"
                 )
             observer: Any = found[-1]
+            read = read or bool(getattr(observer, "observer", observer).seen)
+            if mode == "qat":
+                with torch.no_grad():
+                    getattr(owner, pname)  # the parametrization observes the final weight
             learned = _learned(getattr(observer, "quantizer", None))
             if learned is not None:
                 qparams[slot] = learned
@@ -215,6 +220,12 @@ def _collect_qparams(
                         f"layer {name!r}: its {which} observer is missing; was the prepared model "
                         "modified after qswap.prepare()?"
                     )
+                if slot_module.calls == 0 and read:
+                    # never called, yet its parameters were read: another module's code uses
+                    # them (nn.MultiheadAttention reads out_proj.weight), so they are quantized
+                    # and there are no activations of its own to quantize
+                    changes[which] = None
+                    continue
                 if slot_module.calls == 0:
                     raise CalibrationError(
                         f"layer {name!r} ({layer.module_type.__name__}) never ran during "

@@ -220,6 +220,43 @@ def test_never_run_layer_is_a_calibration_error() -> None:
     )
 
 
+def test_layer_whose_parent_reads_its_weight_keeps_quantized_weights_only() -> None:
+    """nn.MultiheadAttention never calls out_proj, it reads out_proj.weight: no error there.
+
+    A small transformer language model quantizes with one call on fake and on x86 (where
+    the attention stays float); out_proj's weight is fake-quantized, it has no activations.
+    """
+
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 50)
+
+        def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.head(self.enc(self.emb(ids)))}
+
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    batches = [torch.randint(0, 50, (4, 10)) for _ in range(3)]
+    ids = torch.randint(0, 50, (8, 10))
+    for config in ("w8a8_minmax", "x86_int8"):
+        qmodel = qswap.quantize(model, config, calib_data=batches, example_inputs=(batches[0],))
+        with torch.no_grad():
+            ref, out = model(ids)["logits"], qmodel(ids)["logits"]
+        assert 10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()) > 20
+    fake: Any = qswap.quantize(model, "w8a8_minmax", calib_data=batches)
+    spec = fake._qswap.layers["enc.layers.0.self_attn.out_proj"]
+    assert spec.input is None and spec.output is None and "weight" in spec.qparams
+    scale = spec.qparams["weight"].scale
+    weight = fake.enc.layers[0].self_attn.out_proj.weight  # what attention reads: on the grid
+    steps = weight / (scale.reshape(-1, 1) if scale.dim() else scale)
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+    assert not torch.equal(weight, model.enc.layers[0].self_attn.out_proj.weight)
+
+
 def test_convert_errors() -> None:
     """convert refuses unprepared, already converted and other-backend models."""
     with pytest.raises(
