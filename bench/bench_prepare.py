@@ -14,8 +14,8 @@ The ``floor`` column makes only the torch calls that a flow built the way qswap 
 model copied) cannot avoid, with no decisions, checks or bookkeeping of its own: a
 lower bound for qswap's design, printed beside it.
 
-Each flow runs ``--repeat`` times (default 3) per size and the fastest run counts, so a
-busy machine disturbs the ratios less.
+Each flow runs ``--repeat`` times (default 3) per size, in rounds of all flows in turn, and
+its fastest run counts, so a busy machine disturbs the ratios less.
 """
 
 from __future__ import annotations
@@ -96,53 +96,53 @@ def conv_bn_relu(modules: int) -> tuple[nn.Module, torch.Tensor, list[list[str]]
     return nn.Sequential(*layers).eval(), torch.randn(1, 4, 6, 6), fuse
 
 
-def time_qswap(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tuple[float, float]:
-    """(plan + fuse + prepare + convert seconds, calibration seconds) for qswap."""
+def _timed(
+    build: Callable[[], Any], calibrate_it: Callable[[Any], object], finish: Callable[[Any], object]
+) -> tuple[float, float]:
+    """(``build`` + ``finish`` seconds, ``calibrate_it`` seconds): one flow's phases, timed."""
     start = time.perf_counter()
-    prepared = prepare(model, QSWAP_MINMAX, example_inputs=(x,))
+    prepared = build()
     prep = time.perf_counter() - start
     start = time.perf_counter()
-    calibrate(prepared, [x], progress=False)
+    with torch.no_grad():
+        calibrate_it(prepared)
     calib = time.perf_counter() - start
     start = time.perf_counter()
-    convert(prepared, inplace=True)
+    finish(prepared)
     return prep + time.perf_counter() - start, calib
+
+
+def time_qswap(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tuple[float, float]:
+    """(plan + fuse + prepare + convert seconds, calibration seconds) for qswap."""
+    return _timed(
+        lambda: prepare(model, QSWAP_MINMAX, example_inputs=(x,)),
+        lambda prepared: calibrate(prepared, [x], progress=False),
+        lambda prepared: convert(prepared, inplace=True),
+    )
 
 
 def time_eager(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tuple[float, float]:
     """(fuse + prepare + convert seconds, calibration seconds) for PyTorch eager mode."""
-    with peers.torch_ao_quiet():
-        start = time.perf_counter()
-        work = copy.deepcopy(model)
-        work = tq.fuse_modules(work, fuse)
+
+    def build() -> nn.Module:
+        work = tq.fuse_modules(copy.deepcopy(model), fuse)
         stubbed = peers.Stubbed(work).eval()
         stubbed.qconfig = torch_minmax_qconfig()  # type: ignore[assignment]
-        prepared = tq.prepare(stubbed)
-        prep = time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.no_grad():
-            prepared(x)
-        calib = time.perf_counter() - start
-        start = time.perf_counter()
-        tq.convert(prepared)
-        return prep + time.perf_counter() - start, calib
+        return tq.prepare(stubbed)
+
+    with peers.torch_ao_quiet():
+        return _timed(build, lambda prepared: prepared(x), tq.convert)
 
 
 def time_fx(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tuple[float, float]:
     """(prepare_fx + convert_fx seconds, calibration seconds) for PyTorch FX."""
+    mapping = tq.QConfigMapping().set_global(torch_minmax_qconfig())
     with peers.torch_ao_quiet():
-        start = time.perf_counter()
-        work = copy.deepcopy(model)
-        mapping = tq.QConfigMapping().set_global(torch_minmax_qconfig())
-        prepared = quantize_fx.prepare_fx(work, mapping, (x,))
-        prep = time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.no_grad():
-            prepared(x)
-        calib = time.perf_counter() - start
-        start = time.perf_counter()
-        quantize_fx.convert_fx(prepared)
-        return prep + time.perf_counter() - start, calib
+        return _timed(
+            lambda: quantize_fx.prepare_fx(copy.deepcopy(model), mapping, (x,)),
+            lambda prepared: prepared(x),
+            quantize_fx.convert_fx,
+        )
 
 
 class _RangeObserver(nn.Module):
@@ -171,8 +171,9 @@ def time_floor(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tupl
     cyclic garbage collector pauses throughout, and its catch-up comes after the clock
     stops: a floor on the low side.
     """
-    with peers.torch_ao_quiet(), gc_paused():
-        start = time.perf_counter()
+    layers: list[tuple[int, nn.Module, _RangeObserver]] = []
+
+    def build() -> nn.Module:
         handles = []
         for leaf in model.children():
             handles.append(leaf.register_forward_pre_hook(lambda m, a: None))
@@ -182,7 +183,6 @@ def time_floor(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tupl
         for handle in handles:
             handle.remove()
         work = copy_model(model)
-        layers: list[tuple[int, nn.Module, _RangeObserver]] = []
         for group in fuse:
             first, *rest = (int(i) for i in group)
             core = work[first]
@@ -211,12 +211,9 @@ def time_floor(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tupl
             fused.add_module("observer", observer)
             fused.register_forward_hook(observer.hook)
             layers.append((first, core, observer))
-        prep = time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.no_grad():
-            work(x)
-        calib = time.perf_counter() - start
-        start = time.perf_counter()
+        return work
+
+    def finish(work: nn.Module) -> None:
         for index, core, observer in layers:
             weight = core.parametrizations.weight.original.detach()
             rows = weight.reshape(weight.shape[0], -1)
@@ -231,7 +228,9 @@ def time_floor(model: nn.Module, x: torch.Tensor, fuse: list[list[str]]) -> tupl
             qmodule.scale = float((observer.max_val - observer.min_val) / 255)
             qmodule.zero_point = 0
             work[index] = qmodule
-        return prep + time.perf_counter() - start, calib
+
+    with peers.torch_ao_quiet(), gc_paused():
+        return _timed(build, lambda work: work(x), finish)
 
 
 FLOWS: dict[str, Callable[[nn.Module, torch.Tensor, list[list[str]]], tuple[float, float]]] = {
@@ -268,15 +267,15 @@ def main(argv: list[str] | None = None) -> int:
             model, x, fuse = build(size)
             n = sum(1 for _ in model.children())
             per: dict[str, float] = {}
-            for name, flow in FLOWS.items():
-                if name == "fx" and size > 1000 and not args.full:
-                    continue
-                repeat = 1 if name == "fx" and size > 1000 else max(1, args.repeat)
-                best = float("inf")
-                for _ in range(repeat):  # the fastest run: the least disturbed by the machine
+            # rounds of every flow in turn, so a slow spell of the machine hits them alike;
+            # each flow's fastest run counts (the least disturbed)
+            for round_ in range(max(1, args.repeat)):
+                for name, flow in FLOWS.items():
+                    if name == "fx" and size > 1000 and (not args.full or round_ > 0):
+                        continue
                     gc.collect()
-                    best = min(best, flow(model, x, fuse)[0])
-                per[name] = best / n * 1e3
+                    seconds = flow(model, x, fuse)[0] / n * 1e3
+                    per[name] = min(per.get(name, float("inf")), seconds)
             fx = f"{per['fx']:.3f}" if "fx" in per else "skipped"
             print(
                 f"| {label} | {n} | {per['qswap']:.3f} | {per['eager']:.3f} | {fx} | "
