@@ -210,7 +210,7 @@ def _collect_qparams(
             changes["bias_shift"] = shift
         if mode in ("static", "qat"):
             for which, spec in layer.activation_specs().items():
-                if which == "input" and layer.input_from is not None or keeps_input_grid(layer):
+                if (which == "input" and layer.input_from is not None) or keeps_input_grid(layer):
                     continue  # observed once, as its producer's output: chain_inputs fills it
                 slot_module = activation_slot(module, which)
                 if slot_module is not None and slot_module.follows is not None:

@@ -364,17 +364,23 @@ def prepare(
 
 
 def _shared_inputs(
-    model: nn.Module, the_plan: Plan, args: tuple[Any, ...], kwargs: dict[str, Any]
+    model: nn.Module,
+    the_plan: Plan,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    training: bool = False,
 ) -> dict[str, str]:
-    """Layer -> the layer whose quantized output it takes as input (static PTQ, from the trace).
+    """Layer -> the layer whose quantized output it takes as input (from the plan's trace).
 
     That tensor reaches the layer on the producer's grid (through ReLU, pooling, flatten...),
-    so one observer, the producer's output one, serves both: as PyTorch's FX flow observes
-    each tensor once. Empty when the plan's trace does not tell the fused dataflow.
+    so one observer (static PTQ) or quantizer (QAT, ``training``), the producer's output
+    one, serves both: as PyTorch's FX flow observes each tensor once. Empty when the plan's
+    trace does not tell the fused dataflow.
     """
     from qswap.convert import input_sources
 
-    t = the_plan.fused_trace(model, args, kwargs)
+    t = the_plan.fused_trace(model, args, kwargs, training=training)
     if t is None:
         return {}
     layers = the_plan.layers
@@ -392,14 +398,9 @@ def _tie_inputs(
     that very graph: one quantizer per tensor, its qparams (or learned step) shared.
     """
     from qswap.backends.fake import activation_slot
-    from qswap.convert import input_sources
 
-    t = the_plan.fused_trace(model, args, kwargs, training=True)  # QAT models train
-    if t is None:
-        return
-    layers = the_plan.layers
-    producers = {name for name, layer in layers.items() if layer.output is not None}
-    for name, producer in input_sources(t, layers, producers).items():
+    # QAT models train: a trace in training mode will do
+    for name, producer in _shared_inputs(model, the_plan, args, kwargs, training=True).items():
         mine = activation_slot(model.get_submodule(name), "input")
         theirs = activation_slot(model.get_submodule(producer), "output")
         if mine is None or theirs is None or theirs.quantizer is None:
@@ -459,9 +460,9 @@ def _attach_observers(
         acts = layer.activation_specs()
         if not acts:
             continue
-        device = _device_of(module)
         if keeps_input_grid(layer):
             continue  # a pooling (...) layer on its chained input's grid: nothing to observe
+        device = _device_of(module)
         for which, spec in acts.items():
             if which == "input" and layer.input_from is not None:
                 # observed as the producer's output; bias correction still needs the mean here

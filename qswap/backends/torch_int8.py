@@ -1352,8 +1352,9 @@ def _lower(
     kinds: dict[str, str] = {}
     built: dict[str, _IntegerModule] = {}
     out_q: dict[str, _Act] = {}
-    # input qparams: observed on the layer's own input (what _analyse may give the value
-    # feeding it), and the paths with any, its producer's included (LayerSpec.input_from)
+    # in_q: input qparams observed on the layer's own input (_analyse may requantize the
+    # value feeding it with them); has_input: paths with input qparams of any origin, those
+    # taken from their producer included (LayerSpec.input_from)
     in_q: dict[str, _Act] = {}
     has_input: set[str] = set()
     relu_out_q: dict[str, _Act] = {}
