@@ -60,3 +60,23 @@ def forum_model(build: Any) -> nn.Module:
     with torch.no_grad():
         model(torch.rand(16, 3, 32, 32))
     return model.eval()
+
+
+#: forum-model images (random, fixed): the first 32 calibrate, the rest are held out
+FORUM_X = torch.rand(96, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+FORUM_CALIB = [FORUM_X[:32]]
+#: x86 int8 with min-max activation observers: the preset's histograms are slow to calibrate
+INT8_MINMAX = {"extends": ["x86_int8"], "activation": {"observer": "minmax"}}
+
+
+def quantized_forum(build: Any, config: object) -> nn.Module:
+    """The ``forum_model`` quantized with ``config``, calibrated on ``FORUM_CALIB``."""
+    import qswap
+
+    return qswap.quantize(
+        forum_model(build),
+        config,
+        calib_data=FORUM_CALIB,
+        example_inputs=(FORUM_X[:1],),
+        progress=False,
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import forum_model
+from conftest import FORUM_X, INT8_MINMAX, forum_model, quantized_forum
 from forum_models import resnet18, vgg
 from torch import nn
 
@@ -19,18 +19,7 @@ pytest.importorskip("onnxruntime")
 
 from qswap.backends.onnx import export_onnx, onnx_session, ort_optimized_ops
 
-X = torch.rand(96, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-CALIB = [X[:32]]
-TEST = X[32:]
-# x86 int8 with min-max activation observers: the preset's histograms are slow to calibrate
-INT8 = {"extends": ["x86_int8"], "activation": {"observer": "minmax"}}
-
-
-def quantized(build: object, config: object) -> nn.Module:
-    """The forum model quantized with ``config``."""
-    return qswap.quantize(
-        forum_model(build), config, calib_data=CALIB, example_inputs=(X[:1],), progress=False
-    )
+TEST = FORUM_X[32:]
 
 
 def output_step(qmodel: nn.Module) -> float:
@@ -62,8 +51,8 @@ def test_fake_model_graph_reproduces_qswap_within_one_output_step(
     All of VGG's outputs; for the ResNet at least 95 %: float rounding ties that flip one
     step somewhere in its 20 layers propagate along the float skip connections.
     """
-    qmodel = quantized(build, "w8a8_minmax")
-    path = export_onnx(qmodel, (X[:1],), tmp_path / "m.onnx")
+    qmodel = quantized_forum(build, "w8a8_minmax")
+    path = export_onnx(qmodel, (FORUM_X[:1],), tmp_path / "m.onnx")
     with torch.no_grad():
         expected = qmodel(TEST)
     steps = (run(path, TEST, optimization="disable") - expected).abs() / output_step(qmodel)
@@ -72,9 +61,9 @@ def test_fake_model_graph_reproduces_qswap_within_one_output_step(
 
 def test_vgg_on_ort_integer_kernels_within_one_output_step(tmp_path: Path) -> None:
     """On ONNX Runtime's integer kernels (extended), VGG stays within one output step, fake and int8."""
-    for config in ("w8a8_minmax", INT8):
-        qmodel = quantized(vgg, config)
-        path = export_onnx(qmodel, (X[:1],), tmp_path / "vgg.onnx")
+    for config in ("w8a8_minmax", INT8_MINMAX):
+        qmodel = quantized_forum(vgg, config)
+        path = export_onnx(qmodel, (FORUM_X[:1],), tmp_path / "vgg.onnx")
         ops = ort_optimized_ops(path)
         assert ops.get("QLinearConv") == 8 and ops.get("QGemm") == 2
         with torch.no_grad():
@@ -88,8 +77,8 @@ def test_resnet_on_ort_integer_kernels_is_closer_to_qswap_than_qswap_to_float(
     tmp_path: Path, config: str
 ) -> None:
     """ORT's integer ResNet deviates from qswap less than quantization deviates from float."""
-    qmodel = quantized(resnet18, INT8 if config == "int8" else config)
-    path = export_onnx(qmodel, (X[:1],), tmp_path / "r.onnx")
+    qmodel = quantized_forum(resnet18, INT8_MINMAX if config == "int8" else config)
+    path = export_onnx(qmodel, (FORUM_X[:1],), tmp_path / "r.onnx")
     with torch.no_grad():
         expected = qmodel(TEST)
         reference = forum_model(resnet18)(TEST)
@@ -100,8 +89,8 @@ def test_resnet_on_ort_integer_kernels_is_closer_to_qswap_than_qswap_to_float(
 
 def test_int8_resnet_runs_fully_integer_in_ort(tmp_path: Path) -> None:
     """An int8 ResNet exports with skip connections as QLinearAdd and one Q/DQ pair at the ends."""
-    qmodel = quantized(resnet18, INT8)
-    path = export_onnx(qmodel, (X[:1],), tmp_path / "r.onnx")
+    qmodel = quantized_forum(resnet18, INT8_MINMAX)
+    path = export_onnx(qmodel, (FORUM_X[:1],), tmp_path / "r.onnx")
     ops = ort_optimized_ops(path)
     assert ops["QLinearAdd"] == 8
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1
@@ -111,8 +100,8 @@ def test_int8_resnet_runs_fully_integer_in_ort(tmp_path: Path) -> None:
 def test_per_tensor_weights_batch_sizes_and_opset_13(tmp_path: Path) -> None:
     """qnnpack-style per-tensor weights export at opset 13 and run at any batch size."""
     config = {"extends": ["qnnpack_int8"], "backend": "fake", "activation": {"observer": "minmax"}}
-    qmodel = quantized(vgg, config)
-    path = export_onnx(qmodel, (X[:1],), tmp_path / "v13.onnx", opset=13)
+    qmodel = quantized_forum(vgg, config)
+    path = export_onnx(qmodel, (FORUM_X[:1],), tmp_path / "v13.onnx", opset=13)
     model = onnx.load(path)
     onnx.checker.check_model(model, full_check=True)
     assert {o.domain: o.version for o in model.opset_import}[""] == 13
@@ -139,8 +128,8 @@ def test_per_tensor_weights_batch_sizes_and_opset_13(tmp_path: Path) -> None:
 
 def test_quantize_bias_stores_int32_biases(tmp_path: Path) -> None:
     """quantize_bias=True writes each conv and GEMM bias as int32 behind a DequantizeLinear."""
-    qmodel = quantized(vgg, "w8a8_minmax")
-    path = export_onnx(qmodel, (X[:1],), tmp_path / "b.onnx", quantize_bias=True)
+    qmodel = quantized_forum(vgg, "w8a8_minmax")
+    path = export_onnx(qmodel, (FORUM_X[:1],), tmp_path / "b.onnx", quantize_bias=True)
     model = onnx.load(path)
     int32 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT32]
     assert len(int32) >= 10
@@ -156,10 +145,12 @@ def test_export_refuses_what_qdq_cannot_hold(tmp_path: Path) -> None:
         "rules": [{"match": {"name": "classifier.1"}, "weight": {"bits": 4}}],
     }
     with pytest.raises(UnsupportedModuleError, match="'classifier.1'.*slot 'weight'.*bits: 8"):
-        export_onnx(quantized(vgg, config), (X[:1],), tmp_path / "a.onnx")
-    prepared = qswap.prepare(forum_model(vgg), "w8a8_minmax", example_inputs=(X[:1],))
+        export_onnx(quantized_forum(vgg, config), (FORUM_X[:1],), tmp_path / "a.onnx")
+    prepared = qswap.prepare(forum_model(vgg), "w8a8_minmax", example_inputs=(FORUM_X[:1],))
     with pytest.raises(UnsupportedModuleError, match="convert"):
-        export_onnx(prepared, (X[:1],), tmp_path / "b.onnx")
+        export_onnx(prepared, (FORUM_X[:1],), tmp_path / "b.onnx")
     with pytest.raises(UnsupportedModuleError, match="opset"):
-        export_onnx(quantized(vgg, "w8a8_minmax"), (X[:1],), tmp_path / "c.onnx", opset=11)
+        export_onnx(
+            quantized_forum(vgg, "w8a8_minmax"), (FORUM_X[:1],), tmp_path / "c.onnx", opset=11
+        )
     assert not list(tmp_path.iterdir())

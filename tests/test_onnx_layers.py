@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import forum_model
+from conftest import FORUM_CALIB, FORUM_X, INT8_MINMAX, forum_model, quantized_forum
 from forum_models import resnet18, vgg
 from torch import nn
 
@@ -21,25 +20,14 @@ from onnx import numpy_helper
 
 from qswap.backends.onnx import compare_layers, export_onnx
 
-X = torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-CALIB = [X[:32]]
-TEST = X[32:]
-# x86 int8 with min-max activation observers: the preset's histograms are slow to calibrate
-INT8 = {"extends": ["x86_int8"], "activation": {"observer": "minmax"}}
-CONFIGS = {"fake": "w8a8_minmax", "int8": INT8}
-
-
-def quantized(build: Any, config: object) -> nn.Module:
-    """The forum model quantized with ``config``."""
-    return qswap.quantize(
-        forum_model(build), config, calib_data=CALIB, example_inputs=(X[:1],), progress=False
-    )
+TEST = FORUM_X[32:48]  # 16 held-out images: compare_layers runs ORT layer by layer
+CONFIGS = {"fake": "w8a8_minmax", "int8": INT8_MINMAX}
 
 
 def exported(tmp_path: Path, build: Any, kind: str) -> tuple[nn.Module, Path]:
     """A quantized forum model and its QDQ export."""
-    qmodel = quantized(build, CONFIGS[kind])
-    return qmodel, export_onnx(qmodel, (X[:1],), tmp_path / f"{kind}.onnx")
+    qmodel = quantized_forum(build, CONFIGS[kind])
+    return qmodel, export_onnx(qmodel, (FORUM_X[:1],), tmp_path / f"{kind}.onnx")
 
 
 def node_after(model: Any, op_type: str, name_part: str, follow: str) -> Any:
@@ -138,7 +126,7 @@ def test_changed_weights_or_another_model_are_errors(tmp_path: Path) -> None:
     weight_only = qswap.quantize(
         forum_model(vgg),
         {"extends": ["w8a8_minmax"], "mode": "weight_only"},
-        calib_data=CALIB,
+        calib_data=FORUM_CALIB,
         progress=False,
     )
     with pytest.raises(PlanError, match="nothing to compare layer by layer"):
