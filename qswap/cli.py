@@ -40,6 +40,7 @@ from qswap.exceptions import (
 __all__ = ["build_parser", "load_object", "main", "render_schema"]
 
 EXIT_OK = 0
+EXIT_CHECK = 1  # the command ran and wrote its files, but a check it ran failed
 EXIT_INVALID = 2
 
 CONFIG_SCHEMA_NAME = "qswap-config.schema.json"
@@ -306,7 +307,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         else:
             save_calibration(qmodel, tmp / "calibration.pt")
         save(qmodel, tmp / "model.pt")
-        (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        # the plan's config: what it measured (vnni) included, so the folder rebuilds as is
+        (tmp / "config.yaml").write_text(dump_config(the_plan.config), encoding="utf-8")
         (tmp / "plan.txt").write_text(str(the_plan) + "\n", encoding="utf-8")
         rep = report(model, qmodel, evaluation, sensitivity=args.sensitivity)
         (tmp / "report.txt").write_text(str(rep) + "\n", encoding="utf-8")
@@ -332,6 +334,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         f"wrote {out}/: calibration.pt, model.pt, config.yaml, plan.txt, report.txt/json/csv"
         + (", model.onnx, onnx_check.txt" if args.onnx else "")
     )
+    print(
+        f"output SQNR {rep.output_sqnr_db:.1f} dB over {rep.batches} batch(es); "
+        f"{sum(r.params_before for r in rep.rows)} -> {sum(r.params_after for r in rep.rows)} "
+        "parameter bytes"
+    )
     if onnx_rows is not None:
         bad = [row for row in onnx_rows if not row.ok]
         print(
@@ -339,11 +346,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             "quantization step of qswap on the same input"
             + "".join(f"\n  differs: {row}" for row in bad)
         )
-    print(
-        f"output SQNR {rep.output_sqnr_db:.1f} dB over {rep.batches} batch(es); "
-        f"{sum(r.params_before for r in rep.rows)} -> {sum(r.params_after for r in rep.rows)} "
-        "parameter bytes"
-    )
+        if bad:
+            cause = (
+                "the CPU, not the export (see 'likely cause' above)"
+                if any(row.saturates for row in bad)
+                else "the export or the runtime; see onnx_check.txt"
+            )
+            print(
+                f"qswap: error: the ONNX Runtime check failed on {len(bad)} layer(s), likely "
+                f"because of {cause}; the files are in {out}/",
+                file=sys.stderr,
+            )
+            return EXIT_CHECK
     return EXIT_OK
 
 

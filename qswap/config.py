@@ -680,6 +680,16 @@ class QConfig(BaseModel):
     strict: StrictBool = Field(
         default=True, description="A rule that matches no module is an error."
     )
+    vnni: Literal["auto"] | StrictBool = Field(
+        default="auto",
+        description=(
+            "Integer backends: whether the CPU that runs the int8 kernels has VNNI. Without it, "
+            "x86 (fbgemm) and ONNX Runtime add pairs of u8 x s8 products in 16 bits, which "
+            "saturate when 8-bit activations meet 8-bit weights; the plan then keeps those "
+            "weights to 7 bits (reduce_range) and says so. auto: measured on this machine; "
+            "true/false: the CPU the model will run on."
+        ),
+    )
     bias_correction: StrictBool = Field(
         default=False,
         description=(
@@ -694,6 +704,17 @@ class QConfig(BaseModel):
         if value != 1 or isinstance(value, bool):
             raise _fail(f"unsupported config version {value!r}. This qswap reads version: 1")
         return value
+
+    @field_validator("vnni", mode="before")
+    @classmethod
+    def _vnni_choice(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise _fail(
+            f"vnni must be auto, true or false, got {_show(value)}"
+            f"{_suggest(value, ['auto', 'true', 'false'])} auto measures this CPU; true or false "
+            "names the CPU the int8 model will run on"
+        )
 
     @field_validator("backend")
     @classmethod
@@ -833,6 +854,8 @@ def _plain_config(cfg: QConfig) -> dict[str, Any]:
     out["mode"] = cfg.mode
     out["fusion"] = cfg.fusion if isinstance(cfg.fusion, str) else [list(g) for g in cfg.fusion]
     out["bias_correction"] = cfg.bias_correction
+    if cfg.vnni != "auto":
+        out["vnni"] = cfg.vnni
     out["activation"] = cfg.activation.model_dump(mode="json", exclude_none=True)
     out["weight"] = cfg.weight.model_dump(mode="json", exclude_none=True)
     out["rules"] = [_plain_rule(rule) for rule in cfg.rules]

@@ -182,6 +182,10 @@ class Backend:
     activation_bits: tuple[int, int] = (2, 16)
     lower: Callable[..., torch.nn.Module] | None = None
     origin: str = ""
+    #: for integer backends whose u8 x s8 kernels may add pairs of products in 16 bits (x86
+    #: CPUs without VNNI): tells whether they do on this machine. The plan then keeps weights
+    #: to 7 bits where activations use 8 (``vnni`` in the config overrides it; ``qswap.cpu``)
+    saturates: Callable[[], bool] | None = None
 
 
 # --------------------------------------------------------------------------- helpers

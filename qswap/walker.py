@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qswap.config import QConfig, QuantSpec, QuantSpecPatch, Rule, load_config
+from qswap.cpu import pair_saturates, saturation_reason
 from qswap.exceptions import ConfigError, PlanError
 from qswap.registry import Backend, MappingEntry, Registry, default_registry, qualified_name
 
@@ -180,6 +181,8 @@ class Plan:
         uncovered_reasons: dict[type, str],
         uncovered_params: dict[type, list[str]] | None = None,
         traced: _Traced | None = None,
+        narrowed: Sequence[str] = (),
+        narrowing: str | None = None,
     ) -> None:
         self.config = config
         self._traced = traced
@@ -192,6 +195,9 @@ class Plan:
         self.uncovered = uncovered
         self._uncovered_reasons = uncovered_reasons
         self._uncovered_params = uncovered_params or {}
+        #: layers whose weights the plan keeps to 7 bits so that int8 sums cannot saturate
+        self.narrowed = tuple(narrowed)
+        self.narrowing = narrowing
 
     # -- access -------------------------------------------------------------------------
 
@@ -287,6 +293,8 @@ class Plan:
             f"mode {self.config.mode!r}, {len(self._groups)} fusion group(s); {counts}"
         )
         tail = []
+        if self.narrowed and self.narrowing is not None:
+            tail.append(f"{len(self.narrowed)} layer(s) have {self.narrowing}")
         if self.uncovered:
             tail.append(
                 f"{len(self.uncovered)} module(s) with float parameters have no registry entry "
@@ -307,6 +315,8 @@ class Plan:
         cfg = self.config
         lines = [f"{name or '(root)'} ({qualified_name(d.module_type)}): {d.kind}"]
         lines.append(f"  reason: {d.reason}")
+        if self.narrowing is not None and name in self.narrowed:
+            lines.append(f"  {self.narrowing}")
         if d.shared_with is not None:
             lines.append(f"  same module object as {d.shared_with!r}; decided once, there")
         if d.group is not None:
@@ -315,7 +325,10 @@ class Plan:
                 f"  fusion group {d.group}: {' + '.join(g.paths)} "
                 f"({' + '.join(t.__name__ for t in g.types)} -> {g.fused_type.__name__})"
             )
-        lines.append(f"  config: backend {cfg.backend!r}, mode {cfg.mode!r}, strict {cfg.strict}")
+        vnni = "" if cfg.vnni == "auto" else f", vnni {str(cfg.vnni).lower()}"
+        lines.append(
+            f"  config: backend {cfg.backend!r}, mode {cfg.mode!r}, strict {cfg.strict}{vnni}"
+        )
         if d.rules:
             lines.append("  rules that matched (in order; later ones override earlier ones):")
             for i in d.rules:
@@ -424,7 +437,8 @@ def _short_spec(spec: QuantSpec | None) -> str:
     if spec is None:
         return "-"
     gran = {"per_tensor": "", "per_channel": "/ch", "per_group": f"/g{spec.group_size}"}
-    return f"{'' if spec.signed else 'u'}{spec.bits}{gran[spec.granularity]}"
+    bits = spec.bits - 1 if spec.reduce_range else spec.bits  # the grid it really uses
+    return f"{'' if spec.signed else 'u'}{bits}{gran[spec.granularity]}"
 
 
 def _detail(d: Decision) -> str:
@@ -699,6 +713,50 @@ class _Walker:
         self.mapping_cache: dict[tuple[type, str], MappingEntry | None] = {}
         self.uncovered_reasons: dict[type, str] = {}
         self.uncovered_params: dict[type, list[str]] = {}
+        self.narrowed: list[str] = []  # layers whose weights keep to 7 bits (no VNNI)
+        self.saturating: list[str] = []  # layers that saturate here (vnni: true on no VNNI)
+        self._pairs: tuple[bool, bool] | None = None
+
+    def pair_sums(self) -> tuple[bool, bool]:
+        """``(narrow, here)``: whether the target's kernels saturate, and whether this CPU's do.
+
+        Asked only when a layer could saturate (8-bit activations meet 8-bit weights on a
+        backend that declares ``saturates``), so no other plan pays for the measurement.
+        """
+        if self._pairs is None:
+            probe = self.backend.saturates
+            here = bool(probe()) if probe is not None else False
+            vnni = self.cfg.vnni
+            self._pairs = (here if vnni == "auto" else not vnni, here)
+        return self._pairs
+
+    def guard_pairs(self, layer: LayerSpec) -> LayerSpec:
+        """Keep the weights of a layer whose u8 x s8 pairs would saturate to 7 bits."""
+        b = self.backend
+        if not b.integer or b.saturates is None or layer.backend != b.name:
+            return layer
+        w, x = layer.weight, layer.input
+        if w is None or x is None or layer.mode not in ("static", "qat"):
+            return layer
+        lo, hi = x.quant_range()
+        codes = hi + (128 if lo < 0 else 0)  # torch's quint8 codes (signed: shifted by 128)
+        if not pair_saturates(act_codes=codes, weight_range=w.quant_range()):
+            return layer
+        narrow, here = self.pair_sums()
+        if not narrow:
+            if here:
+                self.saturating.append(layer.name)
+            return layer
+        self.narrowed.append(layer.name)
+        return dataclasses.replace(layer, weight=w.model_copy(update={"reduce_range": True}))
+
+    def narrowing_reason(self) -> str:
+        """Why the plan keeps weights to 7 bits, for decision reasons and ``plan.explain``."""
+        if self.cfg.vnni is False:
+            why = "vnni: false (the CPU that runs it has no VNNI)"
+        else:
+            why = saturation_reason(f"backend {self.backend.name!r}")
+        return f"weights kept to 7 bits (reduce_range): {why}; set vnni: true for a CPU with VNNI"
 
     def find(self, cls: type, backend: str) -> MappingEntry | None:
         key = (cls, backend)
@@ -988,6 +1046,21 @@ def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inp
                 covering.append((prefix, "parametrize", None))
 
     _check_slots(w, cfg, layers, by_path)
+    if w.saturating:
+        shown = ", ".join(repr(n) for n in w.saturating[:3])
+        more = f" and {len(w.saturating) - 3} more" if len(w.saturating) > 3 else ""
+        warnings.warn(
+            f"the config says vnni: true, but {saturation_reason(f'backend {backend.name!r}')}: "
+            f"{shown}{more} "
+            "will compute saturated sums when run on this machine. Plan with vnni: auto "
+            "here, or run the model on a CPU with VNNI",
+            UserWarning,
+            stacklevel=3,
+        )
+    if w._pairs is not None and cfg.vnni == "auto":
+        # what was measured goes into the plan's config, so that a saved model or artifact
+        # is rebuilt with the same weight grids on any machine
+        cfg = cfg.model_copy(update={"vnni": not w._pairs[0]})
     return Plan(
         config=cfg,
         registry=reg,
@@ -1000,6 +1073,8 @@ def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inp
         uncovered_reasons=w.uncovered_reasons,
         uncovered_params=w.uncovered_params,
         traced=traced[0] if traced else None,
+        narrowed=w.narrowed,
+        narrowing=w.narrowing_reason() if w.narrowed else None,
     )
 
 
@@ -1156,6 +1231,8 @@ def _decide(
         layer = w.layer_spec(path, module, qtype, entry, rules, red, bname, aliases)
         problem = w.bits_problem(layer)
         if problem is None:
+            layer = w.guard_pairs(layer)
+            narrowed = "; weights kept to 7 bits (no VNNI)" if w.narrowed[-1:] == [path] else ""
             return Decision(
                 **base,
                 kind="quantize",
@@ -1163,7 +1240,8 @@ def _decide(
                 counterpart=entry.counterpart,
                 group=gi,
                 layer=layer,
-                reason=f"{note}counterpart {entry.counterpart.__name__} on backend {bname!r}",
+                reason=f"{note}counterpart {entry.counterpart.__name__} on backend "
+                f"{bname!r}{narrowed}",
             ), False
         return _fallback(
             w, base, path, module, qtype, rules, red, aliases, gi, note, problem

@@ -69,6 +69,24 @@ FORUM_CALIB = [FORUM_X[:32]]
 INT8_MINMAX = {"extends": ["x86_int8"], "activation": {"observer": "minmax"}}
 
 
+def ort_saturates() -> bool:
+    """CPU-dependent: ONNX Runtime's u8 x s8 kernels add pairs in 16 bits here (no VNNI)."""
+    from qswap.backends.onnx import onnxruntime_saturates
+
+    return onnxruntime_saturates()
+
+
+def fake_for_ort() -> object:
+    """The fake 8-bit config whose export ONNX Runtime's integer kernels run exactly here.
+
+    ``w8a8_minmax`` (8-bit activations, 8-bit weights) on a CPU with VNNI; without VNNI the
+    same with 7-bit weights, as ``weight: {reduce_range: true}`` gives them (``qswap.cpu``).
+    """
+    if ort_saturates():
+        return {"extends": ["w8a8_minmax"], "weight": {"reduce_range": True}}
+    return "w8a8_minmax"
+
+
 def quantized_forum(build: Any, config: object) -> nn.Module:
     """The ``forum_model`` quantized with ``config``, calibrated on ``FORUM_CALIB``."""
     import qswap

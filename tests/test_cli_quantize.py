@@ -138,6 +138,44 @@ def _calib() -> list[torch.Tensor]:
     return calib()  # type: ignore[no-any-return]
 
 
+def test_failed_onnx_check_exits_1_and_names_the_cause(
+    factory: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--onnx` whose layer check fails writes the files, exits 1 and names the likely cause."""
+    pytest.importorskip("onnx")
+    from qswap.backends import onnx as qonnx
+
+    def failing(*args: object, **kwargs: object) -> list[qonnx.LayerAgreement]:
+        return [qonnx.LayerAgreement("0", "/0/Conv", 512, 300, 69, True, saturates=True)]
+
+    monkeypatch.setattr(qonnx, "compare_layers", failing)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "quantize",
+            "--model",
+            f"{factory}:model",
+            "--config",
+            "x86_int8",
+            "--calib",
+            f"{factory}:calib",
+            "--out",
+            str(out),
+            "--onnx",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "likely cause: this CPU has no VNNI" in captured.out
+    assert "the ONNX Runtime check failed on 1 layer(s), likely because of the CPU" in captured.err
+    assert (out / "model.onnx").exists() and "max 69 step(s)" in (
+        out / "onnx_check.txt"
+    ).read_text()
+
+
 def test_existing_out_is_refused_without_force_and_replaced_with_it(
     factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FORUM_CALIB, FORUM_X, INT8_MINMAX, forum_model, quantized_forum
+from conftest import (
+    FORUM_CALIB,
+    FORUM_X,
+    INT8_MINMAX,
+    fake_for_ort,
+    forum_model,
+    ort_saturates,
+    quantized_forum,
+)
 from forum_models import resnet18, vgg
 from torch import nn
 
@@ -21,12 +29,11 @@ from onnx import numpy_helper
 from qswap.backends.onnx import compare_layers, export_onnx
 
 TEST = FORUM_X[32:48]  # 16 held-out images: compare_layers runs ORT layer by layer
-CONFIGS = {"fake": "w8a8_minmax", "int8": INT8_MINMAX}
 
 
 def exported(tmp_path: Path, build: Any, kind: str) -> tuple[nn.Module, Path]:
-    """A quantized forum model and its QDQ export."""
-    qmodel = quantized_forum(build, CONFIGS[kind])
+    """A quantized forum model and its QDQ export (CPU-dependent fake config: ``fake_for_ort``)."""
+    qmodel = quantized_forum(build, fake_for_ort() if kind == "fake" else INT8_MINMAX)
     return qmodel, export_onnx(qmodel, (FORUM_X[:1],), tmp_path / f"{kind}.onnx")
 
 
@@ -55,8 +62,11 @@ def test_every_layer_on_ort_integer_kernels_is_within_one_step(
     rows = compare_layers(qmodel, path, TEST)
     assert len(rows) == layers
     assert all(row.ok for row in rows), "\n".join(map(str, rows))
-    # rounding ties only: a tiny share of each layer's outputs moves by one step
-    assert all(row.differing <= 0.005 * row.elements for row in rows), "\n".join(map(str, rows))
+    # rounding ties only: a tiny share of each layer's outputs (one in a small layer) moves
+    # by one step; which ties flip depends on the CPU's kernels
+    assert all(row.differing <= max(1, 0.005 * row.elements) for row in rows), "\n".join(
+        map(str, rows)
+    )
     assert rows[0].layer == ("conv1" if build is resnet18 else "features.0")
     assert rows[-1].layer == ("fc" if build is resnet18 else "classifier.1")
 
@@ -131,3 +141,29 @@ def test_changed_weights_or_another_model_are_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(PlanError, match="nothing to compare layer by layer"):
         compare_layers(weight_only, path, TEST)
+
+
+def test_saturating_pairs_are_named_as_the_likely_cause(tmp_path: Path) -> None:
+    """CPU-dependent: 8-bit activations and weights are flagged where ORT saturates them, only there.
+
+    Every conv and linear layer of ``w8a8_minmax`` pairs 8-bit activations with 8-bit weights
+    (``saturating_layers``). Where ONNX Runtime adds such pairs in 16 bits (no VNNI) the export
+    warns and each failing row of ``compare_layers`` names the CPU as the likely cause;
+    elsewhere the file is exact and nothing is said.
+    """
+    from qswap.backends.onnx import saturating_layers
+
+    qmodel = quantized_forum(vgg, "w8a8_minmax")
+    assert len(saturating_layers(qmodel)) == 10
+    assert saturating_layers(quantized_forum(vgg, INT8_MINMAX)) == []  # 7-bit activations
+    if ort_saturates():
+        with pytest.warns(UserWarning, match=r"ONNX Runtime on this CPU will compute saturated"):
+            path = export_onnx(qmodel, (FORUM_X[:1],), tmp_path / "v.onnx")
+        rows = compare_layers(qmodel, path, TEST)
+        bad = [row for row in rows if not row.ok]
+        assert bad and all(row.saturates for row in rows)
+        assert "likely cause: this CPU has no VNNI" in str(bad[0])
+    else:
+        path = export_onnx(qmodel, (FORUM_X[:1],), tmp_path / "v.onnx")
+        rows = compare_layers(qmodel, path, TEST)
+        assert all(row.ok and not row.saturates for row in rows), "\n".join(map(str, rows))

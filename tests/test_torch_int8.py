@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import qswap
 from qswap.backends import torch_int8 as ti
 from qswap.config import QuantSpec
+from qswap.cpu import pair_saturates
 from qswap.exceptions import UnsupportedModuleError
 from qswap.quantizers import QParams, fake_quantize, qparams_from_range
 from qswap.walker import LayerSpec
@@ -46,6 +48,21 @@ def _weight_of(module: nn.Module) -> torch.Tensor | None:
     return w if isinstance(w, torch.Tensor) else None
 
 
+#: CPU-dependent: without VNNI, fbgemm adds pairs of u8 x s8 products in 16 bits (qswap.cpu)
+SATURATES = ti.fbgemm_saturates()
+
+
+def as_planned(act: QuantSpec, weight: QuantSpec | None) -> QuantSpec | None:
+    """The weight spec the plan gives on this CPU: 7 bits where 8-bit pairs would saturate."""
+    if weight is None or not SATURATES:
+        return weight
+    lo, hi = act.quant_range()
+    codes = hi + (128 if lo < 0 else 0)
+    if not pair_saturates(act_codes=codes, weight_range=weight.quant_range()):
+        return weight
+    return weight.model_copy(update={"reduce_range": True})
+
+
 def make_spec(
     module: nn.Module,
     counterpart: type,
@@ -55,7 +72,8 @@ def make_spec(
     weight: QuantSpec | None = W_PC,
     name: str = "layer",
 ) -> LayerSpec:
-    """A LayerSpec with qparams calibrated by min/max on ``x``, as convert would fill it."""
+    """A LayerSpec with qparams calibrated by min/max on ``x``, as plan and convert fill it."""
+    weight = as_planned(act, weight)
     with torch.no_grad():
         y = module(x.clone())
     qparams = {"input": _range_qparams(x, act), "output": _range_qparams(y, act)}
@@ -142,7 +160,11 @@ def test_weighted_counterpart_matches_reference_arithmetic(
     act: QuantSpec,
     weight_spec: QuantSpec,
 ) -> None:
-    """Each int8 module's output codes equal torch's quantize-dequantize reference within one step."""
+    """Each int8 module's output codes equal torch's quantize-dequantize reference within one step.
+
+    With full-range activations on a CPU without VNNI the weights keep to 7 bits, as the
+    plan gives them there (``as_planned``): exact on every CPU.
+    """
     torch.manual_seed(0)
     module = build().eval()
     x = torch.randn(shape)
@@ -221,6 +243,78 @@ def test_signed_activation_qparams_map_exactly_onto_uint8() -> None:
     assert torch.allclose(out_s, (ref - zero_point) * scale, atol=scale * 1.01)
     out_u = ti.QuantizedLinear.from_float(lin, spec_u)(x).dequantize()
     assert torch.allclose(out_s, out_u, atol=0.05)
+
+
+def _saturating_linear() -> tuple[nn.Module, torch.Tensor, QuantSpec]:
+    """A Linear whose pairs of full-range u8 x s8 products need 17 bits (255 x 127 x 2)."""
+    lin = nn.Linear(64, 4).eval()
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.bias.zero_()
+    x = torch.cat([torch.zeros(1, 64), torch.ones(3, 64)])  # input codes 0 and 255
+    return lin, x, QuantSpec(signed=True, scheme="symmetric")
+
+
+def test_probe_predicts_the_kernel_on_this_cpu() -> None:
+    """CPU-dependent: 8-bit weights on full-range input are exact iff the probe says no saturation.
+
+    On a CPU with VNNI every code matches torch's reference; without it the 16-bit pair sums
+    clip (the probe says so) and the codes are far off, which is why the plan narrows them.
+    """
+    lin, x, w8 = _saturating_linear()
+    spec = make_spec(lin, ti.QuantizedLinear, x, act=ACT, weight=None)
+    spec.weight = w8
+    spec.qparams["weight"] = _range_qparams(lin.weight.detach(), w8)
+    with torch.no_grad():
+        y = lin(x)
+    spec.qparams["output"] = _range_qparams(y, ACT)
+    diff = ti.QuantizedLinear.from_float(lin, spec)(x).int_repr().float() - reference(lin, spec, x)
+    if SATURATES:
+        assert diff.abs().max().item() > 50
+    else:
+        assert diff.abs().max().item() <= 1.0
+
+
+def test_plan_keeps_weights_to_7_bits_where_pairs_saturate() -> None:
+    """With vnni: false the plan narrows 8-bit weights that meet 8-bit activations, and says why."""
+    lin, x, _ = _saturating_linear()
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(4, 2))
+    full = {"extends": ["x86_int8"], "activation": {"reduce_range": False, "observer": "minmax"}}
+    p = qswap.plan(model, {**full, "vnni": False}, example_inputs=(x,))
+    assert p.narrowed == ("0", "2")
+    assert p["0"].layer is not None and p["0"].layer.weight is not None
+    assert p["0"].layer.weight.quant_range() == (-64, 63)
+    assert "weights kept to 7 bits (no VNNI)" in p["0"].reason
+    assert "vnni: false (the CPU that runs it has no VNNI)" in p.explain("0")
+    assert "2 layer(s) have weights kept to 7 bits" in str(p)
+    assert p.config.vnni is False
+    # 7-bit activations (the preset) leave 8-bit weights alone
+    assert qswap.plan(model, {"extends": ["x86_int8"], "vnni": False}).narrowed == ()
+    # auto measures this CPU, and the plan's config records what it found
+    auto = qswap.plan(model, full, example_inputs=(x,))
+    assert auto.narrowed == (("0", "2") if SATURATES else ())
+    assert auto.config.vnni is (not SATURATES)
+    qmodel = qswap.quantize(model, full, calib_data=[x], example_inputs=(x,), progress=False)
+    ref = model(x)
+    assert (qmodel(x) - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+def test_vnni_true_on_a_saturating_cpu_warns() -> None:
+    """CPU-dependent: vnni: true keeps 8 bits, and warns where this CPU would saturate them."""
+    lin, _, _ = _saturating_linear()
+    cfg = {
+        "extends": ["x86_int8"],
+        "activation": {"reduce_range": False, "observer": "minmax"},
+        "vnni": True,
+    }
+    if SATURATES:
+        with pytest.warns(UserWarning, match=r"the config says vnni: true, but on this CPU"):
+            p = qswap.plan(nn.Sequential(lin), cfg)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            p = qswap.plan(nn.Sequential(lin), cfg)
+    assert p.narrowed == ()
 
 
 def test_weight_codes_are_exactly_the_calibrated_ones() -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import os
 import tempfile
@@ -62,7 +63,9 @@ __all__ = [
     "compare_layers",
     "export_onnx",
     "onnx_session",
+    "onnxruntime_saturates",
     "ort_optimized_ops",
+    "saturating_layers",
 ]
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
@@ -83,6 +86,60 @@ def _require(name: str) -> Any:
             f"qswap's ONNX export needs the {name!r} package, which is not installed; "
             f"install the extra with: {_EXTRA}"
         ) from exc
+
+
+@functools.cache
+def onnxruntime_saturates() -> bool:
+    """Whether ONNX Runtime's u8 x s8 integer kernels saturate pairs on this machine.
+
+    Measured once per process with one ``QLinearConv`` over four channels of 255 x 127
+    (``qswap.cpu`` explains). ``False`` when onnxruntime is not installed (nothing runs there).
+
+    >>> isinstance(onnxruntime_saturates(), bool)
+    True
+    """
+    try:
+        import numpy as np
+        import onnx
+        from onnx import TensorProto, helper
+    except ImportError:
+        return False
+    try:
+        ort = _require("onnxruntime")
+    except ImportError:
+        return False
+
+    channels = 4
+    inits = [
+        helper.make_tensor("xs", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("xz", TensorProto.UINT8, [], [0]),
+        helper.make_tensor("w", TensorProto.INT8, [1, channels, 1, 1], [127] * channels),
+        helper.make_tensor("ws", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("wz", TensorProto.INT8, [], [0]),
+        helper.make_tensor("ys", TensorProto.FLOAT, [], [1000.0]),
+        helper.make_tensor("yz", TensorProto.UINT8, [], [0]),
+    ]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "qswap_vnni_probe",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, channels, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1, 1, 1])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = min(proto.ir_version, 8)
+    onnx.checker.check_model(proto)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        session = ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    x = np.full((1, channels, 1, 1), 255, dtype=np.uint8)
+    got = int(session.run(None, {"x": x})[0].ravel()[0])
+    return got != round(channels * 255 * 127 / 1000)
 
 
 # --------------------------------------------------------------------------- checks
@@ -532,7 +589,19 @@ def export_onnx(
     proto = onnx.load_from_string(buffer.getvalue())
     proto = _QDQGraph(proto).canonical(quantize_bias=quantize_bias)
     onnx.checker.check_model(proto)
-    return write_atomic(path, proto.SerializeToString())
+    written = write_atomic(path, proto.SerializeToString())
+    overflow = saturating_layers(model)
+    if overflow and onnxruntime_saturates():
+        shown = ", ".join(repr(n) for n in overflow[:3])
+        more = f" and {len(overflow) - 3} more" if len(overflow) > 3 else ""
+        warnings.warn(
+            f"{written} is exact on CPUs with VNNI, but ONNX Runtime on this CPU will compute "
+            f"saturated sums in {shown}{more} where it fuses them into integer kernels "
+            f"(optimization 'extended' or above): {_SATURATION_FIX}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return written
 
 
 # --------------------------------------------------------------------------- graph rewriting
@@ -904,6 +973,10 @@ class LayerAgreement:
     differing: int
     max_steps: int
     qparams_match: bool
+    #: ONNX Runtime on this CPU adds this layer's u8 x s8 pairs in 16 bits, and its 8-bit
+    #: activations and 8-bit weights can overflow them (``qswap.cpu``): the likely cause of
+    #: a large difference, not the export
+    saturates: bool = False
 
     @property
     def ok(self) -> bool:
@@ -913,10 +986,44 @@ class LayerAgreement:
     def __str__(self) -> str:
         share = self.differing / self.elements if self.elements else 0.0
         grids = "" if self.qparams_match else "; input/output qparams differ from qswap's"
+        cause = ""
+        if self.saturates and not self.ok:
+            cause = f"; likely cause: {_SATURATION_FIX}"
         return (
             f"{self.layer or '(root)'} [{self.node}]: max {self.max_steps} step(s), "
-            f"{share:.3%} of {self.elements} outputs differ{grids}"
+            f"{share:.3%} of {self.elements} outputs differ{grids}{cause}"
         )
+
+
+_SATURATION_FIX = (
+    "this CPU has no VNNI, and ONNX Runtime's u8 x s8 kernels add pairs of products in 16 "
+    "bits, which saturate with 8-bit activations and 8-bit weights; quantize with 7-bit "
+    "weights (weight: {reduce_range: true}) or 7-bit activations (activation: "
+    "{reduce_range: true}) to run on this CPU"
+)
+
+
+def saturating_layers(model: nn.Module) -> list[str]:
+    """Layers of a converted model whose u8 x s8 pairs need more than 16 bits (``qswap.cpu``).
+
+    They run exactly on CPUs with VNNI and saturate on x86 CPUs without it (fbgemm, ONNX
+    Runtime). A model the plan narrowed for such a CPU has none.
+    """
+    from qswap.cpu import pair_saturates
+    from qswap.observe import state_of
+
+    state = state_of(model)
+    if state is None:
+        return []
+    found = []
+    for name, layer in state.layers.items():
+        w, x = layer.weight, layer.input
+        if w is None or x is None or "weight" not in layer.qparams:
+            continue
+        lo, hi = x.quant_range()  # the grid calibration chose (reduce_range: 7 bits)
+        if pair_saturates(act_codes=hi + (128 if lo < 0 else 0), weight_range=w.quant_range()):
+            found.append(name)
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -989,9 +1096,10 @@ def compare_layers(
     feed = _feed(session, example_inputs)
     codes = dict(zip(wanted, session.run(wanted, feed), strict=True))
     seen = _integer_inputs(model, list(sites), example_inputs)
+    overflow = set(saturating_layers(model)) if onnxruntime_saturates() else set()
     with torch.no_grad():
         return [
-            _agreement(model, state.layers[name], name, site, codes, seen.get(name))
+            _agreement(model, state.layers[name], name, site, codes, seen.get(name), overflow)
             for name, site in sites.items()
         ]
 
@@ -1210,6 +1318,7 @@ def _agreement(
     site: _Site,
     codes: Mapping[str, Any],
     seen: QP | None,
+    overflow: set[str],
 ) -> LayerAgreement:
     """Run qswap's layer on ONNX Runtime's integer input; compare the integer outputs."""
     import numpy as np
@@ -1247,6 +1356,7 @@ def _agreement(
         differing=int((diff > 0).sum()),
         max_steps=int(diff.max()) if diff.numel() else 0,
         qparams_match=_same_grid(site.qp_in, qp_in) and _same_grid(site.qp_out, qp_out),
+        saturates=name in overflow,
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import threading
 import warnings
 import weakref
@@ -50,6 +51,7 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedLinearReLU",
     "describe_lowering",
+    "fbgemm_saturates",
     "lower_qnnpack",
     "lower_x86",
     "register",
@@ -1282,6 +1284,35 @@ def _engine(backend: str) -> Iterator[str]:
         torch.backends.quantized.engine = previous
 
 
+_PROBE_LOCK = threading.Lock()
+
+
+@functools.cache
+def fbgemm_saturates() -> bool:
+    """Whether torch's ``x86``/``fbgemm`` int8 kernels saturate u8 x s8 pairs on this machine.
+
+    Measured once per process: rows of 255 times weights of 127 (pairs of 64770) through
+    ``quantized::linear``. A CPU with VNNI returns the sum exactly; one without adds each pair
+    in 16 bits and returns about half of it (``qswap.cpu`` explains). ``False`` when this
+    build of torch has no fbgemm (nothing runs there).
+
+    >>> isinstance(fbgemm_saturates(), bool)
+    True
+    """
+    engines = torch.backends.quantized.supported_engines
+    if not any(e in engines for e in ("x86", "fbgemm")):
+        return False
+    k = 64  # several pairs, a full register row: the kernel's main loop
+    exact = k * 255 * 127
+    with _PROBE_LOCK, _engine("x86"), _torch_ao_deprecations_silenced():
+        x = torch.quantize_per_tensor(torch.full((4, k), 255.0), 1.0, 0, torch.quint8)
+        w = torch.quantize_per_tensor(torch.full((8, k), 127.0), 1.0, 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(w, None)
+        y = torch.ops.quantized.linear(x, packed, exact / 200, 0)
+        got = float(y.dequantize().min())
+    return abs(got - exact) > exact / 100
+
+
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
@@ -1536,6 +1567,7 @@ def register(reg: Registry) -> None:
             weight_bits=(8, 8),
             activation_bits=(8, 8),
             lower=lower_x86,
+            saturates=fbgemm_saturates,
         )
     )
     reg.register_backend(
