@@ -108,6 +108,7 @@ def convert(
         layers = reused if reused is not None else _collect_qparams(model, the_plan, state.layers)
         layers = chain_inputs(model, state, layers)
         parts = Components(state.registry)
+        tied: dict[int, nn.Module] = {}  # one quantizer for an observer tied layers share
         for name, layer in layers.items():
             module = model.get_submodule(name)
             apply_shift(module, layer.bias_shift)
@@ -122,7 +123,7 @@ def convert(
                     model = _swap(model, name, layer)
                 continue
             if on_fake and layer.counterpart in (None, FakeQuantized):
-                refit(module, layer, parts)  # same result as strip + install, without rebuilding
+                refit(module, layer, parts, tied)  # as strip + install, without rebuilding
                 continue
             _strip(module, layer)
             if on_fake:
@@ -220,10 +221,12 @@ def _collect_qparams(
                         f"layer {name!r}: its {which} observer is missing; was the prepared model "
                         "modified after qswap.prepare()?"
                     )
-                if slot_module.calls == 0 and read:
+                if slot_module.calls == 0 and (read or not layer.param_specs()):
                     # never called, yet its parameters were read: another module's code uses
                     # them (nn.MultiheadAttention reads out_proj.weight), so they are quantized
-                    # and there are no activations of its own to quantize
+                    # and there are no activations of its own to quantize. A layer with
+                    # nothing else to quantize (a Dropout SDPA attention never calls) is a
+                    # no-op: it stays as it is
                     changes[which] = None
                     continue
                 if slot_module.calls == 0:
@@ -476,7 +479,7 @@ def quantize(
     model: nn.Module,
     config: QConfig | Plan | Mapping[str, Any] | str | os.PathLike[str],
     *,
-    calib_data: Iterable[Any],
+    calib_data: Iterable[Any] | None = None,
     example_inputs: Any = None,
     registry: Registry | None = None,
     max_batches: int | None = None,
@@ -484,12 +487,31 @@ def quantize(
 ) -> nn.Module:
     """Plan, prepare, calibrate on ``calib_data`` and convert, in one call; ``model`` is untouched.
 
+    Static and QAT modes calibrate activation ranges and need ``calib_data``; weight-only
+    and dynamic modes need none (unless bias correction measures inputs).
+
     >>> import torch, qswap
     >>> x = torch.randn(16, 4)
     >>> qmodel = qswap.quantize(torch.nn.Linear(4, 2), "w8a8_minmax", calib_data=[x])
     >>> qmodel.weight.shape
     torch.Size([2, 4])
+    >>> qswap.quantize(torch.nn.Linear(4, 2), "w4_per_group").weight.shape
+    torch.Size([2, 4])
     """
     prepared = prepare(model, config, example_inputs=example_inputs, registry=registry)
+    if calib_data is None:
+        cfg = state_of(prepared).plan.config  # type: ignore[union-attr]
+        needs = cfg.mode in ("static", "qat") or (cfg.bias_correction and cfg.mode == "weight_only")
+        if needs:
+            what = (
+                "bias_correction measures each layer's mean input"
+                if cfg.mode == "weight_only"
+                else f"mode {cfg.mode!r} calibrates activation ranges"
+            )
+            raise CalibrationError(
+                f"quantize() got no calib_data, but {what} on data: pass calib_data=[batch, ...] "
+                "(tensors, tuples of arguments or dicts of keyword arguments)"
+            )
+        return convert(prepared, inplace=True)
     calibrate(prepared, calib_data, max_batches=max_batches, progress=progress)
     return convert(prepared, inplace=True)

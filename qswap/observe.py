@@ -438,18 +438,23 @@ def _attach_observers(
     mode = the_plan.config.mode
     qat = mode == "qat"
     correct_bias = the_plan.config.bias_correction and mode in ("static", "weight_only")
+    tied: dict[int, WeightObserver] = {}  # a tensor several layers share: one observer
     for name, layer in layers.items():
         module = model.get_submodule(name)
         for slot, spec in layer.param_specs().items():
             owner, pname = param_location(module, slot)
-            quantizer = components.create("quantizer", spec) if qat else None
-            observer = _weight_observer(
-                module, slot, components.create("observer", spec), quantizer
-            )
             tensor = owner._parameters.get(pname)  # else parametrized by the user already
-            device = tensor.device if tensor is not None else _device_of(owner)
-            if device is not None and device.type != "cpu":
-                observer.to(device)
+            observer = tied.get(id(tensor)) if tensor is not None else None
+            if observer is None:
+                quantizer = components.create("quantizer", spec) if qat else None
+                observer = _weight_observer(
+                    module, slot, components.create("observer", spec), quantizer
+                )
+                device = tensor.device if tensor is not None else _device_of(owner)
+                if device is not None and device.type != "cpu":
+                    observer.to(device)
+                if tensor is not None and type(observer) is WeightObserver:
+                    tied[id(tensor)] = observer  # the plan gives tied slots one spec
             attach_parametrization(owner, pname, observer)
         if mode not in ("static", "qat"):
             # weight_only: no activations; dynamic: quantized per batch at run time

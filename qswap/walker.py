@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import gc
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -86,6 +87,8 @@ class LayerSpec:
     #: the layer whose quantized output is this layer's input (set by ``prepare`` from the
     #: trace): that tensor is observed once, there, and its qparams serve both layers
     input_from: str | None = None
+    #: what the plan changed from the config for this layer's tensors, and why
+    notes: tuple[str, ...] = ()
 
     def param_specs(self) -> dict[str, QuantSpec]:
         """Parameter slots to quantize (``weight`` first), by slot name."""
@@ -183,6 +186,7 @@ class Plan:
         traced: _Traced | None = None,
         narrowed: Sequence[str] = (),
         narrowing: str | None = None,
+        notes: Sequence[str] = (),
     ) -> None:
         self.config = config
         self._traced = traced
@@ -198,6 +202,8 @@ class Plan:
         #: layers whose weights the plan keeps to 7 bits so that int8 sums cannot saturate
         self.narrowed = tuple(narrowed)
         self.narrowing = narrowing
+        #: what the plan says about the config as a whole (a default it did not use...)
+        self.notes = tuple(notes)
 
     # -- access -------------------------------------------------------------------------
 
@@ -292,7 +298,7 @@ class Plan:
             f"qswap plan for {self.model_type.__name__}: backend {self.backend.name!r}, "
             f"mode {self.config.mode!r}, {len(self._groups)} fusion group(s); {counts}"
         )
-        tail = []
+        tail = list(self.notes)
         if self.narrowed and self.narrowing is not None:
             tail.append(f"{len(self.narrowed)} layer(s) have {self.narrowing}")
         if self.uncovered:
@@ -578,6 +584,9 @@ class _Cascade:
         self.cache: dict[tuple[Any, ...], QuantSpec] = {}
         # (rule index, slot name) of every rules[i].slots entry that reached some module
         self.used_slots: set[tuple[int, str]] = set()
+        # the config's default weight axis when the last resolve put a mapping's axis instead
+        self.replaced: int | None = None
+        self.replaced_cache: dict[tuple[Any, ...], int | None] = {}
 
     def patches(
         self, slot: str, rules: Sequence[int], redirected: Sequence[tuple[int, str, QuantSpecPatch]]
@@ -621,12 +630,14 @@ class _Cascade:
         )
         found = self.cache.get(key)
         if found is not None:
+            self.replaced = self.replaced_cache[key]
             return found
         is_act = slot in ("input", "output")
         base = self.cfg.activation if is_act else self.cfg.weight
         data: dict[str, Any] = {name: getattr(base, name) for name in _SPEC_FIELDS}
         explicit_axis = False
         last_rule: int | None = None
+        replaced: int | None = None  # the config's default axis, where the mapping's replaced it
         for i, patch in self.patches(slot, rules, redirected):
             last_rule = i
             fields = _patch_fields(patch)
@@ -643,6 +654,7 @@ class _Cascade:
                 data.update(granularity="per_tensor", axis=None, group_size=None)
             elif not explicit_axis and default_axis is not None:
                 data["axis"] = default_axis
+                replaced = base.axis if base.axis != default_axis else None
         if last_rule is None and all(
             data[k] == getattr(base, k) for k in ("axis", "granularity", "group_size")
         ):
@@ -660,6 +672,7 @@ class _Cascade:
                     path=where,
                 ) from None
         self.cache[key] = spec
+        self.replaced = self.replaced_cache[key] = replaced
         return spec
 
 
@@ -683,6 +696,47 @@ def _type_of(module: nn.Module) -> type:
     if "parametrizations" in module._modules and parametrize.is_parametrized(module):
         return parametrize.type_before_parametrizations(module)
     return cls
+
+
+def _param_shape(module: nn.Module, name: str) -> tuple[int, ...]:
+    p = module._parameters.get(name)
+    if p is None:
+        with torch.no_grad():
+            return tuple(getattr(module, name).shape)
+    return tuple(p.shape)
+
+
+def _fit_to_shape(
+    path: str, slot: str, spec: QuantSpec, shape: tuple[int, ...]
+) -> tuple[QuantSpec, str | None]:
+    """``spec`` as the tensor of ``shape`` can take it: an impossible axis is an error naming
+    the layer; groups that do not divide a channel fall back to per-channel, with a note."""
+    if spec.granularity == "per_tensor":
+        return spec, None
+    ndim = len(shape)
+    axis = 0 if spec.axis is None else spec.axis
+    where = f"layer {path or '(root)'!r}: its {slot} of shape {list(shape)}"
+    if not -ndim <= axis < ndim:
+        raise PlanError(
+            f"{where} has no axis {axis} for {spec.granularity} (a {ndim}-d tensor takes "
+            f"-{ndim} <= axis < {ndim}). Set this slot's axis with a rule, e.g. "
+            f"{{match: {{name: '{path}'}}, {'weight' if slot == 'weight' else 'slots'}: ...}}, "
+            "or use granularity: per_tensor"
+        )
+    if spec.granularity == "per_group":
+        channels = shape[axis]
+        per_channel = 1
+        for i, size in enumerate(shape):
+            if i != axis % ndim:
+                per_channel *= size
+        size = spec.group_size or 0
+        if ndim < 2 or size <= 0 or per_channel % size:
+            fallback = spec.model_copy(update={"granularity": "per_channel", "group_size": None})
+            return fallback, (
+                f"{slot}: per_group({size}) cannot split {per_channel} element(s) per channel "
+                f"of {channels}; per_channel instead"
+            )
+    return spec, None
 
 
 def _param_ndim(module: nn.Module, name: str) -> int:
@@ -713,6 +767,11 @@ class _Walker:
         self.mapping_cache: dict[tuple[type, str], MappingEntry | None] = {}
         self.uncovered_reasons: dict[type, str] = {}
         self.uncovered_params: dict[type, list[str]] = {}
+        # (layer, slot, config axis, mapping axis) where a mapping's channel axis replaced
+        # the config's default weight axis
+        self.axis_replaced: list[tuple[str, str, int, int | None]] = []
+        # integer-backend layers: how to decide them again as a fallback, given the reason
+        self.redo: dict[str, Callable[[str], Decision]] = {}
         self.narrowed: list[str] = []  # layers whose weights keep to 7 bits (no VNNI)
         self.saturating: list[str] = []  # layers that saturate here (vnni: true on no VNNI)
         self._pairs: tuple[bool, bool] | None = None
@@ -748,7 +807,11 @@ class _Walker:
                 self.saturating.append(layer.name)
             return layer
         self.narrowed.append(layer.name)
-        return dataclasses.replace(layer, weight=w.model_copy(update={"reduce_range": True}))
+        return dataclasses.replace(
+            layer,
+            weight=w.model_copy(update={"reduce_range": True}),
+            notes=(*layer.notes, "weights kept to 7 bits (no VNNI)"),
+        )
 
     def narrowing_reason(self) -> str:
         """Why the plan keeps weights to 7 bits, for decision reasons and ``plan.explain``."""
@@ -799,34 +862,52 @@ class _Walker:
         casc = self.cascade
         weight: QuantSpec | None = None
         slots: dict[str, QuantSpec] = {}
+        notes: list[str] = []
+        requested = {s for i in rules for s in self.cfg.rules[i].slots} | {
+            s for _, s, _ in redirected if s not in ("input", "output", "weight")
+        }
+
+        def fitted(slot: str, owner: nn.Module, pname: str, axis: int | None) -> QuantSpec:
+            shape = _param_shape(owner, pname)
+            spec = casc.resolve(path, slot, rules, redirected, axis, len(shape) == 0)
+            unused = casc.replaced
+            if unused is not None:
+                # the mapping names this layer's channel axis; the config's default is unused
+                # here, but must still be an axis of the tensor (-100 is a mistake, not a choice)
+                _fit_to_shape(path, slot, spec.model_copy(update={"axis": unused}), shape)
+                self.axis_replaced.append((path, slot, unused, spec.axis))
+            spec, note = _fit_to_shape(path, slot, spec, shape)
+            if note is not None:
+                notes.append(note)
+            return spec
+
         if entry is not None:
             for slot, axis in entry.slots.items():
                 if slot == "weight":
                     owner = _weight_location(module)
                     if owner is not None:
-                        scalar = _param_ndim(owner, "weight") == 0
-                        weight = casc.resolve(path, "weight", rules, redirected, axis, scalar)
+                        weight = fitted("weight", owner, "weight", axis)
                 else:
                     owner_slot = _slot_owner(module, slot)
                     if owner_slot is not None:
-                        scalar = _param_ndim(*owner_slot) == 0
-                        slots[slot] = casc.resolve(path, slot, rules, redirected, axis, scalar)
+                        slots[slot] = fitted(slot, *owner_slot, axis)
             params = set(_float_params(module))
-            requested = {s for i in rules for s in self.cfg.rules[i].slots} | {
-                s for _, s, _ in redirected if s not in ("input", "output", "weight")
-            }
             for slot in sorted(requested - set(entry.slots)):
                 if slot in params:
-                    scalar = _param_ndim(module, slot) == 0
-                    slots[slot] = casc.resolve(path, slot, rules, redirected, None, scalar)
+                    slots[slot] = fitted(slot, module, slot, None)
         else:
+            kept = []
             for name in _float_params(module):
-                scalar = _param_ndim(module, name) == 0
-                spec = casc.resolve(path, name, rules, redirected, None, scalar)
+                if _param_ndim(module, name) < 2 and name not in requested:
+                    kept.append(name)  # a bias or a norm's scale: float unless a rule names it
+                    continue
+                spec = fitted(name, module, name, None)
                 if name == "weight":
                     weight = spec
                 else:
                     slots[name] = spec
+            if kept and (weight is not None or slots):
+                notes.append(f"{', '.join(kept)} stay float (1-d; a rule's slots: can name them)")
         inp: QuantSpec | None = None
         out: QuantSpec | None = None
         if mode in ("static", "qat"):
@@ -846,6 +927,7 @@ class _Walker:
             mode=mode,
             aliases=aliases,
             registry=self.registry,
+            notes=tuple(notes),
         )
 
     def bits_problem(self, layer: LayerSpec) -> str | None:
@@ -1045,6 +1127,7 @@ def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inp
                 prefix = f"{path}.parametrizations" if path else "parametrizations"
                 covering.append((prefix, "parametrize", None))
 
+    _tie_weights(w, model, decisions, layers)
     _check_slots(w, cfg, layers, by_path)
     if w.saturating:
         shown = ", ".join(repr(n) for n in w.saturating[:3])
@@ -1075,7 +1158,21 @@ def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inp
         traced=traced[0] if traced else None,
         narrowed=w.narrowed,
         narrowing=w.narrowing_reason() if w.narrowed else None,
+        notes=_axis_notes(w),
     )
+
+
+def _axis_notes(w: _Walker) -> list[str]:
+    """A line for the plan when mappings' channel axes replaced the config's default axis."""
+    if not w.axis_replaced:
+        return []
+    path, slot, axis, used = w.axis_replaced[0]
+    line = (
+        f"weight.axis {axis} of the config defaults is not used by {len(w.axis_replaced)} "
+        f"slot(s) whose mapping names their channel axis (e.g. {path or '(root)'!r} {slot}: "
+        f"axis {used}); a rule's weight: {{axis: N}} sets it per layer"
+    )
+    return [line]
 
 
 def _skip_rule(cfg: QConfig, rules: Sequence[int]) -> int | None:
@@ -1232,7 +1329,10 @@ def _decide(
         problem = w.bits_problem(layer)
         if problem is None:
             layer = w.guard_pairs(layer)
-            narrowed = "; weights kept to 7 bits (no VNNI)" if w.narrowed[-1:] == [path] else ""
+            if w.backend.integer:
+                w.redo[path] = functools.partial(
+                    _fallback, w, base, path, module, qtype, rules, red, aliases, gi, note
+                )
             return Decision(
                 **base,
                 kind="quantize",
@@ -1240,8 +1340,9 @@ def _decide(
                 counterpart=entry.counterpart,
                 group=gi,
                 layer=layer,
-                reason=f"{note}counterpart {entry.counterpart.__name__} on backend "
-                f"{bname!r}{narrowed}",
+                reason=_noted(
+                    f"{note}counterpart {entry.counterpart.__name__} on backend {bname!r}", layer
+                ),
             ), False
         return _fallback(
             w, base, path, module, qtype, rules, red, aliases, gi, note, problem
@@ -1274,14 +1375,25 @@ def _decide(
             ), True
         return _fallback(w, base, path, module, qtype, rules, red, aliases, gi, note, why), True
     layer = w.layer_spec(path, module, qtype, None, rules, red, bname, aliases)
+    if not layer.param_specs() and not layer.activation_specs():
+        return Decision(
+            **base,
+            kind="passthrough",
+            group=gi,
+            reason=f"{note}{why}; its parameters are 1-d (biases, norm scales), which stay "
+            "float, and this mode quantizes no activations",
+        ), False
     return Decision(
         **base,
         kind="wrap",
         backend=bname,
         group=gi,
         layer=layer,
-        reason=f"{note}{why}: generic fake-quant of "
-        f"{', '.join(layer.param_specs()) or 'its activations'}",
+        reason=_noted(
+            f"{note}{why}: generic fake-quant of "
+            f"{', '.join(layer.param_specs()) or 'its activations'}",
+            layer,
+        ),
     ), True
 
 
@@ -1310,21 +1422,124 @@ def _fallback(
             group=gi,
             layer=layer,
             fallback=True,
-            reason=f"{note}{why}; falls back to fake ({fake.counterpart.__name__})",
+            reason=_noted(f"{note}{why}; falls back to fake ({fake.counterpart.__name__})", layer),
         )
     if _float_params(module):
         layer = w.layer_spec(path, module, qtype, None, rules, red, "fake", aliases)
-        return Decision(
-            **base,
-            kind="wrap",
-            backend="fake",
-            group=gi,
-            layer=layer,
-            fallback=True,
-            reason=f"{note}{why}; falls back to generic fake-quant of "
-            f"{', '.join(layer.param_specs())}",
-        )
+        if layer.param_specs():
+            return Decision(
+                **base,
+                kind="wrap",
+                backend="fake",
+                group=gi,
+                layer=layer,
+                fallback=True,
+                reason=_noted(
+                    f"{note}{why}; falls back to generic fake-quant of "
+                    f"{', '.join(layer.param_specs())}",
+                    layer,
+                ),
+            )
+        why += "; its parameters are 1-d (biases, norm scales), which stay float"
     return Decision(**base, kind="skip", group=gi, reason=f"{note}{why}; stays float")
+
+
+def _slot_tensor(module: nn.Module, slot: str) -> torch.Tensor | None:
+    """The parameter object behind a layer's slot (its float original when parametrized)."""
+    if slot == "weight":
+        owner = _weight_location(module)
+        found = (owner, "weight") if owner is not None else None
+    else:
+        found = _slot_owner(module, slot)
+    if found is None:
+        return None
+    owner, name = found
+    tensor = owner._parameters.get(name)
+    if tensor is not None:
+        return tensor
+    plists = owner._modules.get("parametrizations")
+    plist = plists._modules.get(name) if plists is not None else None
+    original = getattr(plist, "original", None)
+    return original if isinstance(original, torch.Tensor) else None
+
+
+def _tie_weights(
+    w: _Walker, model: nn.Module, decisions: dict[str, Decision], layers: dict[str, LayerSpec]
+) -> None:
+    """A parameter several layers share (a tied embedding and output head) is one tensor.
+
+    It is quantized once, with the spec of the first layer that holds it; the others use
+    that quantized tensor. A tie cannot span a float copy and a packed integer copy, so where
+    its layers would run on different backends (or be packed twice), they all run on the
+    fallback backend, with the reason in the plan.
+    """
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for path, layer in layers.items():
+        module = model.get_submodule(path)
+        for slot in layer.param_specs():
+            tensor = _slot_tensor(module, slot)
+            if tensor is not None:
+                holders.setdefault(id(tensor), []).append((path, slot))
+    for group in holders.values():
+        if len({path for path, _ in group}) < 2:
+            continue
+        first, first_slot = group[0]
+        tie = f"{first}.{first_slot}" if first else first_slot
+        if len({layers[path].backend for path, _ in group}) > 1 or w.backend.integer:
+            for path, slot in group:
+                redo = w.redo.get(path)
+                if redo is None or layers[path].backend != w.backend.name:
+                    continue
+                why = (
+                    f"its {slot} is tied to {tie} (one tensor in several layers), which "
+                    f"backend {w.backend.name!r} would hold as separate copies"
+                )
+                _set_decision(decisions, layers, path, redo(why))
+        spec = layers[first].param_specs()[first_slot]
+        for path, slot in group[1:]:
+            layer = layers[path]
+            if path == first:
+                continue
+            note = f"{slot} tied to {tie}: quantized once, with its spec"
+            changes: dict[str, Any] = {"notes": (*layer.notes, note)}
+            if slot == "weight":
+                changes["weight"] = spec
+            else:
+                changes["slots"] = {**layer.slots, slot: spec}
+            new_layer = dataclasses.replace(layer, **changes)
+            d = decisions[path]
+            _set_decision(
+                decisions,
+                layers,
+                path,
+                dataclasses.replace(d, layer=new_layer, reason=f"{d.reason}; {note}"),
+            )
+
+
+def _set_decision(
+    decisions: dict[str, Decision], layers: dict[str, LayerSpec], path: str, d: Decision
+) -> None:
+    """Replace the decision at ``path`` and at every other path of the same module object."""
+    decisions[path] = d
+    if d.layer is not None:
+        layers[path] = d.layer
+    else:
+        layers.pop(path, None)
+    for other, found in list(decisions.items()):
+        if found.shared_with == path:
+            decisions[other] = dataclasses.replace(
+                found,
+                kind=d.kind,
+                backend=d.backend,
+                counterpart=d.counterpart,
+                fallback=d.fallback,
+                layer=d.layer,
+            )
+
+
+def _noted(reason: str, layer: LayerSpec) -> str:
+    """A decision's reason followed by what the plan changed from the config for the layer."""
+    return "; ".join((reason, *layer.notes))
 
 
 # --------------------------------------------------------------------------- fusion

@@ -443,3 +443,81 @@ def test_child_registry_components_and_counterparts() -> None:
     assert not state_of(qmodel).plan.uncovered
     with pytest.raises(qswap.ConfigError, match="unknown observer 'tracking_minmax'"):
         quantize(model, cfg, calib_data=[x])  # the default registry does not know it
+
+
+class _SkippedDropout(nn.Module):
+    """A model holding a Dropout its forward never calls (transformers' SDPA attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.1)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("config", ["x86_int8", "w8a8_minmax"])
+def test_never_called_module_without_parameters_is_a_no_op(config: str) -> None:
+    """A parameter-free module that never runs converts as it is, on every backend."""
+    torch.manual_seed(0)
+    model = _SkippedDropout().eval()
+    x = torch.randn(32, 8)
+    q = quantize(model, config, calib_data=[x], example_inputs=(x,), progress=False)
+    assert type(q.drop) is nn.Dropout
+    layer = q._qswap.layers.get("drop")  # type: ignore[union-attr]
+    assert layer is None or not layer.qparams  # x86 plans it (int8 passthrough); fake does not
+    with torch.no_grad():
+        ref = model(x)
+        assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+class _TiedLM(nn.Module):
+    """T5/Bart-style ties: a never-called `shared` table, an embedding and a head that share it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(32, 8)
+        self.embed = nn.Embedding(32, 8)
+        self.embed.weight = self.shared.weight
+        self.head = nn.Linear(8, 32, bias=False)
+        self.head.weight = self.shared.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
+@pytest.mark.parametrize("config", ["w8a8_minmax", "x86_int8", "w4_per_group"])
+def test_tied_weight_is_quantized_once_and_stays_one_tensor(config: str, tmp_path: Any) -> None:
+    """A weight three layers share is quantized once and stays one tensor, through save/load."""
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    ids = torch.randint(0, 32, (4, 6))
+    q = quantize(model, config, calib_data=[ids], example_inputs=(ids,), progress=False)
+    p = q._qswap.plan  # type: ignore[union-attr]
+    assert "weight tied to shared.weight: quantized once, with its spec" in p["head"].reason
+    tensors = {t.data_ptr() for n, t in q.named_parameters(remove_duplicate=False)}
+    assert len(tensors) == 1  # one float table: the tie survives
+    quantizers = {id(m.parametrizations.weight[-1]) for m in (q.shared, q.embed, q.head)}
+    assert len(quantizers) == 1  # one quantizer, so one quantized tensor
+    assert torch.equal(q.embed.weight, q.head.weight)
+    if config == "x86_int8":
+        assert p["head"].backend == "fake" and "is tied to shared.weight" in p["head"].reason
+    path = qswap.save(q, tmp_path / "tied.qswap")
+    loaded = qswap.load(path, _TiedLM().eval())
+    with torch.no_grad():
+        assert torch.equal(q(ids), loaded(ids))
+    assert len({t.data_ptr() for _, t in loaded.named_parameters(remove_duplicate=False)}) == 1
+
+
+def test_weight_only_needs_no_data_and_static_says_what_it_needs() -> None:
+    """quantize() without calib_data runs weight-only, and refuses static naming what is missing."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    q = quantize(model, "w4_per_group")
+    assert "weight" in q._qswap.layers["0"].qparams  # type: ignore[union-attr]
+    with pytest.raises(
+        qswap.CalibrationError,
+        match=r"quantize\(\) got no calib_data, but mode 'static' calibrates activation ranges",
+    ):
+        quantize(model, "w8a8_minmax", calib_data=None)

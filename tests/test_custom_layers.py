@@ -59,12 +59,19 @@ def _on_grid(values: torch.Tensor, scale: torch.Tensor, axis: int) -> bool:
 
 
 def test_unregistered_layer_gets_every_float_parameter_as_a_named_slot() -> None:
-    """A layer nobody registered is wrapped: each float parameter is a slot, the int buffer is not."""
+    """A layer nobody registered is wrapped: each float matrix is a slot; the 1-d offset (a bias)
+    and the int buffer are not, unless a rule names the offset."""
     plan = qswap.plan(_net(), STATIC)
     decision = plan["0"]
     assert decision.kind == "wrap"
     assert decision.layer is not None
-    assert sorted(decision.layer.param_specs()) == ["kernel", "mix", "offset"]
+    assert sorted(decision.layer.param_specs()) == ["kernel", "mix"]
+    assert "offset stay float" in decision.reason
+    named = qswap.plan(
+        _net(), _cfg(STATIC, {"match": {"type": "TwoKernels"}, "slots": {"offset": {}}})
+    )
+    assert named["0"].layer is not None
+    assert sorted(named["0"].layer.param_specs()) == ["kernel", "mix", "offset"]
     assert plan.uncovered == ["0", "2"]
     assert "class QuantizedTwoKernels" in plan.uncovered_report()
 

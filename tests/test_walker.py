@@ -227,7 +227,11 @@ def test_custom_layer_is_wrapped_and_reported() -> None:
     assert p["0"].kind == "wrap"
     layer = p.layers["0"]
     assert layer.counterpart is None and layer.weight is None
-    assert sorted(layer.slots) == ["gain", "kernel"]
+    assert sorted(layer.slots) == ["kernel"]  # the 1-d gain stays float unless a rule names it
+    assert "gain stay float (1-d; a rule's slots: can name them)" in p["0"].reason
+    rule = {"match": {"type": "Mixer"}, "slots": {"gain": {"bits": 8}}}
+    named = plan(model, {"extends": [FAKE], "rules": [rule]})
+    assert sorted(named.layers["0"].slots) == ["gain", "kernel"]
     assert p.uncovered == ["0"]
     report = p.uncovered_report()
     assert (
@@ -247,7 +251,7 @@ def test_slot_rules_set_axis_and_refuse_unknown_slots() -> None:
     cfg = {"extends": [FAKE], "rules": [{"match": {"name": "0"}, "slots": {"kernel": {"axis": 1}}}]}
     p = plan(nn.Sequential(Mixer()), cfg)
     assert p.layers["0"].slots["kernel"].axis == 1
-    assert p.layers["0"].slots["gain"].axis == 0
+    assert "gain" not in p.layers["0"].slots  # 1-d: float unless a rule names it
     bad = {"rules": [{"match": {"name": "0"}, "slots": {"kernal": {"bits": 4}}}]}
     with pytest.raises(
         qswap.PlanError,
@@ -367,3 +371,38 @@ def test_every_path_gets_exactly_one_decision(kinds: list[str]) -> None:
             assert d.kind == "passthrough"
     assert sum(p.counts().values()) == len(paths)
     assert repr(p).startswith("<Plan Sequential backend='fake' mode='static': ")
+
+
+def test_norms_and_biases_keep_float_under_a_weight_spec() -> None:
+    """w4_per_group reaches weights only: a LayerNorm's scale and shift stay float, with the reason."""
+    model = nn.Sequential(nn.Linear(256, 256), nn.LayerNorm(256), nn.Linear(256, 8))
+    p = plan(model, "w4_per_group")
+    assert p["1"].kind == "passthrough"
+    assert "its parameters are 1-d (biases, norm scales), which stay float" in p["1"].reason
+    assert p.layers["0"].weight is not None and p.layers["0"].weight.group_size == 128
+    assert "bias" not in p.layers["0"].slots
+
+
+def test_groups_that_cannot_split_a_tensor_fall_back_to_per_channel_in_the_plan() -> None:
+    """A tensor per_group(128) cannot split is per-channel in the plan, which says so."""
+    model = nn.Sequential(nn.Conv1d(80, 16, 3), nn.Flatten(), nn.Linear(16 * 6, 4))
+    p = plan(model, "w4_per_group")
+    conv = p.layers["0"].weight
+    assert conv is not None and conv.granularity == "per_channel" and conv.group_size is None
+    assert "weight: per_group(128) cannot split 240 element(s) per channel of 16" in p["0"].reason
+    q = qswap.quantize(model, "w4_per_group", calib_data=None, progress=False)
+    assert q._qswap.layers["0"].qparams["weight"].scale.shape == (16,)  # type: ignore[union-attr]
+
+
+def test_an_axis_the_tensor_does_not_have_is_an_error_naming_the_layer() -> None:
+    """weight.axis out of range fails in the plan, naming the layer, slot and shape."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(
+        qswap.PlanError,
+        match=r"layer '0': its weight of shape \[4, 4\] has no axis -100 for per_channel "
+        r"\(a 2-d tensor takes -2 <= axis < 2\)",
+    ):
+        plan(model, {"extends": [FAKE], "weight": {"axis": -100}})
+    rule = {"match": {"type": "Mixer"}, "slots": {"gain": {"axis": 1}}}
+    with pytest.raises(qswap.PlanError, match=r"layer '0': its gain of shape \[4\] has no axis 1"):
+        plan(nn.Sequential(Mixer()), {"extends": [FAKE], "rules": [rule]})

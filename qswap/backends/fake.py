@@ -151,12 +151,19 @@ def fixed_activation(parts: Components, spec: LayerSpec, which: str) -> Activati
     return ActivationSlot(quantizer=parts.quantizer(qspec, qp))
 
 
-def refit(module: nn.Module, spec: LayerSpec, parts: Components | None = None) -> nn.Module:
+def refit(
+    module: nn.Module,
+    spec: LayerSpec,
+    parts: Components | None = None,
+    shared: dict[int, nn.Module] | None = None,
+) -> nn.Module:
     """Turn a layer that ``qswap.prepare`` observed into its fake-quantized form, in place.
 
     The result equals stripping the observers and calling :func:`install`, but each
     observer is replaced where it sits (parametrization list entry, hooked slot), so no
-    hook, parametrization list or class is rebuilt.
+    hook, parametrization list or class is rebuilt. An observer several layers share (a
+    tied weight) becomes one quantizer they share, through ``shared`` (observer id ->
+    quantizer) kept across the calls for one model.
     """
     if parts is None:
         from qswap.registry import default_registry
@@ -168,7 +175,13 @@ def refit(module: nn.Module, spec: LayerSpec, parts: Components | None = None) -
         if plist is None:
             raise PlanError(f"layer {spec.name!r}: {slot} has no observer to replace")
         index = max(i for i, p in enumerate(plist) if getattr(p, _MARK, False))
-        plist[index] = parts.quantizer(qspec, spec.qparams[slot])
+        key = id(plist[index])
+        quantizer = shared.get(key) if shared is not None else None
+        if quantizer is None:
+            quantizer = parts.quantizer(qspec, spec.qparams[slot])
+            if shared is not None:
+                shared[key] = quantizer
+        plist[index] = quantizer
     for which in ("input", "output"):
         current = activation_slot(module, which)
         if current is None:
