@@ -680,6 +680,13 @@ class QConfig(BaseModel):
     strict: StrictBool = Field(
         default=True, description="A rule that matches no module is an error."
     )
+    fallback: Literal["fake", "float"] = Field(
+        default="fake",
+        description=(
+            "What a layer the backend cannot run becomes: fake (simulated in float with the "
+            "same specs) or float (left as it is). The plan shows each such layer and why."
+        ),
+    )
     vnni: Literal["auto"] | StrictBool = Field(
         default="auto",
         description=(
@@ -854,6 +861,8 @@ def _plain_config(cfg: QConfig) -> dict[str, Any]:
     out["mode"] = cfg.mode
     out["fusion"] = cfg.fusion if isinstance(cfg.fusion, str) else [list(g) for g in cfg.fusion]
     out["bias_correction"] = cfg.bias_correction
+    if cfg.fallback != "fake":
+        out["fallback"] = cfg.fallback
     if cfg.vnni != "auto":
         out["vnni"] = cfg.vnni
     out["activation"] = cfg.activation.model_dump(mode="json", exclude_none=True)

@@ -137,7 +137,7 @@ def convert(
                     f"backend {target.name!r} is an integer backend without a lower function; "
                     "register it with Backend(..., lower=...)"
                 )
-            if args is None:
+            if args is None and the_plan.config.mode != "dynamic":
                 raise CalibrationError(
                     f"convert() for backend {target.name!r} needs example inputs to place "
                     "quant/dequant boundaries; pass example_inputs= to prepare() or run "
@@ -145,7 +145,7 @@ def convert(
                 )
             set_eval(model)
             own = {name: layer for name, layer in layers.items() if layer.backend == target.name}
-            model = lower(model, own, tuple(args), dict(kwargs))
+            model = lower(model, own, tuple(args or ()), dict(kwargs))
     object.__setattr__(
         model,
         STATE_ATTR,

@@ -186,6 +186,10 @@ class Backend:
     #: CPUs without VNNI): tells whether they do on this machine. The plan then keeps weights
     #: to 7 bits where activations use 8 (``vnni`` in the config overrides it; ``qswap.cpu``)
     saturates: Callable[[], bool] | None = None
+    #: what the backend cannot run of a planned layer (a reason, shown in the plan) or
+    #: ``None``: a weight granularity, an axis or a mode its kernels lack. The plan then
+    #: falls back for that layer (``fallback`` in the config) instead of lowering failing
+    check: Callable[[Any], str | None] | None = None
 
 
 # --------------------------------------------------------------------------- helpers

@@ -913,7 +913,7 @@ class _Walker:
         if mode in ("static", "qat"):
             inp = casc.resolve(path, "input", rules, redirected, None)
             out = casc.resolve(path, "output", rules, redirected, None)
-        elif mode == "dynamic":
+        elif mode == "dynamic" and (weight is not None or slots):
             inp = casc.resolve(path, "input", rules, redirected, None)
         return LayerSpec(
             name=path,
@@ -929,6 +929,11 @@ class _Walker:
             registry=self.registry,
             notes=tuple(notes),
         )
+
+    def backend_problem(self, layer: LayerSpec) -> str | None:
+        """What the backend cannot run of this layer as planned (its ``check``), or None."""
+        check = self.backend.check
+        return check(layer) if check is not None else None
 
     def bits_problem(self, layer: LayerSpec) -> str | None:
         b = self.backend
@@ -1039,12 +1044,6 @@ def plan(
     reg = registry if registry is not None else default_registry()
     cfg = load_config(config, registry=registry)
     w = _Walker(cfg, reg)
-    backend = w.backend
-    if cfg.mode == "dynamic" and backend.integer:
-        raise PlanError(
-            f"mode 'dynamic' is not supported yet for the integer backend {backend.name!r}; use "
-            "mode: static (calibrated activations) or backend: fake (dynamic fake-quant)"
-        )
     with gc_paused():
         return _plan(model, cfg, reg, w, example_inputs)
 
@@ -1326,7 +1325,14 @@ def _decide(
     red = tuple(redirected)
     if entry is not None:
         layer = w.layer_spec(path, module, qtype, entry, rules, red, bname, aliases)
-        problem = w.bits_problem(layer)
+        if not layer.param_specs() and not layer.activation_specs():
+            return Decision(
+                **base,
+                kind="passthrough",
+                group=gi,
+                reason=f"{note}nothing to quantize in mode {cfg.mode!r}; runs as it is",
+            ), False
+        problem = w.bits_problem(layer) or w.backend_problem(layer)
         if problem is None:
             layer = w.guard_pairs(layer)
             if w.backend.integer:
@@ -1363,6 +1369,16 @@ def _decide(
             reason=f"{note}no parameters and no mapping for backend {bname!r}; runs in float",
         ), False
     why = w.why_unmapped(qtype, bname)
+    requested = {s for i in rules for s in cfg.rules[i].slots} | {s for _, s, _ in red}
+    weighty = [n for n in _float_params(module) if _param_ndim(module, n) >= 2 or n in requested]
+    if not weighty and cfg.mode in ("weight_only", "dynamic"):
+        return Decision(
+            **base,
+            kind="passthrough",
+            group=gi,
+            reason=f"{note}its parameters are 1-d (biases, norm scales), which stay float, and "
+            f"mode {cfg.mode!r} quantizes no activations here",
+        ), False
     if w.backend.integer:
         fake = w.find(qtype, "fake")
         if fake is None and cfg.strict:
@@ -1411,6 +1427,10 @@ def _fallback(
     why: str,
 ) -> Decision:
     """The configured backend cannot run this module: fake-quant it, or leave it float."""
+    if w.cfg.fallback == "float":
+        return Decision(
+            **base, kind="skip", group=gi, reason=f"{note}{why}; stays float (fallback: float)"
+        )
     fake = w.find(qtype, "fake")
     if fake is not None:
         layer = w.layer_spec(path, module, qtype, fake, rules, red, "fake", aliases)

@@ -107,9 +107,18 @@ def own_registry() -> Registry:
 # --------------------------------------------------------------------------- presets and loading
 
 
-def test_presets_are_the_four_builtins_and_match_pytorch_defaults() -> None:
-    """The four presets load and carry the backend, observers and layouts the contract names."""
-    assert list_presets() == ["qnnpack_int8", "w4_per_group", "w8a8_minmax", "x86_int8"]
+def test_presets_are_the_builtins_and_match_pytorch_defaults() -> None:
+    """The presets load and carry the backend, observers and layouts the contract names."""
+    assert list_presets() == [
+        "qnnpack_int8",
+        "w4_per_group",
+        "w8a8_minmax",
+        "x86_dynamic_int8",
+        "x86_int8",
+    ]
+    dynamic = load_config("x86_dynamic_int8")
+    assert (dynamic.backend, dynamic.mode, dynamic.fallback) == ("x86", "dynamic", "float")
+    assert dynamic.activation.quant_range() == (0, 255)
     x86 = load_config("x86_int8")
     assert (x86.backend, x86.mode) == ("x86", "static")
     assert (x86.activation.signed, x86.activation.scheme, x86.activation.granularity) == (
@@ -310,8 +319,8 @@ def test_unknown_preset_name_suggests_the_nearest() -> None:
     err = raises_config_error("x86_in8")
     assert str(err) == (
         "<string>: 'x86_in8' is not a preset, a config file or YAML text; did you mean "
-        "'x86_int8'? Presets: qnnpack_int8, w4_per_group, w8a8_minmax, x86_int8; or pass a path "
-        "ending in .yaml"
+        "'x86_int8'? Presets: qnnpack_int8, w4_per_group, w8a8_minmax, x86_dynamic_int8, "
+        "x86_int8; or pass a path ending in .yaml"
     )
 
 

@@ -918,7 +918,7 @@ def test_counterparts_match_torch_ao_constructors(
         )  # fmt: skip
     with ti._torch_ao_deprecations_silenced():
         ref: Any = counterpart(*ref_args)
-        ref.set_weight_bias(fast.weight(), fast.bias())  # type: ignore[operator]
+        ref.set_weight_bias(*fast._weight_bias())
     ref.scale, ref.zero_point = fast.scale, fast.zero_point
     ref.input_scale, ref.input_zero_point = fast.input_scale, fast.input_zero_point
     assert sorted(vars(fast)) == sorted(vars(ref))

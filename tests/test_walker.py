@@ -302,7 +302,7 @@ def test_fusion_off_and_explicit_groups() -> None:
 
 
 def test_modes_shape_the_specs() -> None:
-    """weight_only quantizes no activation; dynamic only inputs; dynamic on x86 is refused."""
+    """weight_only quantizes no activation; dynamic only inputs; x86 runs dynamic Linear only."""
     model = nn.Sequential(nn.Linear(4, 2))
     weight_only = plan(model, {"mode": "weight_only"}).layers["0"]
     assert (
@@ -310,10 +310,15 @@ def test_modes_shape_the_specs() -> None:
     )
     dynamic = plan(model, {"mode": "dynamic"}).layers["0"]
     assert dynamic.input is not None and dynamic.output is None
-    with pytest.raises(
-        qswap.PlanError, match="mode 'dynamic' is not supported yet for the integer backend 'x86'"
-    ):
-        plan(model, {"extends": ["x86_int8"], "mode": "dynamic"})
+    conv = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 1))
+    on_x86 = plan(conv, {"extends": ["x86_int8"], "mode": "dynamic"})
+    assert on_x86["0"].backend == "x86" and on_x86["0"].counterpart is not None
+    assert on_x86["2"].backend == "fake" and on_x86["2"].fallback
+    assert "torch's dynamic int8 kernels run Linear layers only" in on_x86["2"].reason
+    float_fallback = plan(conv, "x86_dynamic_int8")["2"]
+    assert float_fallback.kind == "skip" and float_fallback.reason.endswith(
+        "stays float (fallback: float)"
+    )
 
 
 def test_unknown_module_name() -> None:

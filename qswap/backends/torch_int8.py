@@ -48,8 +48,13 @@ __all__ = [
     "QuantizedConvReLU1d",
     "QuantizedConvReLU2d",
     "QuantizedConvReLU3d",
+    "QuantizedDynamicLinear",
+    "QuantizedDynamicLinearReLU",
     "QuantizedLinear",
     "QuantizedLinearReLU",
+    "QuantizedTransposedLinear",
+    "WeightView",
+    "check_layer",
     "describe_lowering",
     "fbgemm_saturates",
     "lower_qnnpack",
@@ -91,6 +96,7 @@ with _torch_ao_deprecations_silenced():
     import torch.ao.nn.intrinsic as nni
     import torch.ao.nn.intrinsic.quantized as nniq
     import torch.ao.nn.quantized as nnq
+    import torch.ao.nn.quantized.dynamic as nnqd
     from torch.ao.nn.quantized.modules.linear import LinearPackedParams as _PackedParams
 
 _QTENSOR_WARNING_SEEN = False
@@ -429,7 +435,71 @@ def _build_batchnorm(
     return q
 
 
-class QuantizedLinear(_IntegerModule, nnq.Linear):
+class WeightView(Tensor):
+    """A quantized layer's weight as the float values it computes with.
+
+    The model's own code reads ``module.weight`` as it would on ``nn.Linear`` or ``nn.Conv2d``
+    (``.dtype``, ``.shape``, ``.device``, values: Hugging Face ViT casts its input to
+    ``projection.weight.dtype``); calling it, ``module.weight()``, returns torch.ao's
+    quantized tensor as before. Each read dequantizes the packed weight: the float copy is
+    made only for code that asks for it.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+    _quantized: Tensor
+
+    def __call__(self) -> Tensor:
+        return self._quantized
+
+
+def _weight_view(values: Tensor, called: Tensor) -> WeightView:
+    view: WeightView = Tensor._make_subclass(WeightView, values, False)
+    view._quantized = called
+    return view
+
+
+class _FloatReads:
+    """Mixin: ``weight``/``bias`` read as on the float layer (float tensors), callable as in torch.ao."""
+
+    if TYPE_CHECKING:  # torch.ao's, on the classes below (defining it here would shadow theirs)
+
+        def _weight_bias(self) -> tuple[Tensor, Tensor | None]: ...
+
+    @property
+    def weight(self) -> WeightView:
+        """The weight as float values; ``module.weight()`` is torch.ao's quantized tensor."""
+        q = self._weight_bias()[0]
+        return _weight_view(q.dequantize(), q)
+
+    @property
+    def bias(self) -> WeightView | None:
+        """The float bias (``None`` without one), as on the float layer; callable as in torch.ao."""
+        b = self._weight_bias()[1]
+        return None if b is None else _weight_view(b, b)
+
+    def extra_repr(self) -> str:
+        # torch.ao's own extra_repr calls weight() and bias() as methods
+        q, b = self._weight_bias()
+        d = cast(Any, self).__dict__
+        if "in_features" in d:
+            head = f"in_features={d['in_features']}, out_features={d['out_features']}"
+        else:
+            head = (
+                f"{d['in_channels']}, {d['out_channels']}, kernel_size={d['kernel_size']}, "
+                f"stride={d['stride']}"
+            )
+            if any(d["padding"]):
+                head += f", padding={d['padding']}"
+            if d["groups"] != 1:
+                head += f", groups={d['groups']}"
+        bias = "" if b is not None else ", bias=False"
+        return (
+            f"{head}, scale={d.get('scale')}, zero_point={d.get('zero_point')}, "
+            f"qscheme={q.qscheme()}{bias}"
+        )
+
+
+class QuantizedLinear(_IntegerModule, _FloatReads, nnq.Linear):  # type: ignore[misc]
     """int8 ``nn.Linear`` (torch.ao.nn.quantized.Linear) that also accepts float input."""
 
     @classmethod
@@ -438,7 +508,7 @@ class QuantizedLinear(_IntegerModule, nnq.Linear):
         return _build_linear(cls, module, spec, nni.LinearReLU)
 
 
-class QuantizedLinearReLU(_IntegerModule, nniq.LinearReLU):
+class QuantizedLinearReLU(_IntegerModule, _FloatReads, nniq.LinearReLU):  # type: ignore[misc]
     """int8 ``Linear`` + ``ReLU`` in one kernel (from ``torch.ao.nn.intrinsic.LinearReLU``)."""
 
     @classmethod
@@ -447,7 +517,7 @@ class QuantizedLinearReLU(_IntegerModule, nniq.LinearReLU):
         return _build_linear(cls, module, spec, nni.LinearReLU)
 
 
-class QuantizedConv1d(_IntegerModule, nnq.Conv1d):
+class QuantizedConv1d(_IntegerModule, _FloatReads, nnq.Conv1d):  # type: ignore[misc]
     """int8 ``nn.Conv1d`` that also accepts float input."""
 
     @classmethod
@@ -456,7 +526,7 @@ class QuantizedConv1d(_IntegerModule, nnq.Conv1d):
         return _build_conv(cls, module, spec, nn.Conv1d, nni.ConvReLU1d)
 
 
-class QuantizedConv2d(_IntegerModule, nnq.Conv2d):
+class QuantizedConv2d(_IntegerModule, _FloatReads, nnq.Conv2d):  # type: ignore[misc]
     """int8 ``nn.Conv2d`` that also accepts float input."""
 
     @classmethod
@@ -465,7 +535,7 @@ class QuantizedConv2d(_IntegerModule, nnq.Conv2d):
         return _build_conv(cls, module, spec, nn.Conv2d, nni.ConvReLU2d)
 
 
-class QuantizedConv3d(_IntegerModule, nnq.Conv3d):
+class QuantizedConv3d(_IntegerModule, _FloatReads, nnq.Conv3d):  # type: ignore[misc]
     """int8 ``nn.Conv3d`` that also accepts float input."""
 
     @classmethod
@@ -474,7 +544,7 @@ class QuantizedConv3d(_IntegerModule, nnq.Conv3d):
         return _build_conv(cls, module, spec, nn.Conv3d, nni.ConvReLU3d)
 
 
-class QuantizedConvReLU1d(_IntegerModule, nniq.ConvReLU1d):
+class QuantizedConvReLU1d(_IntegerModule, _FloatReads, nniq.ConvReLU1d):  # type: ignore[misc]
     """int8 ``Conv1d`` + ``ReLU`` in one kernel."""
 
     @classmethod
@@ -483,7 +553,7 @@ class QuantizedConvReLU1d(_IntegerModule, nniq.ConvReLU1d):
         return _build_conv(cls, module, spec, nn.Conv1d, nni.ConvReLU1d)
 
 
-class QuantizedConvReLU2d(_IntegerModule, nniq.ConvReLU2d):
+class QuantizedConvReLU2d(_IntegerModule, _FloatReads, nniq.ConvReLU2d):  # type: ignore[misc]
     """int8 ``Conv2d`` + ``ReLU`` in one kernel."""
 
     @classmethod
@@ -492,7 +562,7 @@ class QuantizedConvReLU2d(_IntegerModule, nniq.ConvReLU2d):
         return _build_conv(cls, module, spec, nn.Conv2d, nni.ConvReLU2d)
 
 
-class QuantizedConvReLU3d(_IntegerModule, nniq.ConvReLU3d):
+class QuantizedConvReLU3d(_IntegerModule, _FloatReads, nniq.ConvReLU3d):  # type: ignore[misc]
     """int8 ``Conv3d`` + ``ReLU`` in one kernel."""
 
     @classmethod
@@ -535,6 +605,112 @@ class QuantizedBNReLU3d(_IntegerModule, nniq.BNReLU3d):
     def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
         """Build from ``BNReLU3d``; output qparams after ReLU."""
         return _build_batchnorm(cls, module, spec, nni.BNReLU3d)
+
+
+def _transposed(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` view of a layer that stores its weight as ``(in, out)``."""
+    inner = module[0] if isinstance(module, nn.Sequential) else module
+    weight = getattr(inner, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise UnsupportedModuleError(
+            f"expected a layer with a 2-d (in, out) weight, got {type(module).__name__}"
+        )
+    bias = getattr(inner, "bias", None)
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=isinstance(bias, Tensor))
+    with torch.no_grad():
+        linear.weight = nn.Parameter(weight.detach().t(), requires_grad=False)
+        if isinstance(bias, Tensor):
+            linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
+
+
+def _transposed_spec(spec: LayerSpec) -> LayerSpec:
+    """``spec`` for the ``(out, in)`` form of an ``(in, out)`` weight: channel axis 1 -> 0."""
+    qp = spec.qparams.get("weight")
+    if qp is None or qp.axis is None:
+        return spec
+    return dataclasses.replace(
+        spec, qparams={**spec.qparams, "weight": dataclasses.replace(qp, axis=1 - qp.axis)}
+    )
+
+
+class QuantizedTransposedLinear(QuantizedLinear):
+    """int8 Linear for layers that store the weight as ``(in, out)``: transformers' ``Conv1D``.
+
+    Its mapping names axis 1 (the output features) as the weight's channel axis; the int8
+    module holds the transposed ``(out, in)`` weight, per output channel, as ``nn.Linear``.
+    """
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from a layer computing ``x @ weight + bias`` with an ``(in, out)`` weight."""
+        return _build_linear(cls, _transposed(module), _transposed_spec(spec), nni.LinearReLU)
+
+
+class QuantizedDynamicLinear(_FloatReads, nnqd.Linear):  # type: ignore[misc]
+    """Dynamic int8 ``nn.Linear``: int8 weights; each input quantized per batch by the kernel.
+
+    Float in, float out (``torch.ops.quantized.linear_dynamic``), so it needs no calibration
+    and no boundaries. The input uses the full 8 bits unless its spec says ``reduce_range``
+    (the plan keeps weights to 7 bits where a CPU without VNNI would saturate them).
+    """
+
+    reduce_range: bool = False
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from ``nn.Linear``, ``LinearReLU`` or an ``(in, out)`` Conv1D, and weight qparams."""
+        return _build_dynamic(cls, module, spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch._C.DisableTorchFunction():
+            y: Tensor = torch.ops.quantized.linear_dynamic(
+                x.to(torch.float32), self._packed_params._packed_params, self.reduce_range
+            )
+            return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, reduce_range={self.reduce_range}"
+
+
+class QuantizedDynamicLinearReLU(QuantizedDynamicLinear):
+    """Dynamic int8 ``Linear`` + ``ReLU`` in one kernel (``linear_relu_dynamic``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch._C.DisableTorchFunction():
+            y: Tensor = torch.ops.quantized.linear_relu_dynamic(
+                x.to(torch.float32), self._packed_params._packed_params, self.reduce_range
+            )
+            return y.to(x.dtype)
+
+
+def _build_dynamic(
+    cls: type[QuantizedDynamicLinear], module: nn.Module, spec: LayerSpec
+) -> nn.Module:
+    linear = _inner(module, nni.LinearReLU)
+    if spec.counterpart is QuantizedTransposedLinear:
+        linear, spec = _transposed(module), _transposed_spec(spec)
+    if not isinstance(linear, nn.Linear):
+        raise UnsupportedModuleError(
+            f"{spec.name}: expected nn.Linear (or LinearReLU), got {type(module).__name__}"
+        )
+    qweight = _quantize_weight(
+        linear.weight, _qparams(spec, "weight", module), f"{spec.name} weight"
+    )
+    with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
+        packed: Any = _PackedParams.__new__(_PackedParams)
+        nn.Module.__init__(packed)
+        packed.dtype = torch.qint8
+        packed._packed_params = torch.ops.quantized.linear_prepack(qweight, _bias(linear))
+        q: Any = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features = linear.in_features
+        q.out_features = linear.out_features
+        q._packed_params = packed
+        q.version = 4
+        q.training = False
+    q.reduce_range = bool(spec.input is not None and spec.input.reduce_range)
+    return cast(nn.Module, q)
 
 
 class IntegerPassthrough:
@@ -1260,6 +1436,53 @@ def describe_lowering(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- what the kernels take
+
+_LINEARS = (QuantizedLinear, QuantizedLinearReLU)
+
+
+def check_layer(layer: LayerSpec) -> str | None:
+    """What torch's int8 CPU kernels cannot run of a planned layer (the plan falls back), or None.
+
+    >>> from qswap.config import QuantSpec
+    >>> from qswap.walker import LayerSpec
+    >>> w = QuantSpec(granularity="per_group", axis=0, group_size=4)
+    >>> check_layer(LayerSpec("fc", torch.nn.Linear, QuantizedLinear, w, None, None))
+    "per-group weights (groups of 4): torch's int8 kernels take per-tensor or per-channel (axis 0) weights"
+    """
+    cp = layer.counterpart
+    if layer.mode == "weight_only":
+        return (
+            "torch's int8 CPU kernels quantize activations too: they have no weight-only form "
+            "(use mode: dynamic for int8 weights with float activations)"
+        )
+    if layer.mode == "dynamic":
+        if not (isinstance(cp, type) and issubclass(cp, _LINEARS)):
+            return "torch's dynamic int8 kernels run Linear layers only"
+        x = layer.input
+        if x is not None and (x.signed or x.scheme != "affine" or x.granularity != "per_tensor"):
+            return (
+                "torch's dynamic int8 kernels quantize each input to uint8, affine, per tensor; "
+                "the input spec asks otherwise"
+            )
+    w = layer.weight
+    if w is not None:
+        if w.granularity == "per_group":
+            return (
+                f"per-group weights (groups of {w.group_size}): torch's int8 kernels take "
+                "per-tensor or per-channel (axis 0) weights"
+            )
+        if w.granularity == "per_channel" and (w.axis or 0) != 0:
+            return (
+                f"per-channel weights on axis {w.axis}: torch's int8 kernels take channels on "
+                "axis 0 (the output channels)"
+            )
+    for which, spec in layer.activation_specs().items():
+        if layer.mode != "dynamic" and spec.granularity != "per_tensor":
+            return f"{which} {spec.granularity}: torch's int8 kernels take per-tensor activations"
+    return None
+
+
 # --------------------------------------------------------------------------- lowering
 
 
@@ -1345,6 +1568,34 @@ def _dataflow(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     return found if found is not None else trace(model, args, kwargs)
 
 
+_DYNAMIC: dict[type, type[QuantizedDynamicLinear]] = {
+    QuantizedLinear: QuantizedDynamicLinear,
+    QuantizedLinearReLU: QuantizedDynamicLinearReLU,
+    QuantizedTransposedLinear: QuantizedDynamicLinear,
+}
+
+
+def _lower_dynamic(backend: str, model: nn.Module, layers: Mapping[str, LayerSpec]) -> nn.Module:
+    """Swap each planned Linear for its dynamic int8 form: float in, float out, no boundaries."""
+    paths_of: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths_of.setdefault(id(module), []).append(path)
+    with _engine(backend), _torch_ao_deprecations_silenced():
+        for path, spec in layers.items():
+            cls = _DYNAMIC.get(cast(type, spec.counterpart))
+            if cls is None:
+                continue  # the plan keeps only Linear layers on the backend in dynamic mode
+            module = model.get_submodule(path)
+            q = cls.from_float(module, spec)
+            _carry_hooks(module, q)
+            for alias_path in paths_of.get(id(module), [path]):
+                if alias_path:
+                    _set_submodule(model, alias_path, q)
+                else:
+                    model = q
+    return model
+
+
 def _lower(
     backend: str,
     model: nn.Module,
@@ -1359,6 +1610,8 @@ def _lower(
                 f"{tensor.device}; move the model and its inputs to the CPU first "
                 "(model.cpu()), or use backend 'fake' on this device"
             )
+    if layers and all(spec.mode == "dynamic" for spec in layers.values()):
+        return _lower_dynamic(backend, model, layers)
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     float_dtype = next(
@@ -1568,6 +1821,7 @@ def register(reg: Registry) -> None:
             activation_bits=(8, 8),
             lower=lower_x86,
             saturates=fbgemm_saturates,
+            check=check_layer,
         )
     )
     reg.register_backend(
@@ -1581,5 +1835,6 @@ def register(reg: Registry) -> None:
             weight_bits=(8, 8),
             activation_bits=(8, 8),
             lower=lower_qnnpack,
+            check=check_layer,
         )
     )
