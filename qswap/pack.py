@@ -128,6 +128,14 @@ class RegistryPack(_PackModel):
     backend: Annotated[str, Field(pattern=_NAME)] = Field(
         default="fake", description="Default backend of the mappings below."
     )
+    requires: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list,
+        description=(
+            "Top-level packages the pack's classes come from (e.g. transformers). Such a pack "
+            "is registered once the program has imported all of them (a model built with them "
+            "has), so it never imports a library itself; mappings and fusions only."
+        ),
+    )
     backends: list[BackendSpec] = Field(default_factory=list)
     mappings: list[MappingSpec] = Field(default_factory=list)
     fusions: list[FusionSpec] = Field(default_factory=list)
@@ -137,6 +145,16 @@ class RegistryPack(_PackModel):
     observers: dict[ComponentName, DottedPath] = Field(
         default_factory=dict, description="Observer name -> class."
     )
+
+    @model_validator(mode="after")
+    def _deferred_holds_tables_only(self) -> RegistryPack:
+        if self.requires and (self.backends or self.quantizers or self.observers):
+            raise ValueError(
+                "a pack with requires: declares mappings and fusions only (they are registered "
+                "when the library is imported); put backends, quantizers and observers in a "
+                "pack without requires"
+            )
+        return self
 
 
 def pack_json_schema() -> dict[str, Any]:

@@ -25,6 +25,7 @@ import re
 import sys
 import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,35 @@ class Backend:
     #: ``None``: a weight granularity, an axis or a mode its kernels lack. The plan then
     #: falls back for that layer (``fallback`` in the config) instead of lowering failing
     check: Callable[[Any], str | None] | None = None
+
+
+@dataclass
+class _Deferred:
+    """A pack with ``requires:``, and the entries still waiting for their classes' modules."""
+
+    doc: PackDocument
+    package: str | None
+    replace: bool
+    pending: set[tuple[str, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        pack = self.doc.pack
+        self.pending = {("mappings", i) for i in range(len(pack.mappings))} | {
+            ("fusions", i) for i in range(len(pack.fusions))
+        }
+
+    def imported(self, key: tuple[str, int]) -> bool:
+        """Whether every class the entry names from a required library is imported already."""
+        section, i = key
+        pack = self.doc.pack
+        if section == "mappings":
+            paths = [pack.mappings[i].module, pack.mappings[i].counterpart]
+        else:
+            paths = [*pack.fusions[i].types, pack.fusions[i].fuser]
+        roots = set(pack.requires)
+        return all(
+            p.partition(".")[0] not in roots or p.rpartition(".")[0] in sys.modules for p in paths
+        )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -590,6 +620,9 @@ class Registry:
         }
         self._backends: dict[str, Backend] = {}
         self._plugins: dict[str, str] = {}
+        # packs naming `requires:` libraries, with the entries still waiting for their module
+        self._deferred: list[_Deferred] = []
+        self._modules_seen = 0  # len(sys.modules) when the deferred entries were last checked
 
     # -- properties -------------------------------------------------------------------
 
@@ -621,8 +654,49 @@ class Registry:
     def _chain(self) -> Iterator[Registry]:
         reg: Registry | None = self
         while reg is not None:
+            if reg._deferred:
+                reg._register_imported()
             yield reg
             reg = reg._parent
+
+    def _register_imported(self) -> None:
+        """Register the deferred pack entries whose classes the program has imported by now.
+
+        An entry waits until the module of each class it names from a ``requires:`` library
+        is in ``sys.modules`` (a model built with that library has imported it), so qswap
+        never imports a library itself. An entry that no longer fits the installed library
+        (a class moved) is dropped with a warning; the layers it covers are planned as if
+        it were absent.
+        """
+        if len(sys.modules) == self._modules_seen:
+            return  # nothing imported since the last check
+        with self._lock:
+            self._modules_seen = len(sys.modules)
+            frozen, self._frozen = self._frozen, False  # part of its definition, not a write
+            try:
+                for deferred in self._deferred:
+                    ready = {key for key in deferred.pending if deferred.imported(key)}
+                    if ready:
+                        deferred.pending -= ready
+                        self._register_deferred(deferred, ready)
+                self._deferred = [d for d in self._deferred if d.pending]
+            finally:
+                self._frozen = frozen
+
+    def _register_deferred(self, deferred: _Deferred, keys: set[tuple[str, int]]) -> None:
+        doc = deferred.doc
+        try:
+            actions = self._pack_actions(doc, deferred.package, deferred.replace, only=keys)
+            with self._rollback_on_error():
+                for action in actions:
+                    action()
+        except (RegistrationError, ImportError, AttributeError) as exc:
+            warnings.warn(
+                f"registry pack {doc.source} (requires {', '.join(doc.pack.requires)}): entries "
+                f"that do not fit the installed library were not registered: {exc}",
+                UserWarning,
+                stacklevel=5,
+            )
 
     def _check_writable(self, what: str) -> None:
         if self._frozen:
@@ -1161,8 +1235,10 @@ class Registry:
     ) -> None:
         """Register everything a YAML pack declares, all or nothing.
 
-        Dotted paths are imported now; a leading ``.`` is relative to ``package``.
-        Entry origins are ``pack.yaml:line``.
+        Dotted paths are imported now; a leading ``.`` is relative to ``package``. A pack
+        with ``requires: [lib]`` waits until the program has imported ``lib`` (a model built
+        with it has) and registers then, so qswap never imports a library itself. Entry
+        origins are ``pack.yaml:line``.
 
         >>> reg = Registry("doc")
         >>> reg.load_pack(registry_data_dir() / "torch_nn.yaml")
@@ -1171,13 +1247,22 @@ class Registry:
         """
         self._check_writable(f"load_pack({os.fspath(path)!r})")
         doc = read_pack(path)
+        if doc.pack.requires:
+            with self._lock:
+                self._deferred.append(_Deferred(doc, package, replace))
+                self._modules_seen = 0
+            return  # each entry registers once the program imports the classes it names
         actions = self._pack_actions(doc, package, replace)
         with self._lock, self._rollback_on_error():
             for action in actions:
                 action()
 
     def _pack_actions(
-        self, doc: PackDocument, package: str | None, replace: bool
+        self,
+        doc: PackDocument,
+        package: str | None,
+        replace: bool,
+        only: set[tuple[str, int]] | None = None,
     ) -> list[Callable[[], None]]:
         pack = doc.pack
         actions: list[Callable[[], None]] = []
@@ -1199,6 +1284,8 @@ class Registry:
             _check_backend(backend, backend.origin)
             actions.append(functools.partial(self._add_backend, backend, replace))
         for i, m in enumerate(pack.mappings):
+            if only is not None and ("mappings", i) not in only:
+                continue
             origin = doc.origin(("mappings", i))
             float_cls = resolve(m.module, ("mappings", i, "module"))
             counterpart = resolve(m.counterpart, ("mappings", i, "counterpart"))
@@ -1217,6 +1304,8 @@ class Registry:
                 )
             )
         for i, f in enumerate(pack.fusions):
+            if only is not None and ("fusions", i) not in only:
+                continue
             origin = doc.origin(("fusions", i))
             types_ = tuple(resolve(t, ("fusions", i, "types", j)) for j, t in enumerate(f.types))
             fuser = resolve(f.fuser, ("fusions", i, "fuser"))

@@ -1326,11 +1326,14 @@ def _decide(
     if entry is not None:
         layer = w.layer_spec(path, module, qtype, entry, rules, red, bname, aliases)
         if not layer.param_specs() and not layer.activation_specs():
+            kept = "its parameters are 1-d (biases, norm scales), which stay float; " * bool(
+                _float_params(module)
+            )
             return Decision(
                 **base,
                 kind="passthrough",
                 group=gi,
-                reason=f"{note}nothing to quantize in mode {cfg.mode!r}; runs as it is",
+                reason=f"{note}{kept}nothing to quantize in mode {cfg.mode!r}; runs as it is",
             ), False
         problem = w.bits_problem(layer) or w.backend_problem(layer)
         if problem is None:

@@ -891,7 +891,8 @@ def test_builtin_pack_parses_and_starts_with_the_schema_line() -> None:
     modules = {m.module: m.slots for m in pack.mappings}
     assert modules["torch.nn.ConvTranspose2d"] == {"weight": 1}
     assert modules["torch.ao.nn.intrinsic.LinearReLU"] == {"weight": 0}
-    assert len(pack.mappings) == 13 and len(pack.fusions) == 13
+    assert modules["torch.nn.LayerNorm"] == {}  # norms: activations only, 1-d scale stays float
+    assert len(pack.mappings) == 16 and len(pack.fusions) == 13
     assert {m.counterpart for m in pack.mappings} == {"qswap.backends.fake.FakeQuantized"}
 
 

@@ -641,6 +641,8 @@ class QuantizedTransposedLinear(QuantizedLinear):
     module holds the transposed ``(out, in)`` weight, per output channel, as ``nn.Linear``.
     """
 
+    weight_axis = 1  # the output channels of an (in, out) weight
+
     @classmethod
     def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
         """Build from a layer computing ``x @ weight + bias`` with an ``(in, out)`` weight."""
@@ -1029,6 +1031,7 @@ class _Lowering:
     integer_relus: set[str]  # nn.ReLU modules that only ever see integer tensors
     integer_natives: set[str]  # pooling/flatten modules that only ever see integer tensors
     notes: list[str]
+    dequantize_outputs: set[str] = dataclasses.field(default_factory=set)  # no integer consumer
 
 
 def _analyse(
@@ -1045,7 +1048,34 @@ def _analyse(
     quantized tensors as it is); other modules are float. ``out_q``/``in_q`` are the output
     qparams of weighted layers and the input qparams of integer layers; ``relu_out_q`` the
     output qparams of integer ReLU modules.
+
+    A weighted layer whose output reaches neither an integer consumer nor a module (directly
+    or through views, pooling...), only the model's own functional code, hands on a float
+    tensor: its output is dequantized where it is made, so that no integer tensor reaches
+    Python code that reads its dtype or keeps it (an attention's KV cache).
     """
+    first = _analyse_pass(t, kinds, out_q, in_q, relu_out_q, foldable, set())
+    if not first.float_out:
+        return first.lowering
+    second = _analyse_pass(t, kinds, out_q, in_q, relu_out_q, foldable, first.float_out)
+    second.lowering.dequantize_outputs = set(first.float_out)
+    return second.lowering
+
+
+class _Pass(NamedTuple):
+    lowering: _Lowering
+    float_out: set[str]  # weighted layers no integer consumer takes the output of
+
+
+def _analyse_pass(
+    t: Trace,
+    kinds: Mapping[str, str],
+    out_q: Mapping[str, _Act],
+    in_q: Mapping[str, _Act],
+    relu_out_q: Mapping[str, _Act],
+    foldable: set[str],
+    float_out: set[str],
+) -> _Pass:
     qp: dict[int, _Act] = {}  # value id -> qparams, for integer values only
     ops: list[_IntegerOp] = []
     folds: dict[str, _Act] = {}
@@ -1054,6 +1084,9 @@ def _analyse(
     relus: dict[str, bool] = {}  # ReLU module -> whether every call gets an integer tensor
     natives: dict[str, bool] = {}  # the same for pooling/flatten modules (_NATIVE_MODULES)
     notes: list[str] = []
+    weighted_calls: list[Call] = []
+    carriers: list[Call] = []  # calls that hand an integer value on as it is (views, pooling)
+    used: set[int] = set()  # integer values an integer consumer takes
 
     def path_of(call: Call) -> str | None:
         for p in call.paths or (call.target,):
@@ -1126,6 +1159,9 @@ def _analyse(
             if kind == "weighted" and p is not None:
                 if any(v not in qp for v in ins):
                     float_fed.add(p)
+                weighted_calls.append(call)
+                if p in float_out:
+                    continue  # dequantized where it is made
                 out = out_q[p]
                 relu = only_consumer_is_relu(call.outputs[0]) if len(call.outputs) == 1 else None
                 if p in foldable and len(t.calls_of(p)) == 1 and relu is not None:
@@ -1137,6 +1173,8 @@ def _analyse(
                 if integer_in:
                     for vid in call.outputs:
                         qp[vid] = qp[ins[0]]
+                if integer_in:
+                    carriers.append(call)
                 if call.module_type is nn.ReLU:
                     target = call.paths[0] if call.paths else call.target
                     relus[target] = relus.get(target, True) and integer_in
@@ -1144,7 +1182,10 @@ def _analyse(
                     target = call.paths[0] if call.paths else call.target
                     natives[target] = natives.get(target, True) and integer_in
             elif any(v in qp for v in ins):
+                # a float module: a pre-hook dequantizes its input, so the value can stay
+                # integer up to it (a ReLU before it still runs fused)
                 dequantize_inputs.add(call.paths[0] if call.paths else call.target)
+                used.update(v for v in ins if v in qp)
             continue
         # a function call between modules
         if not any(v in qp for v in ins):
@@ -1152,6 +1193,7 @@ def _analyse(
         name = call.target
         if name in _NATIVE or name.endswith(".__get__"):
             if all(v in qp for v in ins):
+                carriers.append(call)
                 for vid in call.outputs:
                     qp[vid] = qp[ins[0]]
             continue
@@ -1166,6 +1208,7 @@ def _analyse(
                         _IntegerOp(call.index, name, kind_name, operands, act.scale, act.zero_point)
                     )
                     qp[call.outputs[0]] = act
+                    used.update(ins)
                     continue
             notes.append(
                 f"call #{call.index} {name}: no integer consumer gives its output qparams, so "
@@ -1175,9 +1218,28 @@ def _analyse(
         notes.append(f"call #{call.index} {name}: no int8 kernel, so it runs in float")
     integer_relus = {p for p, always in relus.items() if always}
     integer_natives = {p for p, always in natives.items() if always}
-    return _Lowering(
+    lowering = _Lowering(
         ops, folds, dequantize_inputs, float_fed, integer_relus, integer_natives, notes
     )
+    # which integer values an integer consumer takes: weighted layers and integer ops take
+    # theirs; a view, pooling or ReLU passes the need on to its input
+    for call in weighted_calls:
+        used.update(v for v in call.inputs if v in qp)
+    for call in reversed(carriers):
+        if any(v in used for v in call.outputs):
+            used.update(v for v in call.inputs if v in qp)
+    unused = set()
+    for call in weighted_calls:
+        p = path_of(call)
+        if p is not None and call.outputs and not any(v in used for v in call.outputs):
+            if not all(t.is_output(v) for v in call.outputs):
+                unused.add(p)
+    # a layer called several times keeps integer output if any call's output is used
+    for call in weighted_calls:
+        p = path_of(call)
+        if p in unused and any(v in used for v in call.outputs):
+            unused.discard(p)
+    return _Pass(lowering, unused - float_out)
 
 
 # --------------------------------------------------------------------------- run time
@@ -1410,6 +1472,10 @@ class _Runtime:
             cast(Any, stack.pop()).__exit__(None, None, None)
         return _dequantize(output, self.float_dtype)
 
+    def dequantize_output(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """A layer whose integer output no integer consumer takes hands on a float tensor."""
+        return _dequantize(output, self.float_dtype)
+
     def dequantize_inputs(self, module: nn.Module, args: Any, kwargs: Any) -> Any:
         if _has_quantized(args) or (kwargs and _has_quantized(list(kwargs.values()))):
             return _dequantize(tuple(args), self.float_dtype), _dequantize(
@@ -1472,10 +1538,11 @@ def check_layer(layer: LayerSpec) -> str | None:
                 f"per-group weights (groups of {w.group_size}): torch's int8 kernels take "
                 "per-tensor or per-channel (axis 0) weights"
             )
-        if w.granularity == "per_channel" and (w.axis or 0) != 0:
+        out_axis = getattr(cp, "weight_axis", 0)
+        if w.granularity == "per_channel" and (w.axis or 0) != out_axis:
             return (
-                f"per-channel weights on axis {w.axis}: torch's int8 kernels take channels on "
-                "axis 0 (the output channels)"
+                f"per-channel weights on axis {w.axis}: torch's int8 kernels take one scale per "
+                f"output channel (axis {out_axis} of this layer's weight)"
             )
     for which, spec in layer.activation_specs().items():
         if layer.mode != "dynamic" and spec.granularity != "per_tensor":
@@ -1754,6 +1821,12 @@ def _lower(
         except AttributeError:
             continue
         target.register_forward_pre_hook(runtime.dequantize_inputs, with_kwargs=True, prepend=True)
+    for path in sorted(lowering.dequantize_outputs):
+        try:
+            target = model.get_submodule(path)
+        except AttributeError:
+            continue
+        target.register_forward_hook(runtime.dequantize_output, prepend=True)
     model.register_forward_pre_hook(runtime.enter, with_kwargs=True)
     model.register_forward_hook(runtime.exit, with_kwargs=True, prepend=True, always_call=True)
     object.__setattr__(model, "_qswap_int8", runtime)
