@@ -1231,9 +1231,9 @@ def _analyse_pass(
     unused = set()
     for call in weighted_calls:
         p = path_of(call)
-        if p is not None and call.outputs and not any(v in used for v in call.outputs):
-            if not all(t.is_output(v) for v in call.outputs):
-                unused.add(p)
+        outs = call.outputs
+        if p is not None and outs and not any(v in used or t.is_output(v) for v in outs):
+            unused.add(p)
     # a layer called several times keeps integer output if any call's output is used
     for call in weighted_calls:
         p = path_of(call)
@@ -1458,18 +1458,28 @@ class _Runtime:
         return self  # immutable after lowering; per-call state lives in the dispatch mode
 
     def enter(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """Before the root's forward, or a container's called on its own (``generate()`` calls
+        a model's encoder directly): switch the dispatch mode on, once per outermost call."""
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        local.depth = depth + 1
+        if depth:
+            return  # inside a call that has the mode on already
         _consume_qtensor_warning()
-        stack: list[_Dispatch] | None = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = self._local.stack = []
         mode = _Dispatch(self)
         cast(Any, mode).__enter__()
-        stack.append(mode)
+        local.mode = mode
 
     def exit(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
-        stack: list[_Dispatch] | None = getattr(self._local, "stack", None)
-        if stack:
-            cast(Any, stack.pop()).__exit__(None, None, None)
+        """After that call: the mode off again, and float outputs for the caller."""
+        local = self._local
+        local.depth = getattr(local, "depth", 1) - 1
+        if local.depth:
+            return None  # an inner container: its integer outputs go on to integer consumers
+        mode = getattr(local, "mode", None)
+        if mode is not None:
+            local.mode = None
+            cast(Any, mode).__exit__(None, None, None)
         return _dequantize(output, self.float_dtype)
 
     def dequantize_output(self, module: nn.Module, args: Any, output: Any) -> Any:
@@ -1827,8 +1837,21 @@ def _lower(
         except AttributeError:
             continue
         target.register_forward_hook(runtime.dequantize_output, prepend=True)
-    model.register_forward_pre_hook(runtime.enter, with_kwargs=True)
-    model.register_forward_hook(runtime.exit, with_kwargs=True, prepend=True, always_call=True)
+    # the root and every container of an int8 layer: a container called on its own gets the
+    # dispatch mode and hands its caller float outputs, as the whole model does
+    entries = {""} | {
+        ".".join(parts[:i])
+        for path in swapped
+        for parts in [path.split(".")]
+        for i in range(1, len(parts))
+    }
+    for path in sorted(entries):
+        try:
+            entry = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        entry.register_forward_pre_hook(runtime.enter, with_kwargs=True)
+        entry.register_forward_hook(runtime.exit, with_kwargs=True, prepend=True, always_call=True)
     object.__setattr__(model, "_qswap_int8", runtime)
     _consume_qtensor_warning()
     return model
