@@ -18,15 +18,18 @@ Runs on one torch thread unless ``--threads N``.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import math
 import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+import peers
 import zoo_models
 from measure import write_json
 from zoo_models import NAMES, ZooModel, batch1, call, generate_inputs
@@ -45,7 +49,7 @@ import qswap
 
 PRESETS = ("x86_int8", "w8a8_minmax")
 LM_PRESETS = ("w4_per_group",)  # transformers language models only
-STEPS = ("plan", "quantize", "eval", "batch1", "generate")
+LOW_SQNR_DB = 10.0  # a cell that ran below this is listed after the failures
 #: path fragments of frames worth showing: qswap and the models' own libraries
 LIBRARIES = ("/qswap/", "/transformers/", "/timm/", "zoo_models.py")
 
@@ -80,9 +84,11 @@ class Cell:
     plan: dict[str, int] = field(default_factory=dict)
     sqnr_db: float | None = None
     sqnr_b1_db: float | None = None
+    fx_sqnr_db: float | None = None  # PyTorch FX x86 int8 of the same model (x86_int8 cells)
+    fx_error: str | None = None  # why the FX baseline did not run, when it did not
     same_tokens: bool | None = None  # generate: the quantized model chose the float's tokens
     seconds: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)  # qswap's own warnings, deduplicated
+    warnings: list[str] = field(default_factory=list)  # qswap's warnings, deduplicated
     float_model_changed: bool = False
 
 
@@ -94,14 +100,28 @@ def _short(filename: str) -> str:
 
 
 def failure(err: BaseException) -> Failure:
-    """``err`` as a :class:`Failure`: type, first 300 characters, innermost relevant frames."""
+    """``err`` as a :class:`Failure`: type, first 300 characters, innermost relevant frames.
+
+    Comprehension frames are dropped and a run of frames of one function (recursion) is
+    shown once, with its count, so the six frames shown reach back to the model's code.
+    """
     frames = traceback.extract_tb(err.__traceback__)
-    rows = [f"{_short(f.filename)}:{f.lineno} in {f.name}" for f in frames]
-    relevant = [
-        r for f, r in zip(frames, rows, strict=True) if any(x in f.filename for x in LIBRARIES)
-    ]
+    rows: list[str] = []
+    last = ("", "")
+    repeats = 1
+    for f in frames:
+        if not any(x in f.filename for x in LIBRARIES) or f.name.startswith("<"):
+            continue
+        if (f.filename, f.name) == last:
+            repeats += 1
+            rows[-1] = f"{_short(f.filename)}:{f.lineno} in {f.name} (x{repeats}, innermost shown)"
+            continue
+        last, repeats = (f.filename, f.name), 1
+        rows.append(f"{_short(f.filename)}:{f.lineno} in {f.name}")
+    raised = frames[-1] if frames else None
+    at = f"{_short(raised.filename)}:{raised.lineno} in {raised.name}" if raised else ""
     message = " ".join(str(err).split())  # one line
-    return Failure(type(err).__name__, message[:300], relevant[-6:], rows[-1] if rows else "")
+    return Failure(type(err).__name__, message[:300], rows[-6:], at)
 
 
 @contextmanager
@@ -145,22 +165,30 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def plan_counts(model: nn.Module, plan: qswap.Plan) -> dict[str, int]:
-    """Quantized layers by where they run (int8 kernel or fake), fused members, and float layers.
+    """How the plan treats the model's modules (each module object counted once).
 
-    ``float`` counts modules holding parameters of their own that the plan skips or passes
-    through; ``uncovered`` the modules with float parameters no registry entry covers.
+    ``int``: layers with parameters that run on the integer backend; ``ops``: parameter-free
+    modules that do (dropout, activations, pooling); ``fake``: modules fake-quantized (on an
+    integer backend: fallbacks); ``fused``: members folded into a fusion group's head;
+    ``float``: modules with parameters of their own that the plan leaves float;
+    ``uncovered``: modules with float parameters no registry entry covers.
     """
-    modules = dict(model.named_modules(remove_duplicate=False))
-    out = {"int": 0, "fake": 0, "fused": 0, "float": 0, "uncovered": len(plan.uncovered)}
+    from qswap.decompose import decomposed
+
+    # the plan's paths are those of the model with timm's BatchNormAct2d & co. decomposed
+    modules = dict(decomposed(model, plan.registry).named_modules(remove_duplicate=False))
+    out = dict.fromkeys(("int", "ops", "fake", "fused", "float"), 0)
+    out["uncovered"] = len(plan.uncovered)
     for d in plan:
         if d.shared_with is not None:
             continue
+        has_params = next(modules[d.name].parameters(recurse=False), None) is not None
         if d.kind in ("quantize", "wrap"):
             backend = d.layer.backend if d.layer is not None else d.backend
-            out["fake" if backend in (None, "fake") else "int"] += 1
+            out["fake" if backend in (None, "fake") else "int" if has_params else "ops"] += 1
         elif d.kind == "fuse":
             out["fused"] += 1
-        elif next(modules[d.name].parameters(recurse=False), None) is not None:
+        elif has_params:
             out["float"] += 1
     return out
 
@@ -183,8 +211,10 @@ def presets_for(zm: ZooModel, presets: tuple[str, ...]) -> tuple[str, ...]:
     return presets + (LM_PRESETS if lm else ())
 
 
-def survey_cell(zm: ZooModel, preset: str, ref: dict[str, Any], timeout: int) -> Cell:
-    """Plan, quantize, run (eval batch, batch 1) and generate ``zm`` under ``preset``, each apart."""
+def survey_cell(
+    zm: ZooModel, preset: str, ref: dict[str, Any], timeout: int, fx: bool = True
+) -> Cell:
+    """Plan, quantize, run (eval batch, batch 1) and generate ``zm`` under ``preset``."""
     cell = Cell(zm.name, zm.family, preset)
     before = fingerprint(zm.model)
     qmodel: nn.Module | None = None
@@ -193,7 +223,7 @@ def survey_cell(zm: ZooModel, preset: str, ref: dict[str, Any], timeout: int) ->
     def step(name: str, fn: Callable[[], Any], needs: str | None = None) -> Any:
         nonlocal timed_out
         if timed_out:
-            cell.status[name] = "timeout"
+            cell.status[name] = "t/o"  # an earlier step of the cell timed out
             return None
         if needs is not None and cell.status.get(needs) != "ok":
             cell.status[name] = "-"
@@ -214,6 +244,8 @@ def survey_cell(zm: ZooModel, preset: str, ref: dict[str, Any], timeout: int) ->
 
     with warnings.catch_warnings(record=True) as caught, alarm(timeout):
         warnings.simplefilter("always")
+        if fx and preset == "x86_int8" and isinstance(zm.example, torch.Tensor):
+            fx_baseline(cell, zm, ref)
         plan = step("plan", lambda: qswap.plan(zm.model, preset, example_inputs=zm.example))
         if plan is not None:
             cell.plan = plan_counts(zm.model, plan)
@@ -238,12 +270,27 @@ def survey_cell(zm: ZooModel, preset: str, ref: dict[str, Any], timeout: int) ->
     cell.warnings = sorted(
         {
             f"{w.category.__name__}: {' '.join(str(w.message).split())[:160]}"
-            for w in caught
-            if "/qswap/" in w.filename
+            for w in caught  # qswap warns with a stacklevel: its frames or the callers here
+            if "/qswap/" in w.filename or w.filename.endswith(("zoo_survey.py", "zoo_models.py"))
         }
     )
     cell.float_model_changed = not same_state(before, zm.model)
     return cell
+
+
+def fx_baseline(cell: Cell, zm: ZooModel, ref: dict[str, Any]) -> None:
+    """PyTorch's own FX x86 int8 flow on the same model and data: what int8 costs this model."""
+    try:  # a failing FX GraphModule prints its own traceback to stderr: keep it out
+        with torch.no_grad(), redirect_stderr(io.StringIO()):
+            x = zm.example
+            assert isinstance(x, torch.Tensor)
+            calib = [b for b in zm.calib if isinstance(b, torch.Tensor)]
+            out = peers.fx_quantize(zm.model, calib, x)(x)
+        cell.fx_sqnr_db = round(sqnr_db(ref["out"], out), 2)
+    except CellTimeout:
+        raise
+    except Exception as err:  # noqa: BLE001 - the baseline failing is only noted
+        cell.fx_error = f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
 
 
 def generate(model: nn.Module | None, zm: ZooModel) -> torch.Tensor:
@@ -296,22 +343,24 @@ def _fmt_sqnr(v: float | None) -> str:
 
 
 HEADER = (
-    f"{'model':28} {'preset':13} {'plan':5} {'int/fake/fuse/float/unc':>23} {'quantize':8} "
-    f"{'eval':7} {'batch1':7} {'generate':8} {'sqnr':>6} {'sqnr1':>6} {'q_s':>6}"
+    f"{'model':27} {'preset':12} {'plan':4} {'int/ops/fake/fuse/flt/unc':>25} {'quantize':8} "
+    f"{'eval':5} {'batch1':6} {'generate':8} {'sqnr':>6} {'sqnr1':>6} {'fx':>6} {'q_s':>5}"
 )
 
 
 def row(c: Cell) -> str:
     p = c.plan
-    counts = f"{p['int']}/{p['fake']}/{p['fused']}/{p['float']}/{p['uncovered']}" if p else "-"
+    keys = ("int", "ops", "fake", "fused", "float", "uncovered")
+    counts = "/".join(str(p[k]) for k in keys) if p else "-"
     gen = c.status.get("generate", "")
     if gen == "ok" and c.same_tokens is not None:
         gen = "ok=" if c.same_tokens else "ok~"
+    fx = "FAIL" if c.fx_error else _fmt_sqnr(c.fx_sqnr_db)
     line = (
-        f"{c.model:28} {c.preset:13} {c.status.get('plan', '-'):5} {counts:>23} "
-        f"{c.status.get('quantize', '-'):8} {c.status.get('eval', '-'):7} "
-        f"{c.status.get('batch1', '-'):7} {gen:8} {_fmt_sqnr(c.sqnr_db):>6} "
-        f"{_fmt_sqnr(c.sqnr_b1_db):>6} {c.seconds.get('quantize', 0.0):6.1f}"
+        f"{c.model:27} {c.preset:12} {c.status.get('plan', '-'):4} {counts:>25} "
+        f"{c.status.get('quantize', '-'):8} {c.status.get('eval', '-'):5} "
+        f"{c.status.get('batch1', '-'):6} {gen:8} {_fmt_sqnr(c.sqnr_db):>6} "
+        f"{_fmt_sqnr(c.sqnr_b1_db):>6} {fx:>6} {c.seconds.get('quantize', 0.0):5.1f}"
     )
     if c.float_model_changed:
         line += "  FLOAT MODEL CHANGED"
@@ -337,7 +386,42 @@ def summary(cells: list[Cell]) -> str:
             f"    raised at: {f.raised_at}",
             *(f"      {frame}" for frame in f.frames),
         ]
+    low = [c for c in cells if c.sqnr_db is not None and c.sqnr_db < LOW_SQNR_DB]
+    lines += ["", f"{len(low)} cell(s) ran with an output SQNR below {LOW_SQNR_DB:g} dB:"]
+    for c in low:
+        fx = f"PyTorch FX x86 {_fmt_sqnr(c.fx_sqnr_db)} dB" if c.fx_sqnr_db is not None else ""
+        fx = f"PyTorch FX x86 failed ({c.fx_error})" if c.fx_error else fx
+        lines.append(
+            f"  {c.model}[{c.preset}]: {_fmt_sqnr(c.sqnr_db)} dB (batch 1: "
+            f"{_fmt_sqnr(c.sqnr_b1_db)} dB){'; ' + fx if fx else ''}"
+        )
     return "\n".join(lines)
+
+
+def source_state() -> str:
+    """Which qswap ran: the commit, files changed since, and a hash of qswap/ and registry/."""
+    root = HERE.parent
+
+    def git(*cmd: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *cmd], check=False, cwd=root, capture_output=True, text=True
+            )
+        except OSError:
+            return "?"
+        return done.stdout.strip() or "-"
+
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("qswap/**/*.py"), *root.glob("qswap/**/*.yaml")]) + sorted(
+        root.glob("registry/*.yaml")
+    ):
+        digest.update(path.read_bytes())
+    status = git("status", "--porcelain", "--", "qswap", "registry")
+    dirty = ", ".join(line.strip() for line in status.splitlines())
+    return (
+        f"qswap at {git('rev-parse', '--short', 'HEAD')}, changed since: {dirty}; "
+        f"sources sha256 {digest.hexdigest()[:12]}"
+    )
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -346,6 +430,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), help="presets for all")
     parser.add_argument("--timeout", type=int, default=120, help="seconds per (model, preset)")
     parser.add_argument("--json", type=Path, help="also write every record to this JSON file")
+    parser.add_argument(
+        "--fx",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="PyTorch FX x86 int8 baseline SQNR for x86_int8 cells of image models",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -366,12 +456,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import transformers
 
-        transformers.logging.set_verbosity_error()  # generation-config chatter on every call
+        # generation-config chatter on every generate call
+        transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     except ImportError:
         pass
     print(
         f"torch {torch.__version__}, qswap {qswap.__version__}, {torch.get_num_threads()} threads, "
-        f"cpu {torch.backends.cpu.get_cpu_capability()}",
+        f"cpu {torch.backends.cpu.get_cpu_capability()}\n{source_state()}",
         flush=True,
     )
     built: list[Built] = []
@@ -385,21 +476,28 @@ def main(argv: list[str] | None = None) -> None:
             zm = zoo_models.build(name)
         except ImportError as err:
             record.skipped = f"{type(err).__name__}: {err}"
-            print(f"{name:28} skipped: {record.skipped}", flush=True)
+            print(f"{name:27} skipped: {record.skipped}", flush=True)
             continue
         record.build_s = round(time.perf_counter() - start, 2)
         record.params = sum(p.numel() for p in zm.model.parameters())
-        record.forward_ms = round(forward_ms(zm), 2)
-        ref = reference(zm)
+        try:
+            record.forward_ms = round(forward_ms(zm), 2)
+            ref = reference(zm)
+        except Exception as err:  # noqa: BLE001 - a zoo model broken in float is only noted
+            record.skipped = f"the float model fails: {failure(err).key}"
+            print(f"{name:27} skipped: {record.skipped}", flush=True)
+            continue
         for preset in presets_for(zm, tuple(args.presets)):
-            cell = survey_cell(zm, preset, ref, args.timeout)
+            cell = survey_cell(zm, preset, ref, args.timeout, fx=args.fx)
             cells.append(cell)
             print(row(cell), flush=True)
     print(
-        "\nplan columns: layers run int8 / fake-quantized / fused members / modules with "
-        "parameters left float / uncovered by the registry; generate 'ok=' same tokens as "
-        "float, 'ok~' other tokens; sqnr (dB) at the eval batch and sqnr1 at batch 1 against "
-        "the float model; q_s seconds to quantize"
+        "\nplan columns: layers with parameters run int8 / parameter-free modules run int8 / "
+        "fake-quantized (on x86: fallbacks) / fused members / modules with parameters left "
+        "float / uncovered by the registry; generate 'ok=' same tokens as float, 'ok~' other "
+        "tokens; sqnr (dB) at the eval batch and sqnr1 at batch 1 against the float model; fx "
+        "the SQNR of PyTorch's FX x86 int8 flow on the same model and data; q_s seconds to "
+        "quantize"
     )
     print(f"timm: {zoo_models.TIMM_STATUS}")
     print("\nmodels:")

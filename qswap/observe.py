@@ -35,6 +35,7 @@ from qswap.backends.fake import (
 )
 from qswap.bias_correction import InputMeanObserver, correctable
 from qswap.config import QConfig, QuantSpec
+from qswap.decompose import decompose_in_place
 from qswap.exceptions import CalibrationError, PlanError
 from qswap.methods import learns_qparams
 from qswap.registry import Registry, default_registry
@@ -333,6 +334,7 @@ def prepare(
     inputs = split_inputs(example_inputs)
     with gc_paused():
         target = model if inplace else copy_model(model)
+        decompose_in_place(target, reg)  # as the plan saw it (qswap.decompose)
         groups = the_plan.fusion_groups
         if groups:
             if the_plan.config.mode == "qat":

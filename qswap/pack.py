@@ -89,6 +89,15 @@ class FusionSpec(_PackModel):
     fuser: DottedPath = Field(description="Callable fuser(*modules) -> nn.Module.")
 
 
+class DecompositionSpec(_PackModel):
+    """One ``decompositions:`` entry: a module class seen as the modules it is made of."""
+
+    module: DottedPath = Field(description="The module class, e.g. timm.layers.BatchNormAct2d.")
+    decompose: DottedPath = Field(
+        description="Callable module -> nn.Module returning the equivalent module tree."
+    )
+
+
 class BackendSpec(_PackModel):
     """A backend: a name the config's `backend:` can use, and its capabilities."""
 
@@ -133,12 +142,14 @@ class RegistryPack(_PackModel):
         description=(
             "Top-level packages the pack's classes come from (e.g. transformers). Such a pack "
             "is registered once the program has imported all of them (a model built with them "
-            "has), so it never imports a library itself; mappings and fusions only."
+            "has), so it never imports a library itself; mappings, fusions and decompositions "
+            "only."
         ),
     )
     backends: list[BackendSpec] = Field(default_factory=list)
     mappings: list[MappingSpec] = Field(default_factory=list)
     fusions: list[FusionSpec] = Field(default_factory=list)
+    decompositions: list[DecompositionSpec] = Field(default_factory=list)
     quantizers: dict[ComponentName, DottedPath] = Field(
         default_factory=dict, description="Quantizer name -> class (or plain function fn(x) -> x)."
     )
@@ -150,7 +161,8 @@ class RegistryPack(_PackModel):
     def _deferred_holds_tables_only(self) -> RegistryPack:
         if self.requires and (self.backends or self.quantizers or self.observers):
             raise ValueError(
-                "a pack with requires: declares mappings and fusions only (they are registered "
+                "a pack with requires: declares mappings, fusions and decompositions only (they "
+                "are registered "
                 "when the library is imported); put backends, quantizers and observers in a "
                 "pack without requires"
             )

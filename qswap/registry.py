@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeGuard, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeGuard, TypeVar, cast, overload
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -204,9 +204,11 @@ class _Deferred:
 
     def __post_init__(self) -> None:
         pack = self.doc.pack
-        self.pending = {("mappings", i) for i in range(len(pack.mappings))} | {
-            ("fusions", i) for i in range(len(pack.fusions))
-        }
+        self.pending = (
+            {("mappings", i) for i in range(len(pack.mappings))}
+            | {("fusions", i) for i in range(len(pack.fusions))}
+            | {("decompositions", i) for i in range(len(pack.decompositions))}
+        )
 
     def imported(self, key: tuple[str, int]) -> bool:
         """Whether every class the entry names from a required library is imported already."""
@@ -214,8 +216,10 @@ class _Deferred:
         pack = self.doc.pack
         if section == "mappings":
             paths = [pack.mappings[i].module, pack.mappings[i].counterpart]
-        else:
+        elif section == "fusions":
             paths = [*pack.fusions[i].types, pack.fusions[i].fuser]
+        else:
+            paths = [pack.decompositions[i].module, pack.decompositions[i].decompose]
         roots = set(pack.requires)
         return all(
             p.partition(".")[0] not in roots or p.rpartition(".")[0] in sys.modules for p in paths
@@ -614,6 +618,8 @@ class Registry:
         self._frozen = False
         self._mappings: dict[tuple[type, str], MappingEntry] = {}
         self._fusions: dict[tuple[type, ...], FusionPattern] = {}
+        self._decompositions: dict[type, tuple[Callable[[torch.nn.Module], torch.nn.Module], str]]
+        self._decompositions = {}
         self._components: dict[ComponentKind, dict[str, ComponentEntry]] = {
             "quantizer": {},
             "observer": {},
@@ -964,6 +970,66 @@ class Registry:
                 seen.setdefault(key, pattern)
         return sorted(seen.values(), key=lambda p: -len(p.types))
 
+    # -- decompositions ---------------------------------------------------------------
+
+    def register_decomposition(
+        self,
+        cls: type[torch.nn.Module],
+        decompose: Callable[[torch.nn.Module], torch.nn.Module],
+        *,
+        replace: bool = False,
+    ) -> None:
+        """Let ``plan`` and ``prepare`` see a ``cls`` module as the modules it is made of.
+
+        ``decompose(module)`` returns an equivalent module built from the module's own tensors
+        (timm's ``BatchNormAct2d``, a BatchNorm and an activation in one class, becomes a
+        ``Sequential`` of a ``BatchNorm2d`` and the activation, so the BatchNorm folds into the
+        convolution before it). It applies to exact instances of ``cls``, in qswap's copy of
+        the model: the user's model is never changed.
+
+        >>> import torch
+        >>> reg = Registry("doc")
+        >>> reg.register_decomposition(torch.nn.Identity, lambda m: torch.nn.Sequential())
+        >>> reg.decomposition(torch.nn.Identity) is not None
+        True
+        """
+        self._add_decomposition(cls, decompose, replace, _caller_origin())
+
+    def _add_decomposition(
+        self, cls: object, decompose: object, replace: bool, origin: str
+    ) -> None:
+        self._check_writable("register_decomposition")
+        key = _check_float_cls(cls, origin)
+        if not callable(decompose):
+            raise RegistrationError(
+                f"decomposition of {qualified_name(key)} at {origin}: {decompose!r} is not "
+                "callable; pass a function module -> nn.Module"
+            )
+        with self._lock:
+            found = self._decompositions.get(key)
+            if found is not None and not replace:
+                raise RegistrationError(
+                    f"{qualified_name(key)} already has a decomposition, registered at "
+                    f"{found[1]}; a second one at {origin} was refused. Pass replace=True to "
+                    "override it"
+                )
+            self._decompositions[key] = (
+                cast(Callable[[torch.nn.Module], torch.nn.Module], decompose),
+                origin,
+            )
+
+    def decomposition(self, cls: type) -> Callable[[torch.nn.Module], torch.nn.Module] | None:
+        """The decomposition registered for exactly ``cls`` (a child's over its parent's), or None."""
+        for reg in self._chain():
+            found = reg._decompositions.get(cls)
+            if found is not None:
+                return found[0]
+        return None
+
+    def has_decompositions(self) -> bool:
+        """Whether any decomposition is registered here or in a parent (a quick check for plans)."""
+        return any(reg._decompositions for reg in self._chain())
+
     # -- components -------------------------------------------------------------------
 
     @overload
@@ -1310,6 +1376,13 @@ class Registry:
             types_ = tuple(resolve(t, ("fusions", i, "types", j)) for j, t in enumerate(f.types))
             fuser = resolve(f.fuser, ("fusions", i, "fuser"))
             actions.append(functools.partial(self._add_fusion, types_, fuser, replace, origin))
+        for i, d in enumerate(pack.decompositions):
+            if only is not None and ("decompositions", i) not in only:
+                continue
+            origin = doc.origin(("decompositions", i))
+            cls = resolve(d.module, ("decompositions", i, "module"))
+            fn = resolve(d.decompose, ("decompositions", i, "decompose"))
+            actions.append(functools.partial(self._add_decomposition, cls, fn, replace, origin))
         sections: tuple[tuple[ComponentKind, dict[str, str]], ...] = (
             ("quantizer", pack.quantizers),
             ("observer", pack.observers),
@@ -1403,6 +1476,7 @@ class _Rollback:
         self._reg = reg
         self._mappings: dict[tuple[type, str], MappingEntry] = {}
         self._fusions: dict[tuple[type, ...], FusionPattern] = {}
+        self._decompositions: dict[type, Any] = {}
         self._components: dict[str, dict[str, ComponentEntry]] = {}
         self._backends: dict[str, Backend] = {}
 
@@ -1411,6 +1485,7 @@ class _Rollback:
         reg._lock.acquire()
         self._mappings = dict(reg._mappings)
         self._fusions = dict(reg._fusions)
+        self._decompositions = dict(reg._decompositions)
         self._components = {k: dict(v) for k, v in reg._components.items()}
         self._backends = dict(reg._backends)
 
@@ -1422,6 +1497,8 @@ class _Rollback:
                 reg._mappings.update(self._mappings)
                 reg._fusions.clear()
                 reg._fusions.update(self._fusions)
+                reg._decompositions.clear()
+                reg._decompositions.update(self._decompositions)
                 reg._backends.clear()
                 reg._backends.update(self._backends)
                 for kind, table in reg._components.items():

@@ -480,6 +480,7 @@ def report(
     >>> r = qswap.report(model, qmodel, test_batches, sensitivity=True)  # doctest: +SKIP
     >>> print(r.sorted("sensitivity"))  # doctest: +SKIP
     """
+    from qswap.decompose import decompose_in_place
     from qswap.fuse import fuse_model
     from qswap.observe import copy_model, state_of
     from qswap.registry import qualified_name
@@ -505,6 +506,8 @@ def report(
         )
     layers = state.layers
     fused = copy_model(float_model)
+    if decompose_in_place(fused, state.registry):  # the plan's paths are the decomposed ones
+        float_model = copy_model(fused)
     fuse_model(fused, the_plan.fusion_groups, state.registry)
     fused.train(False)
 

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from qswap.config import QConfig, QuantSpec, QuantSpecPatch, Rule, load_config
 from qswap.cpu import pair_saturates, saturation_reason
+from qswap.decompose import decomposed
 from qswap.exceptions import ConfigError, PlanError
 from qswap.registry import Backend, MappingEntry, Registry, default_registry, qualified_name
 
@@ -1045,7 +1046,9 @@ def plan(
     cfg = load_config(config, registry=registry)
     w = _Walker(cfg, reg)
     with gc_paused():
-        return _plan(model, cfg, reg, w, example_inputs)
+        # modules that do two jobs (timm's BatchNormAct2d) are planned as their parts, in a
+        # copy (qswap.decompose); prepare decomposes its own copy the same way
+        return _plan(decomposed(model, reg), cfg, reg, w, example_inputs)
 
 
 def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inputs: Any) -> Plan:

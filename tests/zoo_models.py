@@ -13,7 +13,7 @@ grouped by family (``FAMILIES``):
   narrowed with width multipliers, for 32x32 images.
 
 BatchNorm running statistics are warmed up on random images before ``.eval()``, so they are
-not the trivial initial ones. A model takes well under 50 ms per eval batch on 2 cores.
+not the trivial initial ones. A model takes 1-15 ms per eval batch on one CPU thread.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import importlib.machinery
 import sys
 import traceback
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ __all__ = [
     "batch1",
     "build",
     "call",
+    "family_of",
     "generate_inputs",
     "import_timm",
 ]
@@ -158,6 +159,12 @@ def _text(gen: torch.Generator, decoder: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------- transformers
 
 _SPECIAL = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+T = TypeVar("T")
+
+
+def _config(cls: Callable[..., T], **kwargs: Any) -> T:
+    """``cls(**kwargs)``: HF configs take generic keys (``num_labels``...) their signatures omit."""
+    return cls(**kwargs)
 
 
 def _hf(
@@ -182,14 +189,17 @@ def _text_batches(decoder: bool = False) -> Callable[[torch.Generator], dict[str
 def hf_gpt2() -> ZooModel:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, **_SPECIAL)
+    cfg = _config(
+        GPT2Config, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, **_SPECIAL
+    )
     return _hf("hf_gpt2", GPT2LMHeadModel(cfg), _text_batches(), generate=True)
 
 
 def hf_bert() -> ZooModel:
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(
+    cfg = _config(
+        BertConfig,
         vocab_size=VOCAB,
         hidden_size=64,
         num_hidden_layers=2,
@@ -205,7 +215,8 @@ def hf_bert() -> ZooModel:
 def hf_distilbert() -> ZooModel:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    cfg = DistilBertConfig(
+    cfg = _config(
+        DistilBertConfig,
         vocab_size=VOCAB,
         dim=64,
         n_layers=2,
@@ -221,7 +232,8 @@ def hf_distilbert() -> ZooModel:
 def hf_llama() -> ZooModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
+    cfg = _config(
+        LlamaConfig,
         vocab_size=VOCAB,
         hidden_size=64,
         num_hidden_layers=2,
@@ -237,7 +249,8 @@ def hf_llama() -> ZooModel:
 def hf_t5() -> ZooModel:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = T5Config(
+    cfg = _config(
+        T5Config,
         vocab_size=VOCAB,
         d_model=64,
         d_kv=16,
@@ -256,7 +269,8 @@ def hf_t5() -> ZooModel:
 def hf_bart() -> ZooModel:
     from transformers import BartConfig, BartForConditionalGeneration
 
-    cfg = BartConfig(
+    cfg = _config(
+        BartConfig,
         vocab_size=VOCAB,
         d_model=64,
         encoder_layers=2,
@@ -277,7 +291,8 @@ def hf_bart() -> ZooModel:
 def hf_vit() -> ZooModel:
     from transformers import ViTConfig, ViTForImageClassification
 
-    cfg = ViTConfig(
+    cfg = _config(
+        ViTConfig,
         image_size=IMAGE,
         patch_size=8,
         hidden_size=64,
@@ -300,7 +315,8 @@ WHISPER_POSITIONS = 16  # encoder positions; the input has twice as many frames 
 def hf_whisper() -> ZooModel:
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    cfg = WhisperConfig(
+    cfg = _config(
+        WhisperConfig,
         vocab_size=VOCAB,
         num_mel_bins=WHISPER_MELS,
         d_model=64,
@@ -345,6 +361,11 @@ pipeline names at import time; the placeholders raise ImportError when instantia
 
 class FrozenBatchNorm2d(nn.Module):
     """torchvision's ``FrozenBatchNorm2d``: BatchNorm2d with fixed statistics and affine buffers."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -595,8 +616,9 @@ class SqueezeExcitation(nn.Module):
         self.scale_activation = scale_activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
-        return scale * x
+        scale: torch.Tensor = self.fc2(self.activation(self.fc1(self.avgpool(x))))
+        gate: torch.Tensor = self.scale_activation(scale)
+        return gate * x
 
 
 # -- MobileNetV2
@@ -620,16 +642,25 @@ class InvertedResidualV2(nn.Module):
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.conv(x)
         if self.use_res_connect:
-            return x + self.conv(x)
-        return self.conv(x)
+            return x + out
+        return out
 
 
 class MobileNetV2(nn.Module):
     """torchvision's MobileNetV2 (same settings and strides), narrowed by ``width``."""
 
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))
-    SETTINGS += ((6, 160, 3, 2), (6, 320, 1, 1))
+    #: expand ratio, channels, blocks, first stride (torchvision's table)
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
     def __init__(self, width: float = 0.25, num_classes: int = CLASSES) -> None:
         super().__init__()
@@ -648,14 +679,15 @@ class MobileNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         x = F.adaptive_avg_pool2d(x, (1, 1))
-        return self.classifier(torch.flatten(x, 1))
+        logits: torch.Tensor = self.classifier(torch.flatten(x, 1))
+        return logits
 
 
 # -- ResNet-18
 
 
 class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: two 3x3 conv-BN, one ReLU module used twice, ``out += identity``."""
+    """torchvision's BasicBlock: 2 3x3 conv-BN, one ReLU module used twice, ``out += identity``."""
 
     expansion = 1
 
@@ -679,7 +711,8 @@ class BasicBlock(nn.Module):
         if self.downsample is not None:
             identity = self.downsample(x)
         out += identity
-        return self.relu(out)
+        result: torch.Tensor = self.relu(out)
+        return result
 
 
 class ResNet18(nn.Module):
@@ -708,7 +741,8 @@ class ResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        logits: torch.Tensor = self.fc(torch.flatten(self.avgpool(x), 1))
+        return logits
 
 
 # -- SqueezeNet 1.1
@@ -847,7 +881,8 @@ class ShuffleNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.conv1(x))
         x = self.conv5(self.stage4(self.stage3(self.stage2(x))))
-        return self.fc(x.mean([2, 3]))  # global pool as torchvision writes it
+        logits: torch.Tensor = self.fc(x.mean([2, 3]))  # global pool as torchvision writes it
+        return logits
 
 
 # -- MobileNetV3 and EfficientNet
@@ -891,7 +926,7 @@ class InvertedResidualV3(nn.Module):
         self.block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.block(x)
+        result: torch.Tensor = self.block(x)
         if self.use_res_connect:
             result += x
         return result
@@ -945,7 +980,8 @@ class MobileNetV3Small(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+        logits: torch.Tensor = self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+        return logits
 
 
 class MBConv(nn.Module):
@@ -967,7 +1003,7 @@ class MBConv(nn.Module):
         self.stochastic_depth = StochasticDepth(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.block(x)
+        result: torch.Tensor = self.block(x)
         if self.use_res_connect:
             result = self.stochastic_depth(result)
             result += x
@@ -1020,7 +1056,8 @@ class EfficientNet(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(0.2, inplace=True), nn.Linear(last, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+        logits: torch.Tensor = self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+        return logits
 
 
 def _tv(name: str, make: Callable[[], nn.Module]) -> Callable[[], ZooModel]:
@@ -1084,36 +1121,15 @@ def build(name: str) -> ZooModel:
     ``importorskip``-style callers can skip on it).
     """
     make = _BUILDERS[family_of(name)][name]
-    with _seeded(0):
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(0)
         return make()
 
 
-class _seeded:
-    """Seed torch's global generator for a block and restore its state afterwards."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self.state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.random.set_rng_state(self.state)
-
-
-def iter_zoo(names: tuple[str, ...] = NAMES) -> Iterator[ZooModel | tuple[str, ImportError]]:
-    """Each model of ``names`` built, or ``(name, error)`` when its library cannot be imported."""
-    for name in names:
-        try:
-            yield build(name)
-        except ImportError as err:
-            yield name, err
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # print each model's size, build time and forward time
     import time
 
+    torch.set_num_threads(1)  # two threads on a busy 2-core machine make the times noise
     for name in NAMES:
         start = time.perf_counter()
         try:
