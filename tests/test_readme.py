@@ -52,3 +52,11 @@ def test_keep_it_and_ship_it_block_runs(tmp_path: Path, monkeypatch: pytest.Monk
     )
     exec(_find("qswap.save_calibration(prepared"), ns)  # noqa: S102 - the README's own code
     assert {p.name for p in tmp_path.iterdir()} >= {"vgg.qcal", "vgg_int8.qswap", "vgg-int8.onnx"}
+
+
+def test_transformers_block_runs() -> None:
+    """The dynamic int8 GPT-2 example quantizes without data and generates four tokens."""
+    pytest.importorskip("transformers")
+    ns: dict[str, Any] = {"qswap": qswap, "torch": torch}
+    exec(_find('qswap.quantize(lm, "x86_dynamic_int8")'), ns)  # noqa: S102 - the README's own code
+    assert ns["qlm"].generate(ns["ids"], max_new_tokens=4, do_sample=False).shape == (1, 12)

@@ -1131,3 +1131,110 @@ def test_entries_are_frozen_dataclasses() -> None:
         entry.backend = "x86"  # type: ignore[misc, union-attr]
     assert hash(entry) == hash(entry)
     assert isinstance(FusionPattern((nn.Conv2d, nn.ReLU), fuse_pair, "x:1"), FusionPattern)
+
+
+LIB = """
+import torch
+from torch import nn
+
+
+class Dense(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + 0.0
+
+
+class NormAct(nn.BatchNorm2d):
+    def __init__(self, n):
+        super().__init__(n)
+        self.act = nn.SiLU()
+        self.drop = nn.Identity()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+"""
+
+LIB_PACK = """version: 1
+name: fakelib
+requires: [fakelib_{n}]
+mappings:
+  - {{module: fakelib_{n}.layers.Dense, counterpart: qswap.backends.fake.FakeQuantized, slots: {{weight: 0}}}}
+  - {{module: fakelib_{n}.missing.Gone, counterpart: qswap.backends.fake.FakeQuantized, slots: {{weight: 0}}}}
+decompositions:
+  - {{module: fakelib_{n}.layers.NormAct, decompose: qswap.decompose.batchnorm_act}}
+"""
+
+
+def _fake_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> str:
+    pkg = tmp_path / f"fakelib_{n}"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "layers.py").write_text(LIB)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "fakelib.yaml").write_text(LIB_PACK.format(n=n))
+    return f"fakelib_{n}"
+
+
+def test_a_pack_with_requires_waits_for_the_program_to_import_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requires: entries register once their class's module is imported; qswap imports nothing."""
+    name = _fake_library(tmp_path, monkeypatch, 1)
+    reg = Registry("lazy", parent=default_registry())
+    reg.load_pack(tmp_path / "fakelib.yaml")
+    reg.freeze()
+    assert f"{name}.layers" not in sys.modules  # loading the pack imported nothing
+    layers = importlib.import_module(f"{name}.layers")
+    entry = reg.find_mapping(layers.Dense, "fake")  # the entry whose module is now imported
+    assert entry is not None and entry.slots == {"weight": 0}
+    assert reg.decomposition(layers.NormAct) is not None
+    assert f"{name}.missing" not in sys.modules  # still waiting: never imported by qswap
+
+
+def test_a_decomposed_module_is_planned_as_its_parts_on_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BatchNorm+act class folds into the conv before it; the user's model keeps its class."""
+    import qswap
+
+    name = _fake_library(tmp_path, monkeypatch, 2)
+    reg = Registry("lazy", parent=default_registry())
+    reg.load_pack(tmp_path / "fakelib.yaml")
+    layers = importlib.import_module(f"{name}.layers")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), layers.NormAct(4), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.rand(2, 3, 6, 6)
+    model(x)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    p = qswap.plan(model, "x86_int8", example_inputs=(x,), registry=reg)
+    assert p["1.bn"].kind == "fuse" and p["1.act"].module_type is nn.SiLU
+    q = qswap.quantize(
+        model, "x86_int8", calib_data=[x], example_inputs=(x,), registry=reg, progress=False
+    )
+    assert type(model[1]) is layers.NormAct  # the user's model is not decomposed
+    assert isinstance(q[1], nn.Sequential) and type(q[1].act) is nn.SiLU
+    ref = model(x)
+    with torch.no_grad():
+        assert (q(x) - ref).abs().max() < 0.1 * ref.abs().max()
+    rep = qswap.report(model, q, [x])
+    assert [r.name for r in rep.rows][:1] == ["0"]
+
+
+def test_a_pack_entry_the_installed_library_lacks_is_dropped_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry whose class moved in the installed library warns once; the others register."""
+    name = _fake_library(tmp_path, monkeypatch, 3)
+    (tmp_path / "moved.yaml").write_text(
+        f"version: 1\nrequires: [{name}]\nmappings:\n"
+        f"  - {{module: {name}.layers.Moved, counterpart: qswap.backends.fake.FakeQuantized}}\n"
+    )
+    reg = Registry("lazy", parent=default_registry())
+    reg.load_pack(tmp_path / "moved.yaml")
+    importlib.import_module(f"{name}.layers")
+    with pytest.warns(
+        UserWarning, match=r"moved\.yaml \(requires fakelib_3\): entries that do not"
+    ):
+        assert reg.find_mapping(nn.Linear, "fake") is not None

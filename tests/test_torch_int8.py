@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import INT8_MINMAX
 from torch import nn
 
 import qswap
+import qswap.backends.fake
 from qswap.backends import torch_int8 as ti
 from qswap.config import QuantSpec
 from qswap.cpu import pair_saturates
@@ -977,3 +979,131 @@ def test_pooling_and_flatten_on_int8_skip_the_dispatch_mode_and_keep_their_resul
     x = torch.rand(4, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(qmodel(x), plain(x))
+
+
+class _AttentionLike(nn.Module):
+    """Model code that reads its projections' dtype and keeps them, as a KV cache does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.k = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
+        self.cache: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.q(x), self.k(x).transpose(-1, -2)
+        assert q.dtype == torch.float32, q.dtype  # the model's own code sees float tensors
+        self.cache.append(torch.cat([torch.tensor([], dtype=k.dtype), k.flatten()]))
+        return self.out(torch.softmax(q @ k, dim=-1) @ x)
+
+
+def test_int8_outputs_that_only_model_code_reads_are_float() -> None:
+    """A layer whose output only functional model code consumes hands on a float tensor."""
+    torch.manual_seed(0)
+    model = _AttentionLike().eval()
+    x = torch.randn(2, 4, 8)
+    q = qswap.quantize(model, "x86_int8", calib_data=[x], example_inputs=(x,), progress=False)
+    assert isinstance(q.q, ti.QuantizedLinear) and isinstance(q.k, ti.QuantizedLinear)
+    q.cache.clear()
+    with torch.no_grad():
+        out = q(x)
+    assert q.cache and all(t.dtype == torch.float32 for t in q.cache)
+    ref = model(x)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+class _EncoderDecoder(nn.Module):
+    """An encoder with an int8 skip add, called on its own as generate() calls encoders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Block(4))
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def test_a_container_called_on_its_own_runs_int8_and_returns_float() -> None:
+    """Calling the int8 model's encoder directly runs its integer add and returns a float tensor."""
+    torch.manual_seed(0)
+    model = _EncoderDecoder().eval()
+    x = torch.rand(2, 3, 8, 8)
+    q = qswap.quantize(model, INT8_MINMAX, calib_data=[x], example_inputs=(x,), progress=False)
+    with torch.no_grad():
+        enc = q.encoder(x)
+        full = q(x)
+    assert not enc.is_quantized and enc.dtype == torch.float32
+    assert (enc - model.encoder(x)).abs().max() < 0.1 * model.encoder(x).abs().max()
+    assert not full.is_quantized
+    assert "quantized.add" in ti.describe_lowering(q)
+
+
+def test_int8_layers_read_weight_and_bias_as_the_float_layer() -> None:
+    """.weight/.bias read float values (dtype, shape) for model code; .weight() is torch.ao's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Flatten(), nn.Linear(64, 2)).eval()
+    x = torch.rand(2, 3, 6, 6)
+    q = qswap.quantize(model, INT8_MINMAX, calib_data=[x], example_inputs=(x,), progress=False)
+    conv, fc = q[0], q[2]
+    assert conv.weight.dtype == torch.float32 and conv.weight.shape == model[0].weight.shape
+    assert conv.weight().dtype == torch.qint8 and conv.bias is None
+    assert (conv.weight - model[0].weight).abs().max() < 0.02
+    assert fc.bias is not None and fc.bias.shape == (2,)  # bias-corrected float values
+    assert (fc.bias - model[2].bias).abs().max() < 0.01
+    assert type(conv.weight * 2) is torch.Tensor  # arithmetic gives plain tensors
+    assert (fc.in_features, fc.out_features) == (64, 2)
+
+
+class TransposedWeight(nn.Module):
+    """x @ weight + bias with weight stored (in, out), as transformers' Conv1D."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(
+            *x.shape[:-1], -1
+        )
+
+
+@pytest.mark.parametrize("preset", ["x86_int8", "x86_dynamic_int8"])
+def test_in_out_weights_run_int8_per_output_channel(preset: str) -> None:
+    """An (in, out) weight runs as int8 Linear with one scale per output feature, as fake does."""
+    reg = qswap.Registry("t", parent=qswap.default_registry())
+    reg.register_mapping(
+        TransposedWeight, ti.QuantizedTransposedLinear, backend="x86", slots={"weight": 1}
+    )
+    reg.register_mapping(TransposedWeight, qswap.backends.fake.FakeQuantized, slots={"weight": 1})
+    torch.manual_seed(0)
+    model = nn.Sequential(TransposedWeight(16, 12), nn.GELU(), TransposedWeight(12, 4)).eval()
+    x = torch.randn(3, 5, 16)
+    q = qswap.quantize(
+        model, preset, calib_data=[x], example_inputs=(x,), registry=reg, progress=False
+    )
+    scales = q[0].weight().q_per_channel_scales()
+    assert scales.numel() == 12
+    ref = model(x)
+    with torch.no_grad():
+        assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_what_int8_kernels_cannot_run_is_a_fallback_in_the_plan() -> None:
+    """Per-group or axis-1 weights on x86 fall back to fake in the plan, with the reason."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    grouped = qswap.plan(
+        model, {"extends": ["x86_int8"], "weight": {"granularity": "per_group", "group_size": 4}}
+    )
+    assert grouped["0"].backend == "fake" and grouped["0"].fallback
+    assert "per-group weights (groups of 4): torch's int8 kernels take" in grouped["0"].reason
+    axis1 = qswap.plan(
+        model,
+        {"extends": ["x86_int8"], "rules": [{"match": {"name": "2"}, "weight": {"axis": 1}}]},
+    )
+    assert axis1["0"].backend == "x86" and axis1["2"].backend == "fake"
+    assert "per-channel weights on axis 1" in axis1["2"].reason
+    weight_only = qswap.plan(model, {"extends": ["x86_int8"], "mode": "weight_only"})
+    assert "they have no weight-only form" in weight_only["2"].reason
