@@ -20,12 +20,15 @@ import difflib
 import fnmatch
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
 
+import regex as _regex
 import yaml
 from pydantic import (
     BaseModel,
@@ -77,6 +80,9 @@ _ERR = "qswap_config"
 _MAX_NODES = 100_000
 _MAX_DEPTH = 64
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True)
+#: the longest a rule's regex may take on one module path: the `regex` engine (which also
+#: avoids most catastrophic backtracking) stops a pathological pattern after that long
+_REGEX_SECONDS = 0.25
 _NAME_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _ACTIVATION_SLOTS = ("input", "output")
 # Editors see the range in the JSON Schema; validation gives its own fix-it message.
@@ -519,7 +525,10 @@ class Match(BaseModel):
         """True when the module at dotted path ``name`` satisfies every key given."""
         if self.name is not None and not fnmatch.fnmatchcase(name, self.name):
             return False
-        if self.regex is not None and re.fullmatch(self.regex, name) is None:
+        if (
+            self.regex is not None
+            and _regex.fullmatch(self.regex, name, timeout=_REGEX_SECONDS) is None
+        ):
             return False
         if self.type is None:
             return True
@@ -969,6 +978,7 @@ class _Doc:
     shown: str
     ident: str
     base_dir: Path
+    files: bool = True  # whether its extends may name files (a stored config: presets only)
 
 
 _MAP_TAG = "tag:yaml.org,2002:map"
@@ -987,11 +997,21 @@ def _short_tag(tag: str) -> str:
     return "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
 
 
-class _MarkedLoader(yaml.SafeLoader):  # type: ignore[misc]
-    """SafeLoader that keeps each node's position and builds only plain YAML data."""
+class _Marking:
+    """Loader methods that keep each node's position and build only plain YAML data."""
 
-    def __init__(self, text: str, source: str) -> None:
-        super().__init__(text)
+    source: str
+    count: int
+    depth: int
+
+    if TYPE_CHECKING:  # from the YAML loader classes below
+
+        def peek_event(self) -> Any: ...
+        def construct_object(self, node: Any, deep: bool = False) -> Any: ...
+        def flatten_mapping(self, node: Any) -> None: ...
+        def get_single_node(self) -> Any: ...
+
+    def _setup(self, source: str) -> None:
         self.source = source
         self.count = 0
         self.depth = 0
@@ -1016,7 +1036,7 @@ class _MarkedLoader(yaml.SafeLoader):  # type: ignore[misc]
                     line=mark.line,
                     col=mark.col,
                 )
-            return super().compose_node(parent, index)
+            return super().compose_node(parent, index)  # type: ignore[misc]
         finally:
             self.depth -= 1
 
@@ -1035,8 +1055,9 @@ class _MarkedLoader(yaml.SafeLoader):  # type: ignore[misc]
                 node = biggest
             raise self.error(
                 node,
-                f"the config expands to more than {_MAX_NODES} values through aliases. Write "
-                "the config without nesting repeated aliases",
+                f"the config holds more than {_MAX_NODES} values (each use of an alias "
+                "counted). A config needs a few hundred: check that this is the right file, and "
+                "do not nest repeated aliases",
             )
         return self.build(node, None, frozenset())
 
@@ -1211,30 +1232,73 @@ def _yaml_error(exc: yaml.YAMLError, text: str, source: str) -> ConfigError:
     )
 
 
-def _parse(text: str, source: str) -> _Node:
-    """Parse YAML text into a located mapping; every problem is a ConfigError."""
-    if len(text) > MAX_CONFIG_BYTES // 4:  # only long text can exceed the limit in UTF-8
-        size = len(text.encode("utf-8", "replace"))
-        if size > MAX_CONFIG_BYTES:
-            raise _too_big(size, source)
-    loader: _MarkedLoader | None = None
+class _MarkedLoader(_Marking, yaml.SafeLoader):  # type: ignore[misc]
+    """The pure-Python loader: its error messages are the ones configs are tested against."""
+
+    def __init__(self, text: str, source: str) -> None:
+        yaml.SafeLoader.__init__(self, text)
+        self._setup(source)
+
+
+if yaml.__with_libyaml__:
+
+    class _FastMarkedLoader(
+        _Marking,
+        yaml.composer.Composer,  # type: ignore[misc]
+        yaml.cyaml.CParser,  # type: ignore[misc]
+        yaml.constructor.SafeConstructor,  # type: ignore[misc]
+        yaml.resolver.Resolver,  # type: ignore[misc]
+    ):
+        """libyaml's scanner and parser under the same composer and checks: 4x faster."""
+
+        def __init__(self, text: str, source: str) -> None:
+            yaml.cyaml.CParser.__init__(self, text)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+            yaml.composer.Composer.__init__(self)
+            self._setup(source)
+
+    _LOADERS: tuple[type[_Marking], ...] = (_FastMarkedLoader, _MarkedLoader)
+else:
+    _LOADERS = (_MarkedLoader,)
+
+
+def _locate(text: str, source: str, loader_cls: type[_Marking]) -> _Node | None:
+    loader: Any = loader_cls(text, source)  # type: ignore[call-arg]
     try:
-        loader = _MarkedLoader(text, source)
-        root = loader.locate()
-    except yaml.YAMLError as exc:
-        raise _yaml_error(exc, text, source) from None
+        found: _Node | None = loader.locate()
+        return found
     except RecursionError:
-        line, col = (loader.line + 1, loader.column + 1) if loader is not None else (1, 1)
         raise ConfigError(
             "the YAML is nested too deeply. A config needs only a few levels; check for "
             "runaway brackets",
             source=source,
-            line=line,
-            col=col,
+            line=1,
+            col=1,
         ) from None
     finally:
-        if loader is not None:
-            loader.dispose()
+        loader.dispose()
+
+
+def _parse(text: str, source: str, *, quote: bool = True) -> _Node:
+    """Parse YAML text into a located mapping; every problem is a ConfigError.
+
+    ``quote=False`` (a file another config names) never repeats the file's text in a message.
+    """
+    if len(text) > MAX_CONFIG_BYTES // 4:  # only long text can exceed the limit in UTF-8
+        size = len(text.encode("utf-8", "replace"))
+        if size > MAX_CONFIG_BYTES:
+            raise _too_big(size, source)
+    try:
+        root = _locate(text, source, _LOADERS[0])
+    except yaml.YAMLError as exc:
+        if len(_LOADERS) == 1:
+            raise _yaml_error(exc, text, source) from None
+        try:  # libyaml words its errors otherwise: report the pure-Python parser's
+            root = _locate(text, source, _MarkedLoader)
+        except yaml.YAMLError as pure:
+            raise _yaml_error(pure, text, source) from None
+        raise _yaml_error(exc, text, source) from None
     if root is None:
         raise ConfigError(
             "the config is empty. Write at least 'version: 1', or 'extends: [x86_int8]' to start "
@@ -1247,9 +1311,10 @@ def _parse(text: str, source: str) -> _Node:
         hint = "Write 'key: value' lines without a leading '-'"
         if isinstance(root.value, str) and root.value in list_presets():
             hint = f"To start from the preset, write extends: [{root.value}]"
+        got = _show(root.value) if quote or not isinstance(root.value, str) else "text"
         raise ConfigError(
             f"the top level of a config must be a mapping of keys (backend:, weight:, rules:, "
-            f"...), got {_show(root.value)}. {hint}",
+            f"...), got {got}. {hint if quote else 'It is not a qswap config'}",
             source=source,
             line=root.mark.line,
             col=root.mark.col,
@@ -1272,7 +1337,18 @@ def _read(path: Path, shown: str, at: _Mark | None = None) -> str:
     # A missing or unreadable file named by `extends` is reported at that entry.
     source, line, col = (at.source, at.line, at.col) if at is not None else (shown, None, None)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(shown)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+            raise ConfigError(
+                f"{shown!r} is not a regular file (a pipe, socket or device). Name a .yaml "
+                "config file",
+                source=source,
+                line=line,
+                col=col,
+            )
+        size = info.st_size
         if size > MAX_CONFIG_BYTES:
             raise _too_big(size, shown)
         with path.open("rb") as handle:
@@ -1309,12 +1385,18 @@ def _read(path: Path, shown: str, at: _Mark | None = None) -> str:
         ) from None
 
 
-def _from_plain(value: Any, mark: _Mark) -> _Node:
-    """Wrap dict/list data (no positions) into nodes."""
+def _from_plain(value: Any, mark: _Mark, depth: int = 0) -> _Node:
+    """Wrap dict/list data (no positions) into nodes; as deep as a YAML config may be."""
+    if depth > _MAX_DEPTH:
+        raise ConfigError(
+            f"the config is nested more than {_MAX_DEPTH} levels deep. A config needs only a "
+            "few levels; check the dict you passed",
+            source=mark.source,
+        )
     if isinstance(value, Mapping):
-        return _Node({k: _from_plain(v, mark) for k, v in value.items()}, mark, mark)
+        return _Node({k: _from_plain(v, mark, depth + 1) for k, v in value.items()}, mark, mark)
     if isinstance(value, (list, tuple)):
-        return _Node([_from_plain(v, mark) for v in value], mark, mark)
+        return _Node([_from_plain(v, mark, depth + 1) for v in value], mark, mark)
     return _Node(value, mark, mark)
 
 
@@ -1335,7 +1417,8 @@ def _preset_doc(name: str) -> _Doc:
 
 
 def _file_doc(path: Path, shown: str, at: _Mark | None = None) -> _Doc:
-    root = _parse(_read(path, shown, at), shown)
+    # a file another config names is never quoted back: it may not be a config at all
+    root = _parse(_read(path, shown, at), shown, quote=at is None)
     return _Doc(root, shown, str(path.resolve()), path.resolve().parent)
 
 
@@ -1355,14 +1438,30 @@ def _parent_doc(item: _Node, doc: _Doc, index: int) -> _Doc:
     presets = list_presets()
     if entry in presets:
         return _preset_doc(entry)
+    where = {"source": at.source, "line": at.line, "col": at.col, "path": f"extends[{index}]"}
+    pathlike = any(c in entry for c in "/.~") or os.sep in entry
+    if pathlike and not entry.lower().endswith(_CONFIG_SUFFIXES):
+        raise ConfigError(
+            f"extends names built-in presets or config files ending in "
+            f"{', '.join(_CONFIG_SUFFIXES)}, got {entry!r}. Presets: {', '.join(presets)}",
+            **where,
+        )
+    if not doc.files:
+        raise ConfigError(
+            f"this config may extend built-in presets only (it came from a model or artifact "
+            f"file, whose stored config is complete), not {entry!r}. Presets: "
+            f"{', '.join(presets)}",
+            **where,
+        )
     path = Path(entry).expanduser()
-    if not path.is_absolute():
+    absolute = path.is_absolute()
+    if not absolute:
         path = doc.base_dir / path
-    if doc.ident.startswith(("<", "preset:")) or Path(entry).is_absolute():
+    if doc.ident.startswith(("<", "preset:")) or absolute:
         shown = os.path.normpath(path)
     else:
         shown = os.path.normpath(os.path.join(os.path.dirname(doc.shown), entry))
-    if path.is_file():
+    if path.is_file() or (path.exists() and not path.is_dir()):
         return _file_doc(path, shown, at)
     if entry.endswith(_CONFIG_SUFFIXES) or "/" in entry or os.sep in entry:
         raise ConfigError(
@@ -1384,8 +1483,12 @@ def _parent_doc(item: _Node, doc: _Doc, index: int) -> _Doc:
     )
 
 
-def _resolve(doc: _Doc, chain: list[tuple[str, str]]) -> _Node:
-    """Merge ``extends`` parents depth-first underneath ``doc``; returns a node without extends."""
+def _resolve(doc: _Doc, chain: list[tuple[str, str]], done: dict[str, _Node]) -> _Node:
+    """Merge ``extends`` parents depth-first underneath ``doc``; returns a node without extends.
+
+    ``done`` holds every parent resolved so far in this load, by identity: a file that many
+    configs extend is read and merged once (fan-out stays linear, not exponential).
+    """
     root = doc.root
     own = {k: v for k, v in root.value.items() if k != "extends"}
     ext = root.value.get("extends")
@@ -1413,7 +1516,11 @@ def _resolve(doc: _Doc, chain: list[tuple[str, str]]) -> _Node:
                     col=item.mark.col,
                     path=f"extends[{i}]",
                 )
-            resolved = _resolve(parent, [*chain, (parent.ident, parent.shown)])
+            resolved = done.get(parent.ident)
+            if resolved is None:
+                parent = dataclasses.replace(parent, files=doc.files and parent.files)
+                resolved = _resolve(parent, [*chain, (parent.ident, parent.shown)], done)
+                done[parent.ident] = resolved
             merged = resolved if merged is None else _merge(merged, resolved)
     own_node = _Node(own, root.mark, root.key_mark)
     return own_node if merged is None else _merge(merged, own_node)
@@ -1678,12 +1785,15 @@ def load_config(
     source: QConfig | Mapping[str, Any] | str | os.PathLike[str],
     *,
     registry: Registry | None = None,
+    files: bool = True,
 ) -> QConfig:
     """Load and validate a config from a path, YAML text, a dict, a preset name or a QConfig.
 
-    ``extends`` is resolved (presets and paths merged depth-first), so the result
-    has ``extends == []``. Names are checked against ``registry`` (default: the
-    default registry). Raises ConfigError with file:line:col on any problem.
+    ``extends`` is resolved (presets and ``.yaml`` paths merged depth-first, each parent read
+    once), so the result has ``extends == []``. ``files=False`` lets ``extends`` name built-in
+    presets only: for configs stored in model and artifact files, which are complete.
+    Names are checked against ``registry`` (default: the default registry). Raises
+    ConfigError with file:line:col on any problem.
 
         >>> load_config({"extends": ["x86_int8"], "weight": {"bits": 4}}).weight.bits
         4
@@ -1691,7 +1801,9 @@ def load_config(
     if isinstance(source, QConfig) and registry is None and not source.extends:
         return source
     doc = _source_doc(source)
-    merged = _resolve(doc, [(doc.ident, doc.shown)])
+    if not files:
+        doc = dataclasses.replace(doc, files=False)
+    merged = _resolve(doc, [(doc.ident, doc.shown)], {})
     try:
         return QConfig.model_validate(_plain(merged), context={"registry": registry})
     except ValidationError as exc:

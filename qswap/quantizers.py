@@ -936,7 +936,8 @@ class HistogramOptions(BaseModel):
     """Options of ``histogram``: bin count and how the clipping range is chosen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    bins: int = Field(2048, ge=16)
+    # each observer holds its bins in float64: 65536 is 0.5 MB, and far finer than needed
+    bins: int = Field(2048, ge=16, le=65536)
     method: Literal["mse", "percentile"] = "mse"
     percentile: float = Field(99.99, gt=50.0, le=100.0)
 

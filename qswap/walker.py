@@ -1209,7 +1209,16 @@ def _match_rules(
         module = node.module
         for path in node.paths:
             for i, matches in enumerate(matchers):
-                if matches(path, module):
+                try:
+                    hit = matches(path, module)
+                except TimeoutError:
+                    raise ConfigError(
+                        f"the regex {rules[i].match.regex!r} took too long on the module path "
+                        f"{path[:80]!r} (nested repetition such as (a|aa)+ backtracks "
+                        "exponentially); simplify it, or use name: with a glob",
+                        path=f"rules[{i}].match.regex",
+                    ) from None
+                if hit:
                     node.rules.add(i)
                     hits[i] += 1
                     for slot, patch in dotted[i]:
