@@ -16,13 +16,13 @@ mean" for mistyped names).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import os
 import re
 import stat
 from collections.abc import Iterable, Mapping
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
