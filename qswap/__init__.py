@@ -30,6 +30,8 @@ from qswap.distributed import sync_observers
 from qswap.exceptions import (
     CalibrationError,
     ConfigError,
+    FallbackWarning,
+    FileError,
     FrozenRegistryError,
     NotRegisteredError,
     PlanError,
@@ -64,6 +66,8 @@ __all__ = [
     "ComponentRef",
     "ConfigError",
     "Decision",
+    "FallbackWarning",
+    "FileError",
     "FrozenRegistryError",
     "FusionPattern",
     "LayerAgreement",

@@ -24,13 +24,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from qswap.exceptions import (
     CalibrationError,
+    FileError,
     PlanError,
     PluginError,
     QSwapError,
@@ -80,6 +80,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    from qswap.artifact import write_atomic
+
     schemas = _schemas()
     if args.write or args.check:
         out = Path(args.dir)
@@ -93,10 +95,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
             if args.check:
                 stale.append(str(target))
                 continue
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(target.suffix + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(target)
+            write_atomic(target, text.encode("utf-8"))
             print(f"wrote {target}")
         if stale:
             for path in stale:
@@ -121,10 +120,46 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _name_parts(entry: str) -> dict[str, str]:
+    """The whole parts of a registry entry's name, lowercased, with their spelling.
+
+    ``mapping:x86:torch.nn.Conv2d`` has the parts ``mapping``, ``x86``, ``torch.nn.Conv2d``
+    and ``Conv2d``; a fusion's classes (``a+b``) are parts each.
+    """
+    parts = {entry.lower(): entry}
+    for piece in entry.replace("+", ":").split(":"):
+        for part in (piece, piece.rpartition(".")[2]):
+            if part:
+                parts[part.lower()] = part
+    return parts
+
+
 def _cmd_registry_list(args: argparse.Namespace) -> int:
     from qswap.registry import default_registry
 
-    for line in default_registry().list(args.pattern):
+    registry = default_registry()
+    pattern: str = args.pattern
+    if any(c in pattern for c in "*?["):
+        found = registry.list(pattern)
+    else:  # a bare name: the entries it names whole (Conv2d, minmax, x86), any case
+        found = [n for n in registry.list() if pattern.lower() in _name_parts(n)]
+    if not found:
+        spelled: dict[str, str] = {}
+        for name in registry.list():
+            spelled.update(_name_parts(name))
+        want = pattern.lower()
+        close = difflib.get_close_matches(want, list(spelled), n=3, cutoff=0.6)
+        close.sort(key=lambda c: (-difflib.SequenceMatcher(None, want, c).ratio(), c))
+        hint = f"; did you mean {', '.join(repr(spelled[c]) for c in close)}?" if close else ""
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        print(
+            f"error: no registry entry matches {pattern!r}{hint} A bare name matches a whole "
+            f"part of an entry's name (Conv2d, minmax, x86), any case; a glob such as "
+            f"{glob!r} matches within names. `qswap registry list` shows them all",
+            file=sys.stderr,
+        )
+        return EXIT_CHECK
+    for line in found:
         print(line)
     return EXIT_OK
 
@@ -145,6 +180,9 @@ def _cwd_importable() -> Iterator[None]:
         if added:
             with contextlib.suppress(ValueError):
                 sys.path.remove(cwd)
+
+
+_WHAT = {"--model": "model", "--calib": "batches", "--eval": "batches", "--data": "batches"}
 
 
 def load_object(spec: str, flag: str) -> Any:
@@ -172,6 +210,12 @@ def load_object(spec: str, flag: str) -> Any:
                 module = importlib.import_module(module_name)
     except PluginError:
         raise
+    except SystemExit as exc:
+        raise PluginError(
+            f"{flag} {spec!r}: importing {module_name!r} called sys.exit({exc.code!r}); a module "
+            "named on the command line is imported, so guard its script part with "
+            '`if __name__ == "__main__":`'
+        ) from exc
     except Exception as exc:
         raise PluginError(
             f"{flag} {spec!r}: importing {module_name!r} failed with {type(exc).__name__}: "
@@ -189,6 +233,11 @@ def load_object(spec: str, flag: str) -> Any:
     if callable(obj) and not isinstance(obj, torch.nn.Module):
         try:
             obj = obj()
+        except SystemExit as exc:  # exit(0) must not pass for success with nothing written
+            raise PluginError(
+                f"{flag} {spec!r}: calling {attr}() called sys.exit({exc.code!r}) instead of "
+                f"returning; {attr}() must return the {_WHAT.get(flag, 'object')}"
+            ) from exc
         except Exception as exc:
             raise PluginError(
                 f"{flag} {spec!r}: calling {attr}() raised {type(exc).__name__}: {exc}"
@@ -209,7 +258,11 @@ def _model(spec: str) -> Any:
 
 
 def _batches(spec: str, flag: str) -> list[Any]:
-    """The batches ``spec`` gives: a tensor is one batch, any other iterable yields batches."""
+    """The batches ``spec`` gives: a tensor (or dict) is one batch, any other iterable yields batches.
+
+    ``qswap.calibrate(prepared, tensor)`` would iterate over the tensor's rows; on the
+    command line a tensor is one batch, as ``--calib`` documents.
+    """
     import torch
 
     data = load_object(spec, flag)
@@ -223,6 +276,11 @@ def _batches(spec: str, flag: str) -> list[Any]:
         )
     try:
         batches = list(data)
+    except SystemExit as exc:
+        raise CalibrationError(
+            f"{flag} {spec!r}: iterating over the batches called sys.exit({exc.code!r}); the "
+            "batches must be given, not exit"
+        ) from exc
     except Exception as exc:
         raise CalibrationError(
             f"{flag} {spec!r}: iterating over the batches raised {type(exc).__name__}: {exc}"
@@ -254,39 +312,108 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise QSwapError(
-            f"--out {str(out)!r} already exists; nothing was written. Pass --force to replace "
-            "it, or choose another folder"
-        )
-    if out.exists() and not out.is_dir():
-        raise QSwapError(f"--out {str(out)!r} exists and is not a folder; choose another path")
+# what `qswap quantize` writes into --out; a folder of these alone (model.pt and config.yaml
+# among them) is one it wrote, and the only kind --force replaces
+_WRITTEN = frozenset(
+    {
+        "calibration.pt",
+        "model.pt",
+        "config.yaml",
+        "plan.txt",
+        "report.txt",
+        "report.json",
+        "report.csv",
+        "model.onnx",
+        "onnx_check.txt",
+    }
+)
+_CORE = frozenset({"model.pt", "config.yaml"})
 
 
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished folder into place; an old one (with --force) goes only once it is done."""
-    if not out.exists():
-        os.replace(tmp, out)
+def _check_out(out: Path, shown: str, force: bool) -> None:
+    """Refuse an --out qswap must not replace; say why, and that nothing was written."""
+    if not out.exists() and not out.is_symlink():
         return
-    _refuse_existing(out, force)
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
+    here = Path.cwd().resolve()
+    real = out.resolve()
+    if real == here or real in here.parents:
+        raise FileError(
+            f"--out {shown!r} is the current folder or a folder above it; qswap replaces --out "
+            f"as a whole, so give it a folder of its own, e.g. --out "
+            f"{os.path.join(shown, 'quantized')!r}"
+        )
+    if not out.is_dir():
+        raise FileError(f"--out {shown!r} exists and is not a folder; choose another path")
+    if not force:
+        raise FileError(
+            f"--out {shown!r} already exists; nothing was written. Pass --force to replace it "
+            "(a folder `qswap quantize` wrote), or choose another folder"
+        )
+    entries = list(out.iterdir())
+    foreign = sorted(p.name for p in entries if p.name not in _WRITTEN or not p.is_file())
+    names = {p.name for p in entries}
+    if foreign or (entries and not _CORE <= names):
+        shown_names = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        why = (
+            f"holds files `qswap quantize` did not write ({shown_names})"
+            if foreign
+            else f"lacks {' and '.join(sorted(_CORE - names))}, so `qswap quantize` did not write it"
+        )
+        raise FileError(
+            f"--out {shown!r} {why}; --force replaces only a folder qswap wrote, and nothing was "
+            "written. Move those files elsewhere or choose another folder"
+        )
+
+
+def _publish(tmp: Path, out: Path, shown: str, force: bool) -> None:
+    """Move the finished folder into place; an old one (with --force) goes only once it is done."""
+    from qswap.artifact import sync_folder, temp_path
+
+    sync_folder(tmp)
+    if not out.exists() and not out.is_symlink():
+        os.replace(tmp, out)
+        sync_folder(out.parent)
+        return
+    _check_out(out, shown, force)  # again: it may have changed while qswap worked
+    old = temp_path(out, "old")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # put the old folder back as it was
+        raise
+    sync_folder(out.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_temp_folder(out: Path) -> Path:
+    """An empty folder beside ``out`` named as qswap's (``.<name>.qswap-tmp-XXXXXXXX``)."""
+    from qswap.artifact import temp_path
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = temp_path(out)
+        try:
+            tmp.mkdir(mode=0o777)  # the umask applies, as for any folder the user makes
+        except FileExistsError:
+            continue
+        return tmp
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import qswap
-    from qswap.artifact import save_calibration
+    from qswap.artifact import save_calibration, write_atomic
     from qswap.config import dump_config, load_config
     from qswap.observe import calibrate, prepare
     from qswap.report import report
     from qswap.serialize import save
     from qswap.walker import plan
 
-    out = Path(args.out)
-    _refuse_existing(out, args.force)
+    shown = args.out
+    out = Path(os.path.abspath(args.out))
+    _check_out(out, shown, args.force)
     model = _model(args.model)
     calib = _batches(args.calib, "--calib")
     evaluation = _batches(args.eval, "--eval") if args.eval else calib
@@ -298,8 +425,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         qmodel = qswap.convert(prepared, calibration=args.calibration)
     else:
         calibrate(prepared, calib, max_batches=args.max_batches, progress=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _make_temp_folder(out)
     try:
         if not args.calibration:
             save_calibration(prepared, tmp / "calibration.pt")
@@ -308,10 +434,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             save_calibration(qmodel, tmp / "calibration.pt")
         save(qmodel, tmp / "model.pt")
         # the plan's config: what it measured (vnni) included, so the folder rebuilds as is
-        (tmp / "config.yaml").write_text(dump_config(the_plan.config), encoding="utf-8")
-        (tmp / "plan.txt").write_text(str(the_plan) + "\n", encoding="utf-8")
+        write_atomic(tmp / "config.yaml", dump_config(the_plan.config).encode("utf-8"))
+        write_atomic(tmp / "plan.txt", f"{the_plan}\n".encode())
         rep = report(model, qmodel, evaluation, sensitivity=args.sensitivity)
-        (tmp / "report.txt").write_text(str(rep) + "\n", encoding="utf-8")
+        write_atomic(tmp / "report.txt", f"{rep}\n".encode())
         rep.to_json(tmp / "report.json")
         rep.to_csv(tmp / "report.csv")
         onnx_rows = None
@@ -325,14 +451,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                 check = "".join(f"{row}\n" for row in onnx_rows)
             except PlanError as exc:  # nothing to compare (no int8-weighted layer in the file)
                 check = f"not checked: {exc}\n"
-            (tmp / "onnx_check.txt").write_text(check, encoding="utf-8")
-        _publish(tmp, out, args.force)
+            write_atomic(tmp / "onnx_check.txt", check.encode())
+        _publish(tmp, out, shown, args.force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(
-        f"wrote {out}/: calibration.pt, model.pt, config.yaml, plan.txt, report.txt/json/csv"
-        + (", model.onnx, onnx_check.txt" if args.onnx else "")
+        f"wrote {shown.rstrip(os.sep)}/: calibration.pt, model.pt, config.yaml, plan.txt, "
+        "report.txt/json/csv" + (", model.onnx, onnx_check.txt" if args.onnx else "")
     )
     print(
         f"output SQNR {rep.output_sqnr_db:.1f} dB over {rep.batches} batch(es); "
@@ -354,7 +480,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             )
             print(
                 f"qswap: error: the ONNX Runtime check failed on {len(bad)} layer(s), likely "
-                f"because of {cause}; the files are in {out}/",
+                f"because of {cause}; the files are in {shown.rstrip(os.sep)}/",
                 file=sys.stderr,
             )
             return EXIT_CHECK
@@ -422,7 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("registry", help="inspect the default registry")
     reg_sub = p.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
-    q = reg_sub.add_parser("list", help="list entries, optionally filtered by a glob")
+    q = reg_sub.add_parser(
+        "list",
+        help="list entries: a glob ('*Conv*') or a whole name part (Conv2d, minmax, x86), any "
+        "case; exit 1 when none matches",
+    )
     q.add_argument("pattern", nargs="?", default="*")
     q.set_defaults(func=_cmd_registry_list)
 
@@ -443,9 +573,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, metavar="MODULE:NAME", help=f"the float model: {factory}"
     )
     p.add_argument("--config", required=True, help="config file, YAML text or preset name")
-    p.add_argument("--calib", required=True, metavar="MODULE:NAME", help="calibration batches")
+    p.add_argument(
+        "--calib",
+        required=True,
+        metavar="MODULE:NAME",
+        help="calibration batches: a list or iterable of batches; one tensor is one batch",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it exists and `qswap quantize` wrote it",
+    )
     p.add_argument(
         "--eval", metavar="MODULE:NAME", help="batches for the report (default: --calib)"
     )
@@ -496,6 +635,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(args)
     except QSwapError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except SystemExit as exc:
+        # only user code raises it here: the model's forward, a data loader's iterator
+        if not getattr(args, "runs_user_code", False):
+            raise
+        print(
+            f"error: qswap {args.command} failed: the code it ran (the model or the data of "
+            f"--model/--calib/--data) called sys.exit({exc.code!r}); nothing was written",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     except ImportError as exc:  # a missing optional extra (onnx, plot)
         print(f"error: {exc}", file=sys.stderr)

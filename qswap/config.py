@@ -1438,7 +1438,12 @@ def _parent_doc(item: _Node, doc: _Doc, index: int) -> _Doc:
     presets = list_presets()
     if entry in presets:
         return _preset_doc(entry)
-    where = {"source": at.source, "line": at.line, "col": at.col, "path": f"extends[{index}]"}
+    where: dict[str, Any] = {
+        "source": at.source,
+        "line": at.line,
+        "col": at.col,
+        "path": f"extends[{index}]",
+    }
     pathlike = any(c in entry for c in "/.~") or os.sep in entry
     if pathlike and not entry.lower().endswith(_CONFIG_SUFFIXES):
         raise ConfigError(

@@ -51,6 +51,7 @@ from qswap.observe import (
 from qswap.qat import TrainableFusion
 from qswap.quantizers import AffineQuantizer, QParams
 from qswap.registry import Registry
+from qswap.trace import RecursionRoom
 from qswap.walker import LayerSpec, Plan, gc_paused, set_eval
 
 if TYPE_CHECKING:
@@ -91,6 +92,12 @@ def convert(
         )
     if state.stage != "prepared":
         raise PlanError("convert() got a model that is already converted; convert it only once")
+    if state.failed is not None and calibration is None:
+        raise CalibrationError(
+            f"the last calibrate() on this model stopped early ({state.failed}), so its "
+            "observers hold statistics of part of the data. Fix the data and call calibrate() "
+            "again (it adds to what they saw), or prepare the float model afresh"
+        )
     the_plan = state.plan
     target = the_plan.backend
     if backend is not None and backend != target.name:
@@ -146,6 +153,10 @@ def convert(
             set_eval(model)
             own = {name: layer for name, layer in layers.items() if layer.backend == target.name}
             model = lower(model, own, tuple(args or ()), dict(kwargs))
+    room = RecursionRoom.needed(model)
+    if room is not None:  # hooks add frames per level: a very deep model needs more stack
+        model.register_forward_pre_hook(room.enter, prepend=True)
+        model.register_forward_hook(room.exit, always_call=True)
     object.__setattr__(
         model,
         STATE_ATTR,

@@ -1,5 +1,7 @@
 """Decompositions: a module that does two jobs, seen as the modules it is made of.
 
+(And hook-based ``weight_norm``/``spectral_norm`` seen as the weight they compute.)
+
 timm's ``BatchNormAct2d`` is a BatchNorm and an activation in one class. Seen as a
 ``Sequential`` of a ``BatchNorm2d`` and the activation, its BatchNorm folds into the
 convolution before it (and a ReLU fuses with it) like any BatchNorm, and the activation runs
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import Any
 
+import torch
 from torch import nn
 
 from qswap.exceptions import RegistrationError
@@ -33,11 +37,50 @@ from qswap.registry import Registry, qualified_name
 __all__ = ["batchnorm_act", "batchnorm_of", "decompose_in_place", "decomposed"]
 
 
+def _legacy_hooks(module: nn.Module) -> list[Any]:
+    """torch.nn.utils.weight_norm / spectral_norm hooks (the old, hook-based reparametrizations)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return [
+        h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm | SpectralNorm)
+    ]
+
+
+def _materialize(module: nn.Module) -> None:
+    """Replace hook-based weight_norm/spectral_norm by the weight they compute (eval values)."""
+    from torch.nn.utils import remove_spectral_norm, remove_weight_norm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    for hook in _legacy_hooks(module):
+        if isinstance(hook, SpectralNorm):
+            remove_spectral_norm(module, hook.name)
+        else:
+            remove_weight_norm(module, hook.name)
+
+
+def _needs_work(model: nn.Module, registry: Registry) -> bool:
+    deco = registry.has_decompositions()
+    for m in model.modules():
+        if m._forward_pre_hooks and _legacy_hooks(m):
+            return True
+        if deco and m is not model and registry.decomposition(type(m)) is not None:
+            return True
+    return False
+
+
 def decompose_in_place(model: nn.Module, registry: Registry) -> list[str]:
     """Replace every module that has a decomposition (the root excepted); return their paths.
 
-    Every path of a module reachable at several paths gets the same replacement.
+    Every path of a module reachable at several paths gets the same replacement. Layers that
+    ``torch.nn.utils.weight_norm``/``spectral_norm`` reparametrize with hooks get the weight
+    those compute instead (their eval-mode values): the weight is what quantization rounds,
+    and the hooks would not survive fusion. The parametrize-based forms
+    (``torch.nn.utils.parametrizations``) are kept as they are.
     """
+    for m in model.modules():
+        if m._forward_pre_hooks and _legacy_hooks(m):
+            _materialize(m)
     if not registry.has_decompositions():
         return []
     found: dict[int, tuple[nn.Module, list[str]]] = {}
@@ -64,11 +107,17 @@ def decompose_in_place(model: nn.Module, registry: Registry) -> list[str]:
 
 def decomposed(model: nn.Module, registry: Registry) -> nn.Module:
     """``model`` itself when nothing in it has a decomposition, else a decomposed deep copy."""
-    if not registry.has_decompositions() or not any(
-        registry.decomposition(type(m)) is not None for m in model.modules() if m is not model
-    ):
+    if not _needs_work(model, registry):
         return model
-    copied = copy.deepcopy(model)
+    # a hook-based weight_norm leaves its computed weight (no graph leaf, so no deepcopy) on
+    # the module: copy a detached clone in its place; the hook recomputes it anyway
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for hook in _legacy_hooks(m) if m._forward_pre_hooks else ():
+            value = m.__dict__.get(hook.name)
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    copied = copy.deepcopy(model, memo)
     decompose_in_place(copied, registry)
     return copied
 

@@ -11,7 +11,10 @@ subclasses the builtin it resembles, so ``except ValueError`` keeps working::
     ├── PluginError(QSwapError, ImportError)         an entry-point plugin failed
     ├── UnsupportedModuleError(QSwapError, TypeError) a module cannot be quantized as asked
     ├── PlanError(QSwapError, ValueError)            the config cannot be applied to this model
-    └── CalibrationError(QSwapError, RuntimeError)   observers cannot produce parameters
+    ├── CalibrationError(QSwapError, RuntimeError)   observers cannot produce parameters
+    └── FileError(QSwapError, OSError)               a path cannot be written or read as asked
+
+    FallbackWarning(UserWarning)                     layers the backend cannot run fall back
 
 Messages say what was wrong, where, and how to fix it.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 __all__ = [
     "CalibrationError",
     "ConfigError",
+    "FallbackWarning",
+    "FileError",
     "FrozenRegistryError",
     "NotRegisteredError",
     "PlanError",
@@ -98,3 +103,19 @@ class PlanError(QSwapError, ValueError):
 
 class CalibrationError(QSwapError, RuntimeError):
     """Observers cannot produce quantization parameters (e.g. no data seen)."""
+
+
+class FileError(QSwapError, OSError):
+    """A path cannot be written or read as asked (a folder where a file goes, a corrupt file).
+
+    The message names the path the caller gave, never a temporary name, and what to do.
+    """
+
+
+class FallbackWarning(UserWarning):
+    """Some layers cannot run on the config's backend and fall back (to fake or float).
+
+    Said once per ``prepare`` (and so per ``quantize``), in one line; ``print(plan)`` shows
+    each layer with its reason. Filter it like any warning:
+    ``warnings.filterwarnings("ignore", category=qswap.FallbackWarning)``.
+    """

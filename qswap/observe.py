@@ -17,6 +17,7 @@ import copy
 import itertools
 import os
 import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -36,9 +37,10 @@ from qswap.backends.fake import (
 from qswap.bias_correction import InputMeanObserver, correctable
 from qswap.config import QConfig, QuantSpec
 from qswap.decompose import decompose_in_place
-from qswap.exceptions import CalibrationError, PlanError
+from qswap.exceptions import CalibrationError, FallbackWarning, PlanError
 from qswap.methods import learns_qparams
 from qswap.registry import Registry, default_registry
+from qswap.trace import nesting_depth, recursion_room
 from qswap.walker import LayerSpec, Plan, gc_paused, plan, set_eval, split_inputs
 
 if TYPE_CHECKING:
@@ -69,6 +71,9 @@ class QSwapState:
     example_args: tuple[Any, ...] | None = None
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, LayerSpec] = field(default_factory=dict)
+    #: how the last ``calibrate`` stopped, when it raised: the observers hold partial
+    #: statistics, and ``convert`` refuses them until a ``calibrate`` runs to its end
+    failed: str | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QSwapState:
         # The plan, registry and example inputs are read-only: a copied model shares them.
@@ -79,6 +84,7 @@ class QSwapState:
             self.example_args,
             dict(self.example_kwargs),
             dict(self.layers),
+            self.failed,
         )
 
 
@@ -275,6 +281,10 @@ def _copy_module(
             state[key] = value  # frozen pydantic models (specs, options) are never mutated
         elif key == "_compiled_call_impl":
             continue
+        elif isinstance(value, torch.Tensor) and not value.is_leaf:
+            # a tensor a hook computed (legacy weight_norm's weight), which deepcopy refuses:
+            # a detached copy; the hook computes it again on the next forward
+            state[key] = memo[id(value)] = value.detach().clone()
         elif (key == "_parameters" or key == "_buffers") and (kind is dict or kind is OrderedDict):
             state[key] = memo[id(value)] = kind(
                 (name, _copy_tensor(t, memo, seen)) for name, t in value.items()
@@ -331,6 +341,9 @@ def prepare(
         reg = the_plan.registry if registry is None else reg
     else:
         the_plan = plan(model, config, example_inputs=example_inputs, registry=reg)
+        summary = the_plan.fallback_summary()
+        if summary is not None:  # said once, briefly: the plan has every reason
+            warnings.warn(summary, FallbackWarning, stacklevel=_caller_level())
     inputs = split_inputs(example_inputs)
     with gc_paused():
         target = model if inplace else copy_model(model)
@@ -363,6 +376,16 @@ def prepare(
     )
     object.__setattr__(target, STATE_ATTR, state)
     return target
+
+
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside qswap (prepare, or quantize calling it)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("qswap."):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 def _shared_inputs(
@@ -515,7 +538,8 @@ def calibrate(
     """Run ``batches`` through a prepared model (eval mode, no grad) so its observers see data.
 
     Each batch is a tensor (one positional argument), a tuple or list (the positional
-    arguments) or a dict (keyword arguments). ``progress`` shows a tqdm bar on stderr
+    arguments) or a dict (keyword arguments); a tensor given alone as ``batches`` is one
+    batch (as ``qswap quantize --calib`` takes it), not one per row. ``progress`` shows a tqdm bar on stderr
     (default: only when stderr is a terminal). The first batch becomes the example
     input when ``prepare`` got none. Returns ``prepared``.
 
@@ -546,6 +570,8 @@ def calibrate(
             f"max_batches must be a positive number of batches (or None for all), got "
             f"{max_batches!r}"
         )
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]  # one batch, not one per row
     from qswap.distributed import check_reducible, distributed_context, report_failure
 
     group = distributed_context(process_group)
@@ -577,9 +603,11 @@ def calibrate(
                 dynamic_ncols=True,
             )
             try:
+                depth = nesting_depth(prepared)
                 for batch in bar:
                     args, kwargs = _batch_inputs(batch, seen)
-                    _run(prepared, batch, args, kwargs, seen)
+                    with recursion_room(depth):
+                        _run(prepared, batch, args, kwargs, seen)
                     if first is None:
                         first = (args, kwargs)
                     seen += 1
@@ -591,13 +619,15 @@ def calibrate(
                 "with one model input per batch (a tensor, a tuple of positional arguments or "
                 "a dict of keyword arguments), e.g. [x[i:i + 32] for i in range(0, len(x), 32)]"
             )
-    except Exception as exc:
-        if group is not None:
+    except BaseException as exc:
+        state.failed = f"batch {seen + 1} raised {type(exc).__name__}: {str(exc)[:200]}"
+        if group is not None and isinstance(exc, Exception):
             report_failure(group, exc)  # the other ranks raise instead of waiting for us
         raise
     finally:
         for m, flag in flags:
             m.training = flag
+    state.failed = None  # a calibration that ran to its end: what the observers hold is whole
     if state.example_args is None:
         state.example_args, state.example_kwargs = first
     if group is not None:

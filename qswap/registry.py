@@ -652,6 +652,22 @@ class Registry:
         with self._lock:
             self._frozen = True
 
+    def __reduce__(self) -> Any:
+        # a pickled model (torch.save(qmodel)) refers to its registry: the default one stays
+        # the process's own on load; others travel with their tables, less their lock
+        if self is _DEFAULT:
+            return (default_registry, ())
+        return super().__reduce__()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def __repr__(self) -> str:
         parent = f", parent={self._parent.name!r}" if self._parent else ""
         frozen = ", frozen" if self._frozen else ""

@@ -269,12 +269,13 @@ class Report:
         ax.legend(fontsize=8)
         fig.tight_layout()
         if path is not None:
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp{target.suffix}")
-            fig.savefig(tmp, dpi=120)
-            os.replace(tmp, target)
-            plt.close(fig)
+            from qswap.artifact import write_atomic
+
+            kind = Path(path).suffix.lstrip(".").lower() or None  # matplotlib's default: png
+            try:
+                write_atomic(path, lambda fh: fig.savefig(fh, format=kind, dpi=120))
+            finally:
+                plt.close(fig)
         return fig
 
 
@@ -293,6 +294,7 @@ def _finite(v: Any) -> Any:
 
 
 def _write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` through qswap's one atomic writer (a folder or bad path: ``FileError``)."""
     from qswap.artifact import write_atomic
 
     write_atomic(path, text.encode("utf-8"))

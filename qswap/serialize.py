@@ -20,7 +20,7 @@ model's code is the caller's.
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -31,16 +31,19 @@ import torch
 from torch import nn
 
 from qswap.artifact import (
-    FORMAT_VERSION,
+    MODEL_FILE,
     _decode,
+    _Fields,
+    _is_int,
     _meta,
-    _torch_bytes,
+    _shown,
     calibration_payload,
     example_inputs_from,
+    make_payload,
     read_payload,
-    write_atomic,
+    save_payload,
 )
-from qswap.exceptions import PlanError
+from qswap.exceptions import ConfigError, PlanError
 from qswap.registry import Registry, qualified_name
 
 __all__ = ["load", "save"]
@@ -105,35 +108,162 @@ def _quantized_quiet() -> Iterator[None]:
         yield
 
 
-def _decode_value(entry: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+# the integer dtype each quantized dtype stores, and its range
+_QUANTIZED = {
+    "qint8": (torch.int8, -128, 127),
+    "quint8": (torch.uint8, 0, 255),
+    "qint32": (torch.int32, -(2**31), 2**31 - 1),
+}
+
+
+def _decode_value(entry: Any, tensors: Mapping[str, torch.Tensor], key: str, f: _Fields) -> Any:
+    """The ``state_dict`` value one JSON entry describes, after checking every field of it."""
+    where = f"state entry {key!r}"
     if not isinstance(entry, dict):
-        raise PlanError(f"unexpected state entry {entry!r}")
-    if "t" in entry:
-        return tensors[entry["t"]]
-    if "q" in entry:
-        ints = tensors[entry["q"]]
-        with _quantized_quiet():
-            if "scale" in entry:
-                return torch._make_per_tensor_quantized_tensor(
-                    ints, float(entry["scale"]), int(entry["zero_point"])
-                )
-            return torch._make_per_channel_quantized_tensor(
-                ints,
-                tensors[entry["scales"]].to(torch.float64),
-                tensors[entry["zero_points"]].to(torch.int64),
-                int(entry["axis"]),
+        raise f.fail(where, f"is {_shown(entry)}, not a table")
+
+    def tensor(field: str) -> torch.Tensor:
+        found = tensors.get(entry[field]) if isinstance(entry.get(field), str) else None
+        if found is None:
+            raise f.fail(
+                where, f"names the tensor {_shown(entry.get(field))}, which is not in the file"
             )
+        return found
+
+    if "t" in entry:
+        return tensor("t")
+    if "q" in entry:
+        return _decode_quantized(entry, tensor("q"), tensor, where, f)
     if "seq" in entry:
-        items = [_decode_value(e, tensors) for e in entry["seq"]]
-        return tuple(items) if entry.get("tuple") else items
+        items = entry["seq"]
+        if not isinstance(items, list):
+            raise f.fail(where, f"has the sequence {_shown(items)}, not a list")
+        values = [_decode_value(e, tensors, f"{key}[{i}]", f) for i, e in enumerate(items)]
+        return tuple(values) if entry.get("tuple") else values
     if "dtype" in entry:
         dtype = getattr(torch, str(entry["dtype"]), None)
         if not isinstance(dtype, torch.dtype):
-            raise PlanError(f"unknown dtype {entry['dtype']!r}")
+            raise f.fail(where, f"has the dtype {_shown(entry['dtype'])}, not a torch dtype")
         return dtype
     if "v" in entry:
-        return entry["v"]
-    raise PlanError(f"unexpected state entry {entry!r}")
+        value = entry["v"]
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise f.fail(where, f"holds {_shown(value)}, not a plain value")
+        return value
+    raise f.fail(where, f"is {_shown(entry)}, which is no kind of state entry qswap writes")
+
+
+def _decode_quantized(
+    entry: dict[str, Any],
+    ints: torch.Tensor,
+    tensor: Any,
+    where: str,
+    f: _Fields,
+) -> torch.Tensor:
+    """A quantized tensor from its integers, scale(s) and zero point(s), each checked."""
+    kind = _QUANTIZED.get(str(entry.get("dtype")))
+    if kind is None:
+        raise f.fail(
+            where,
+            f"has the quantized dtype {_shown(entry.get('dtype'))}, not one of {', '.join(_QUANTIZED)}",
+        )
+    storage, low, high = kind
+    if ints.dtype != storage:
+        raise f.fail(
+            where, f"stores {ints.dtype} integers for a {entry['dtype']} tensor ({storage})"
+        )
+    if "scale" in entry:
+        scale, zero_point = entry.get("scale"), entry.get("zero_point")
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not math.isfinite(scale)
+            or scale <= 0
+        ):
+            raise f.fail(where, f"has the scale {_shown(scale)}, not a positive finite number")
+        if not _is_int(zero_point) or not low <= zero_point <= high:
+            raise f.fail(
+                where, f"has the zero point {_shown(zero_point)}, not an integer in [{low}, {high}]"
+            )
+        with _quantized_quiet():
+            return torch._make_per_tensor_quantized_tensor(ints, float(scale), int(zero_point))
+    scales, zero_points, axis = tensor("scales"), tensor("zero_points"), entry.get("axis")
+    if not _is_int(axis) or not 0 <= axis < ints.dim():
+        raise f.fail(
+            where,
+            f"has the axis {_shown(axis)}, not one of the {ints.dim()} axes of its "
+            f"integers (shape {list(ints.shape)})",
+        )
+    channels = ints.shape[axis]
+    if not scales.is_floating_point() or list(scales.shape) != [channels]:
+        raise f.fail(
+            where,
+            f"has scales of shape {list(scales.shape)} ({scales.dtype}), not {channels} "
+            f"floating-point numbers, one per channel along axis {axis}",
+        )
+    finite = torch.isfinite(scales)
+    if not bool(finite.all()) or not bool((scales > 0).all()):
+        raise f.fail(where, "has scales that are not all positive finite numbers")
+    if (
+        zero_points.is_floating_point()
+        or zero_points.dtype == torch.bool
+        or list(zero_points.shape) != [channels]
+    ):
+        raise f.fail(
+            where,
+            f"has zero points of shape {list(zero_points.shape)} ({zero_points.dtype}), "
+            f"not {channels} integers",
+        )
+    if bool(((zero_points < low) | (zero_points > high)).any()):
+        raise f.fail(where, f"has zero points outside [{low}, {high}]")
+    with _quantized_quiet():
+        return torch._make_per_channel_quantized_tensor(
+            ints, scales.to(torch.float64), zero_points.to(torch.int64), int(axis)
+        )
+
+
+def _saved_state(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], f: _Fields) -> Any:
+    """The saved ``state_dict`` (with its per-module versions), every entry checked."""
+    entries = f.table(meta.get("state"), "its state ('state')")
+    state_tensors = {
+        k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")
+    }
+    state: Any = OrderedDict((k, _decode_value(e, state_tensors, k, f)) for k, e in entries.items())
+    versions = f.table(meta.get("state_versions", {}), "its state versions")
+    state._metadata = OrderedDict(
+        (k, dict(f.table(v, f"the state version of {k!r}"))) for k, v in versions.items()
+    )
+    return state
+
+
+def _check_quantization_buffers(qmodel: nn.Module, state: Mapping[str, Any], f: _Fields) -> None:
+    """Refuse saved scales and zero points of qswap's and torch's quantized modules that are unusable.
+
+    Only modules of those two libraries are checked: there a buffer named ``scale`` or
+    ``*_scale`` is a quantization step (positive, finite) and ``zero_point`` an integer. A
+    model's own parameter of that name (a norm's scale) may hold anything.
+    """
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        is_scale = leaf == "scale" or leaf.endswith("_scale")
+        is_zero = leaf == "zero_point" or leaf.endswith("_zero_point")
+        if not (is_scale or is_zero) or not isinstance(value, torch.Tensor) or value.is_quantized:
+            continue
+        try:
+            owner = qmodel.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if not type(owner).__module__.startswith(("qswap.", "torch.ao.nn.")):
+            continue
+        v = value.detach()
+        if is_scale and not (
+            v.is_floating_point() and bool(torch.isfinite(v).all()) and bool((v > 0).all())
+        ):
+            raise f.fail(
+                f"state entry {key!r}", "is a quantization scale that is not positive and finite"
+            )
+        if is_zero and v.is_floating_point() and not bool((v == v.round()).all()):
+            raise f.fail(f"state entry {key!r}", "is a zero point that is not whole numbers")
 
 
 def _decisions(the_plan: Any) -> list[list[str]]:
@@ -186,13 +316,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     meta["state_versions"] = versions
     for name, t in state_tensors.items():
         tensors[f"state.{name}"] = t
-    payload = {
-        "qswap": _KIND,
-        "format_version": FORMAT_VERSION,
-        "meta": json.dumps(meta, sort_keys=True),
-        "tensors": tensors,
-    }
-    return write_atomic(path, _torch_bytes(payload))
+    return save_payload(path, make_payload(_KIND, meta, tensors))
 
 
 def load(
@@ -216,24 +340,43 @@ def load(
     from qswap.observe import prepare
     from qswap.walker import plan
 
-    payload = read_payload(path, _KIND, "saved qswap model")
-    meta = _meta(payload)
-    calibration = _decode(payload, str(path))
+    source = str(path)
+    payload = read_payload(path, _KIND, MODEL_FILE)
+    calibration = _decode(payload, source, MODEL_FILE)  # every field checked
+    meta = calibration.meta
+    f = _Fields(source, MODEL_FILE)
+    for key in ("config", "model_type"):
+        if not isinstance(meta.get(key), str):
+            raise f.fail(f"field {key!r}", "is missing")
+    saved_decisions = meta.get("decisions", [])
+    if not isinstance(saved_decisions, list) or not all(
+        isinstance(d, list) and len(d) == 4 and all(isinstance(x, str) for x in d)
+        for d in saved_decisions
+    ):
+        raise f.fail("its plan decisions ('decisions')", "are not rows of four names")
+    state = _saved_state(meta, payload["tensors"], f)  # before any work: a bad file fails fast
     for entry in calibration.layers_meta.values():
         entry["weight_digests"] = {}  # the saved state replaces the weights after convert
     if not isinstance(model, nn.Module):
         raise PlanError(
             f"qswap.load() rebuilds the saved model on a float model of the same class; pass an "
-            f"instance (e.g. {meta.get('model_type', 'MyModel').rpartition('.')[2]}()), got "
+            f"instance (e.g. {meta['model_type'].rpartition('.')[2]}()), got "
             f"{type(model).__name__}"
         )
-    saved_type = str(meta.get("model_type", "?"))
+    saved_type = meta["model_type"]
     if saved_type != qualified_name(type(model)):
         raise PlanError(
-            f"saved qswap model {str(path)!r} is a {saved_type}, not a "
-            f"{qualified_name(type(model))}; pass a freshly built {saved_type.rpartition('.')[2]}"
+            f"{MODEL_FILE} {source!r} is a {saved_type}, not a {qualified_name(type(model))}; "
+            f"pass a freshly built {saved_type.rpartition('.')[2]}"
         )
-    cfg = load_config(str(meta.get("config", "")), registry=registry)
+    try:
+        cfg = load_config(meta["config"], registry=registry)
+    except ConfigError as exc:
+        raise PlanError(
+            f"{MODEL_FILE} {source!r}: its config does not load here ({exc}). If it names "
+            "components of your own, pass the registry that holds them (registry=...); "
+            "otherwise the file is corrupt: save it again"
+        ) from exc
     if example_inputs is None:
         found = example_inputs_from(meta.get("example_inputs"))
         example_inputs = None if found is None else (found[1] if not found[0] else found[0])
@@ -244,13 +387,12 @@ def load(
     finally:
         for m, flag in flags:
             m.training = flag
-    saved_decisions = meta.get("decisions", [])
     now = _decisions(the_plan)
     if saved_decisions and saved_decisions != now and len(saved_decisions) == len(now):
         for before, after in zip(saved_decisions, now):
             if list(before) != after:
                 raise PlanError(
-                    f"saved qswap model {str(path)!r}: module {after[0] or '(root)'!r} was "
+                    f"{MODEL_FILE} {source!r}: module {after[0] or '(root)'!r} was "
                     f"planned as {before[1]} ({before[3] or before[2] or 'float'}) when saved but "
                     f"as {after[1]} ({after[3] or after[2] or 'float'}) now; load it with the "
                     "registry it was saved with (registry=...)"
@@ -258,23 +400,16 @@ def load(
     prepared = prepare(model, the_plan, example_inputs=example_inputs, registry=registry)
     prepared.train(False)
     qmodel = convert(prepared, inplace=True, calibration=calibration)
-    tensors = payload["tensors"]
-    state_tensors = {
-        k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")
-    }
+    _check_quantization_buffers(qmodel, state, f)
     try:
-        state: Any = OrderedDict(
-            (k, _decode_value(e, state_tensors)) for k, e in dict(meta["state"]).items()
-        )
-        state._metadata = OrderedDict(
-            (str(k), dict(v)) for k, v in dict(meta.get("state_versions", {})).items()
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+        result = qmodel.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a saved tensor whose shape does not fit this model
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0] if first else ""
         raise PlanError(
-            f"saved qswap model {str(path)!r} has a corrupt state ({type(exc).__name__}: {exc}); "
-            "save it again"
+            f"{MODEL_FILE} {source!r} does not fit this {type(model).__name__}: {detail[:300]}. "
+            "Build the model with the same arguments as the saved one"
         ) from exc
-    result = qmodel.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         what = []
         if result.missing_keys:
@@ -282,7 +417,7 @@ def load(
         if result.unexpected_keys:
             what.append(f"unexpected {', '.join(result.unexpected_keys[:3])}")
         raise PlanError(
-            f"saved qswap model {str(path)!r} does not fit this {type(model).__name__}: "
+            f"{MODEL_FILE} {source!r} does not fit this {type(model).__name__}: "
             f"{'; '.join(what)}. Build the model with the same arguments as the saved one"
         )
     return qmodel

@@ -10,6 +10,9 @@ recorded dataflow is a DAG.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +23,17 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Call", "Scope", "Trace", "Value", "function_name", "trace"]
+__all__ = [
+    "Call",
+    "RecursionRoom",
+    "Scope",
+    "Trace",
+    "Value",
+    "function_name",
+    "nesting_depth",
+    "recursion_room",
+    "trace",
+]
 
 # Calls that read only a tensor's metadata. They are not data consumers (fusing or
 # quantizing the producer cannot change their result), so they are not recorded.
@@ -520,6 +533,88 @@ def _walk(
     return {k: tuple(v) for k, v in paths.items()}, leaves, containers
 
 
+_ROOM_LOCK = threading.Lock()
+_ROOM: list[int] = [0, 0]  # [calls holding a raised limit, the limit before the first of them]
+_FRAMES_PER_LEVEL = 12  # a hooked module call: _call_impl, hooks, forward and qswap's own
+
+
+def nesting_depth(model: nn.Module) -> int:
+    """How many modules deep ``model`` nests (1 for a module without children).
+
+    >>> nesting_depth(nn.Sequential(nn.Sequential(nn.Linear(2, 2))))
+    3
+    """
+    deepest = 1
+    stack = [(model, 1)]
+    while stack:
+        module, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((c, depth + 1) for c in module._modules.values() if c is not None)
+    return deepest
+
+
+@contextlib.contextmanager
+def recursion_room(depth: int) -> Iterator[None]:
+    """Enough Python stack for a forward ``depth`` modules deep with qswap's hooks on each.
+
+    A model nested 200 deep runs in plain PyTorch, but hooks add frames per level; this raises
+    ``sys.getrecursionlimit()`` for the block when it would not do, and puts it back when the
+    last block holding it ends (threads included).
+    """
+    needed = depth * _FRAMES_PER_LEVEL + 500
+    if needed <= sys.getrecursionlimit() and not _ROOM[0]:
+        yield
+        return
+    with _ROOM_LOCK:
+        if _ROOM[0] == 0:
+            _ROOM[1] = sys.getrecursionlimit()
+        _ROOM[0] += 1
+        if needed > sys.getrecursionlimit():
+            sys.setrecursionlimit(needed)
+    try:
+        yield
+    finally:
+        with _ROOM_LOCK:
+            _ROOM[0] -= 1
+            if _ROOM[0] == 0:
+                sys.setrecursionlimit(_ROOM[1])
+
+
+class RecursionRoom:
+    """Forward (pre-)hooks giving every call of a deep model ``recursion_room`` (convert adds
+    them to a converted model nested deeper than the recursion limit allows with hooks)."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self._local = threading.local()
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        stack = self._local.__dict__.setdefault("stack", [])
+        room = recursion_room(self.depth)
+        room.__enter__()
+        stack.append(room)
+
+    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        stack = self._local.__dict__.get("stack")
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"depth": self.depth}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.depth = state["depth"]
+        self._local = threading.local()
+
+    @staticmethod
+    def needed(model: nn.Module) -> RecursionRoom | None:
+        """A room for ``model`` if its depth needs one, else None."""
+        depth = nesting_depth(model)
+        if depth * _FRAMES_PER_LEVEL + 500 <= sys.getrecursionlimit():
+            return None
+        return RecursionRoom(depth)
+
+
 def trace(
     model: nn.Module,
     example_inputs: tuple[Any, ...] | torch.Tensor,
@@ -558,27 +653,39 @@ def trace(
             saved.extend((b, b.clone()) for b in m._buffers.values() if b is not None)
     tracer = _Tracer(params, module_paths)
     handles: list[RemovableHandle] = []
+    # the hooks sit on the caller's modules for the trace's duration: another thread running
+    # (or tracing) the same model meanwhile must neither feed this trace nor be disturbed
+    here = threading.get_ident()
+
+    def mine(hook: Callable[..., None]) -> Callable[..., None]:
+        def only_here(*a: Any) -> None:
+            if threading.get_ident() == here:
+                hook(*a)
+
+        return only_here
+
     try:
         for m in leaves:
             has_pre = bool(m._forward_pre_hooks)
             if has_pre:
                 handles.append(
-                    m.register_forward_pre_hook(tracer.enter, prepend=True, with_kwargs=True)
+                    m.register_forward_pre_hook(mine(tracer.enter), prepend=True, with_kwargs=True)
                 )
 
             def pre(mod: nn.Module, args: Any, kw: Any, _entered: bool = has_pre) -> None:
-                tracer.leaf_pre(mod, args, kw, _entered)
+                if threading.get_ident() == here:
+                    tracer.leaf_pre(mod, args, kw, _entered)
 
             handle = m.register_forward_pre_hook(pre, with_kwargs=True)
             handles.append(handle)
             if has_pre:
                 _record_before_input_slot(m, handle.id)
-            handles.append(m.register_forward_hook(tracer.leaf_post, with_kwargs=True))
+            handles.append(m.register_forward_hook(mine(tracer.leaf_post), with_kwargs=True))
         for m in containers:
             if m is model:
                 continue
-            handles.append(m.register_forward_pre_hook(tracer.scope_pre, with_kwargs=True))
-            handles.append(m.register_forward_hook(tracer.scope_post, with_kwargs=True))
+            handles.append(m.register_forward_pre_hook(mine(tracer.scope_pre), with_kwargs=True))
+            handles.append(m.register_forward_hook(mine(tracer.scope_post), with_kwargs=True))
 
         named_inputs: list[tuple[str, torch.Tensor]] = []
         _flatten(tuple(example_inputs), "args", named_inputs)
@@ -586,7 +693,7 @@ def trace(
             _flatten(value, f"kwargs[{key!r}]", named_inputs)
         input_ids = tuple(tracer.new_value(t, None, None, n) for n, t in named_inputs)
 
-        with torch.no_grad(), tracer:
+        with torch.no_grad(), tracer, recursion_room(nesting_depth(model)):
             result = model(*example_inputs, **kwargs)
             named_outputs: list[tuple[str, torch.Tensor]] = []
             tracer.depth += 1

@@ -365,6 +365,38 @@ class Plan:
                 lines.append(f"    {slot}: {describe_spec(spec)}")
         return "\n".join(lines)
 
+    def fallback_summary(self) -> str | None:
+        """One line on the layers that fall back from the backend (to fake or float), or None.
+
+        >>> import torch, qswap
+        >>> qswap.plan(torch.nn.Sequential(torch.nn.Linear(2, 2)), "x86_int8").fallback_summary() is None
+        True
+        """
+        if not self.backend.integer or "fallback" in self.config.model_fields_set:
+            return None  # a config that says `fallback:` has chosen what such layers become
+        fell: dict[str, list[str]] = {}
+        layers = 0
+        for d in self.decisions.values():
+            if d.shared_with is not None or d.kind in ("fuse", "passthrough"):
+                continue
+            if d.kind == "skip" and d.rules:
+                continue  # a rule asked for it
+            layers += 1
+            if d.fallback or (d.kind == "skip" and d.name in self.uncovered):
+                fell.setdefault(d.module_type.__name__, []).append(d.name)
+        if not fell:
+            return None
+        count = sum(len(v) for v in fell.values())
+        kinds = sorted(fell.items(), key=lambda kv: -len(kv[1]))
+        shown = ", ".join(f"{name} x{len(paths)}" for name, paths in kinds[:4])
+        more = ", ..." if len(kinds) > 4 else ""
+        target = "float" if self.config.fallback == "float" else "fake (simulated in float)"
+        return (
+            f"{count} of {layers} layers cannot run on backend {self.backend.name!r} and fall back "
+            f"to {target}: {shown}{more}. print(qswap.plan(model, config)) shows each with its "
+            "reason"
+        )
+
     def uncovered_report(self) -> str:
         """All modules with float parameters that no entry covers, with registration snippets.
 
@@ -1044,11 +1076,34 @@ def plan(
     """
     reg = registry if registry is not None else default_registry()
     cfg = load_config(config, registry=registry)
+    _refuse_quantized(model)
     w = _Walker(cfg, reg)
     with gc_paused():
         # modules that do two jobs (timm's BatchNormAct2d) are planned as their parts, in a
         # copy (qswap.decompose); prepare decomposes its own copy the same way
         return _plan(decomposed(model, reg), cfg, reg, w, example_inputs)
+
+
+_QUANTIZED_PACKAGES = (
+    "torch.ao.nn.quantized",
+    "torch.ao.nn.intrinsic.quantized",
+    "torch.nn.quantized",
+    "torch.nn.intrinsic.quantized",
+)
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """A model that PyTorch's own flows quantized already is no float model: say so, by path."""
+    for path, module in model.named_modules():
+        cls = type(module)
+        if cls.__module__.startswith(_QUANTIZED_PACKAGES) and not cls.__module__.startswith(
+            "qswap"
+        ):
+            raise PlanError(
+                f"module {path or '(root)'!r} is {qualified_name(cls)}, a layer PyTorch's "
+                "quantization already converted (it takes quantized tensors, not float ones). "
+                "qswap quantizes float models: pass the float model this one was made from"
+            )
 
 
 def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inputs: Any) -> Plan:

@@ -179,10 +179,8 @@ def test_failed_onnx_check_exits_1_and_names_the_cause(
 def test_existing_out_is_refused_without_force_and_replaced_with_it(
     factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """An existing --out stays untouched (exit 2) unless --force, which replaces it whole."""
+    """An existing --out stays untouched (exit 2) unless --force, which replaces the folder qswap wrote whole."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     args = [
         "quantize",
         "--model",
@@ -194,12 +192,15 @@ def test_existing_out_is_refused_without_force_and_replaced_with_it(
         "--out",
         str(out),
     ]
+    assert main(args) == 0
+    (out / "plan.txt").write_text("from the first run")
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and "--force" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "plan.txt").read_text() == "from the first run"
     assert main([*args, "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.pt").is_file()
+    assert "qswap plan" in (out / "plan.txt").read_text() and (out / "model.pt").is_file()
+    assert [p.name for p in tmp_path.iterdir() if ".qswap-" in p.name] == []
 
 
 def test_quantize_reuses_an_artifact_and_report_reads_the_folder(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -243,7 +244,14 @@ def test_layer_whose_parent_reads_its_weight_keeps_quantized_weights_only() -> N
     batches = [torch.randint(0, 50, (4, 10)) for _ in range(3)]
     ids = torch.randint(0, 50, (8, 10))
     for config in ("w8a8_minmax", "x86_int8"):
-        qmodel = qswap.quantize(model, config, calib_data=batches, example_inputs=(batches[0],))
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            qmodel = qswap.quantize(model, config, calib_data=batches, example_inputs=(batches[0],))
+        fallbacks = [str(w.message) for w in said if w.category is qswap.FallbackWarning]
+        if config == "x86_int8":  # attention and norms fall back, said in one line
+            assert len(fallbacks) == 1 and "cannot run on backend 'x86'" in fallbacks[0]
+        else:
+            assert fallbacks == []
         with torch.no_grad():
             ref, out = model(ids)["logits"], qmodel(ids)["logits"]
         assert 10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()) > 20
@@ -364,7 +372,11 @@ def test_four_bit_on_x86_falls_back_to_fake() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     cfg = {"extends": ["x86_int8"], "rules": [{"match": {"name": "2"}, "weight": {"bits": 4}}]}
     x = torch.randn(16, 4)
-    qmodel = quantize(model, cfg, calib_data=[x], example_inputs=(x,))
+    with pytest.warns(
+        qswap.FallbackWarning,
+        match=r"1 of 2 layers cannot run on backend 'x86' and fall back to fake .*: Linear x1",
+    ):
+        qmodel = quantize(model, cfg, calib_data=[x], example_inputs=(x,))
     assert type(qmodel[0]).__name__ == "QuantizedLinear"
     assert parametrize.is_parametrized(qmodel[2], "weight")
     assert state_of(qmodel).plan["2"].fallback
@@ -494,7 +506,9 @@ def test_tied_weight_is_quantized_once_and_stays_one_tensor(config: str, tmp_pat
     torch.manual_seed(0)
     model = _TiedLM().eval()
     ids = torch.randint(0, 32, (4, 6))
-    q = quantize(model, config, calib_data=[ids], example_inputs=(ids,), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qswap.FallbackWarning)  # x86: embeddings run fake
+        q = quantize(model, config, calib_data=[ids], example_inputs=(ids,), progress=False)
     p = q._qswap.plan  # type: ignore[union-attr]
     assert "weight tied to shared.weight: quantized once, with its spec" in p["head"].reason
     tensors = {t.data_ptr() for n, t in q.named_parameters(remove_duplicate=False)}

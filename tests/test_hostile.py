@@ -168,7 +168,8 @@ def test_layers_int8_kernels_cannot_run_are_fallbacks_the_plan_shows() -> None:
     x = torch.randn(16, 8)
     p = qswap.plan(model, cfg, example_inputs=(x,))
     assert p["0"].backend == "fake" and "per-group weights" in p["0"].reason
-    q = qswap.quantize(model, cfg, calib_data=[x], example_inputs=(x,), progress=False)
+    with pytest.warns(qswap.FallbackWarning, match=r"2 of 2 layers cannot run on backend 'x86'"):
+        q = qswap.quantize(model, cfg, calib_data=[x], example_inputs=(x,), progress=False)
     assert not torch.equal(q(x), model(x))  # fake-quantized, not silently float
     rows = {r.name: r for r in qswap.report(model, q, [x]).rows}
     assert rows["0"].backend == "fake"
@@ -193,3 +194,152 @@ def test_weight_only_needs_no_calibration_data() -> None:
     assert "weight" in qswap.quantize(model, "w4_per_group")._qswap.layers["0"].qparams  # type: ignore[union-attr]
     with pytest.raises(CalibrationError, match="got no calib_data, but mode 'static'"):
         qswap.quantize(model, "w8a8_minmax")
+
+
+def test_concurrent_x86_and_qnnpack_converts_are_right_and_leave_the_engine_alone() -> None:
+    """Two threads converting for x86 and qnnpack get the single-thread results; the engine stays."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(32, 16)
+    configs = {
+        "x86": {"extends": ["x86_int8"], "activation": {"observer": "minmax"}},
+        "qnnpack": {"extends": ["qnnpack_int8"], "activation": {"observer": "minmax"}},
+    }
+    if "qnnpack" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no qnnpack engine")
+    engine = torch.backends.quantized.engine
+    expected = {
+        k: qswap.quantize(model, c, calib_data=[x], example_inputs=(x,), progress=False)(x)
+        for k, c in configs.items()
+    }
+    wrong: list[str] = []
+
+    def convert_many(kind: str) -> None:
+        for _ in range(10):
+            q = qswap.quantize(
+                model, configs[kind], calib_data=[x], example_inputs=(x,), progress=False
+            )
+            with torch.no_grad():
+                if not torch.equal(q(x), expected[kind]):
+                    wrong.append(kind)
+
+    threads = [threading.Thread(target=convert_many, args=(k,)) for k in configs]
+    bounded(120, lambda: [t.start() for t in threads] and [t.join() for t in threads])
+    assert wrong == []
+    assert torch.backends.quantized.engine == engine
+
+
+def test_convert_after_a_calibration_that_raised_is_refused() -> None:
+    """Partial statistics are not converted silently; a full calibrate() clears the refusal."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    prepared = qswap.prepare(model, "w8a8_minmax")
+
+    def batches() -> Any:
+        yield torch.randn(8, 4)
+        raise ValueError("record 2 is corrupt")
+
+    with pytest.raises(ValueError, match="record 2 is corrupt"):
+        qswap.calibrate(prepared, batches(), progress=False)
+    with pytest.raises(
+        CalibrationError,
+        match=r"the last calibrate\(\) on this model stopped early \(batch 2 raised ValueError: "
+        r"record 2 is corrupt\)",
+    ):
+        qswap.convert(prepared)
+    qswap.calibrate(prepared, [torch.randn(8, 4)], progress=False)
+    assert "weight" in qswap.convert(prepared)._qswap.layers["0"].qparams  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- 4. smaller defects
+
+
+def test_hook_based_weight_norm_and_spectral_norm_quantize_with_fusion() -> None:
+    """Legacy weight_norm/spectral_norm layers followed by ReLU fuse and quantize on fake and x86."""
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the hook-based forms
+        model = nn.Sequential(
+            torch.nn.utils.weight_norm(nn.Linear(4, 8)),
+            nn.ReLU(),
+            torch.nn.utils.spectral_norm(nn.Linear(8, 2)),
+        ).eval()
+    x = torch.randn(16, 4)
+    ref = model(x)
+    for cfg in ("w8a8_minmax", "x86_int8"):
+        q = qswap.quantize(model, cfg, calib_data=[x], example_inputs=(x,), progress=False)
+        with torch.no_grad():
+            assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    assert hasattr(model[0], "weight_g")  # the user's model keeps its reparametrization
+
+
+def test_a_model_pytorch_already_quantized_is_refused_by_name() -> None:
+    """A torch.ao quantized layer inside the model is named, not met with NotImplementedError."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch.ao.nn.quantized as nnq
+
+        model = nn.Sequential(nn.Linear(4, 4), nnq.Linear(4, 4))
+    with pytest.raises(PlanError, match=r"module '1' is torch\.ao\.nn\.quantized\.Linear, a layer"):
+        qswap.plan(model, "x86_int8")
+
+
+def test_torch_save_of_an_int8_model_round_trips() -> None:
+    """torch.save(qmodel) pickles an int8 model (no lock in the way) and it loads equal."""
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.randn(8, 4)
+    q = qswap.quantize(model, "x86_int8", calib_data=[x], example_inputs=(x,), progress=False)
+    buffer = io.BytesIO()
+    torch.save(q, buffer)
+    buffer.seek(0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's TypedStorage notice on load
+        loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x), q(x))
+    assert loaded._qswap.registry is qswap.default_registry()
+
+
+class _Nest(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("config", ["w8a8_minmax", "x86_int8"])
+def test_a_model_nested_200_deep_quantizes_and_runs(config: str) -> None:
+    """Where the float model runs, tracing, calibration and the quantized model run too."""
+    import sys
+
+    model: nn.Module = nn.Linear(2, 2)
+    for _ in range(200):
+        model = _Nest(model)
+    x = torch.randn(4, 2)
+    limit = sys.getrecursionlimit()
+    q = bounded(
+        60,
+        lambda: qswap.quantize(model, config, calib_data=[x], example_inputs=(x,), progress=False),
+    )
+    assert q(x).shape == (4, 2)
+    assert sys.getrecursionlimit() == limit  # raised only while qswap's forwards run
+
+
+def test_a_fallback_is_said_once_in_one_line() -> None:
+    """4-bit activations on x86 fall back: one FallbackWarning, pointing at the plan."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(8, 4)
+    cfg = {"backend": "x86", "activation": {"bits": 4}}
+    with pytest.warns(qswap.FallbackWarning) as said:
+        qswap.quantize(model, cfg, calib_data=[x], example_inputs=(x,), progress=False)
+    assert len(said) == 1 and "\n" not in str(said[0].message)
+    assert "print(qswap.plan(model, config)) shows each with its reason" in str(said[0].message)

@@ -365,7 +365,8 @@ def test_integer_backend_lowers_pow2_and_falls_back_to_fake_for_log2() -> None:
     assert plan["0"].backend == "x86"
     assert plan["2"].backend == "fake" and plan["2"].fallback
     assert "weight asks quantizer 'log2', which is not one" in plan["2"].reason
-    q = qswap.quantize(model, cfg, calib_data=[x], example_inputs=(x,), progress=False)
+    with pytest.warns(qswap.FallbackWarning, match="fall back to fake"):
+        q = qswap.quantize(model, cfg, calib_data=[x], example_inputs=(x,), progress=False)
     scales = q[0].weight().q_per_channel_scales()
     assert _is_power_of_two(scales)
     w = q[2].weight.detach()

@@ -27,6 +27,8 @@ def test_all_is_pinned() -> None:
         "ComponentRef",
         "ConfigError",
         "Decision",
+        "FallbackWarning",
+        "FileError",
         "FrozenRegistryError",
         "FusionPattern",
         "LayerAgreement",

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from qswap.artifact import write_atomic
-from qswap.exceptions import PlanError, UnsupportedModuleError
+from qswap.artifact import check_writable, write_atomic
+from qswap.exceptions import FileError, PlanError, UnsupportedModuleError
 from qswap.trace import _tensors, function_name
 
 if TYPE_CHECKING:
@@ -535,6 +535,7 @@ def export_onnx(
     PosixPath('linear.onnx')
     """
     _require("onnx")
+    check_writable(Path(path))  # a folder or a path under a file: say so before exporting
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise UnsupportedModuleError(
             f"opset must be an integer from {MIN_OPSET} (per-channel QuantizeLinear) to "
@@ -1083,7 +1084,7 @@ def compare_layers(
             "and a quantized input and output, so there is nothing to compare layer by layer; "
             "compare the model's outputs with ONNX Runtime's instead"
         )
-    proto = onnx.load(str(path))
+    proto = _load_onnx_file(onnx, path)
     sites = _LayerGraph(proto).sites(weights, str(path))
     outputs = {o.name for o in proto.graph.output}
     for site in sites.values():
@@ -1102,6 +1103,35 @@ def compare_layers(
             _agreement(model, state.layers[name], name, site, codes, seen.get(name), overflow)
             for name, site in sites.items()
         ]
+
+
+def _load_onnx_file(onnx: Any, path: str | os.PathLike[str]) -> Any:
+    """The ONNX model in ``path``; a missing, unreadable or corrupt file is a ``FileError``."""
+    shown = str(path)
+    if not os.path.exists(shown):
+        raise FileError(
+            f"ONNX file {shown!r} does not exist; check the path, or write it with "
+            "qswap.export_onnx(qmodel, example_inputs, path)"
+        )
+    if os.path.isdir(shown):
+        raise FileError(f"ONNX file {shown!r} is a folder, not a file; pass the .onnx file in it")
+    try:
+        proto = onnx.load(shown)
+        onnx.checker.check_model(proto)
+    except OSError as exc:
+        raise FileError(f"ONNX file {shown!r} cannot be read: {exc.strerror or exc}") from exc
+    except Exception as exc:  # protobuf's DecodeError, onnx's ValidationError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FileError(
+            f"ONNX file {shown!r} is not a valid ONNX model ({first[:200]}); it is truncated, "
+            "corrupt or another kind of file. Export it again with qswap.export_onnx"
+        ) from exc
+    if not proto.graph.node:
+        raise FileError(
+            f"ONNX file {shown!r} holds no graph (no nodes); it is empty, corrupt or another "
+            "kind of file. Export it again with qswap.export_onnx"
+        )
+    return proto
 
 
 def _layer_weights(model: nn.Module, state: Any) -> dict[str, Any]:

@@ -1563,8 +1563,21 @@ def check_layer(layer: LayerSpec) -> str | None:
 # --------------------------------------------------------------------------- lowering
 
 
+# torch.backends.quantized.engine is one setting for the whole process, and weights are packed
+# for the engine set at the time: lowering (switch, pack, restore) holds this lock, so two
+# threads converting for x86 and qnnpack never pack for each other's engine, and the setting
+# is restored to what it was before either began
+_ENGINE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _engine(backend: str) -> Iterator[str]:
+    with _ENGINE_LOCK, _engine_selected(backend) as engine:
+        yield engine
+
+
+@contextlib.contextmanager
+def _engine_selected(backend: str) -> Iterator[str]:
     engines = torch.backends.quantized.supported_engines
     wanted = {"x86": ("x86", "fbgemm"), "qnnpack": ("qnnpack",)}[backend]
     for engine in wanted:
@@ -1584,9 +1597,6 @@ def _engine(backend: str) -> Iterator[str]:
         torch.backends.quantized.engine = previous
 
 
-_PROBE_LOCK = threading.Lock()
-
-
 @functools.cache
 def fbgemm_saturates() -> bool:
     """Whether torch's ``x86``/``fbgemm`` int8 kernels saturate u8 x s8 pairs on this machine.
@@ -1604,7 +1614,7 @@ def fbgemm_saturates() -> bool:
         return False
     k = 64  # several pairs, a full register row: the kernel's main loop
     exact = k * 255 * 127
-    with _PROBE_LOCK, _engine("x86"), _torch_ao_deprecations_silenced():
+    with _engine("x86"), _torch_ao_deprecations_silenced():
         x = torch.quantize_per_tensor(torch.full((4, k), 255.0), 1.0, 0, torch.quint8)
         w = torch.quantize_per_tensor(torch.full((8, k), 127.0), 1.0, 0, torch.qint8)
         packed = torch.ops.quantized.linear_prepack(w, None)
