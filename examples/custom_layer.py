@@ -3,9 +3,9 @@
 ``TransposedLinear`` keeps its weight as ``kernel``, stored ``(in, out)`` (so its output
 channels are axis 1), next to a per-output ``gain``; ``Swish`` is a custom activation.
 
-1. **Nothing to register.** qswap fake-quantizes every floating-point parameter as a named
-   slot (``kernel``, ``gain``) and inputs/outputs through hooks; a rule addresses the slot by
-   name and sets its channel axis.
+1. **Nothing to register.** qswap fake-quantizes every floating-point weight as a named slot
+   (``kernel``; the 1-d ``gain`` stays float unless a rule's ``slots:`` names it) and
+   inputs/outputs through hooks; a rule addresses the slot by name and sets its channel axis.
 2. **A mapping.** ``@reg.register_mapping(TransposedLinear, ...)`` on a counterpart with
    ``from_float(module, spec)``: here it stores the kernel as int8 with one scale per output
    column (``slots={"kernel": 1}`` makes axis 1 the default, no rule needed).

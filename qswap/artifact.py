@@ -531,6 +531,12 @@ def calibration_payload(model: nn.Module) -> dict[str, Any]:
     from qswap.registry import qualified_name
 
     state = _state(model, "save_calibration()")
+    if state.stage == "prepared" and state.failed is not None:
+        raise CalibrationError(
+            f"save_calibration(): the last calibrate() on this model stopped early "
+            f"({state.failed}), so its observers hold statistics of part of the data; nothing "
+            "was written. Fix the data and calibrate again, then save"
+        )
     the_plan = state.plan
     observers: dict[str, dict[str, dict[str, Any]]] = {}
     if state.stage == "prepared":

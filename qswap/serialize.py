@@ -370,7 +370,8 @@ def load(
             f"pass a freshly built {saved_type.rpartition('.')[2]}"
         )
     try:
-        cfg = load_config(meta["config"], registry=registry)
+        # a stored config is complete: its extends may not reach the file system
+        cfg = load_config(meta["config"], registry=registry, files=False)
     except ConfigError as exc:
         raise PlanError(
             f"{MODEL_FILE} {source!r}: its config does not load here ({exc}). If it names "

@@ -1,4 +1,10 @@
-"""The README's Python examples run as written (the ones that need no cluster or stub)."""
+"""The README's snippets run as written, in order, on one model (those that need no cluster).
+
+The Python blocks share one namespace, as a reader pasting them into one session would, and
+the config block is saved as ``q.yaml`` where the README says to. Blocks that start a
+``torch.distributed`` process group or train under DDP are left to
+``examples/distributed_calibrate.py``, which the suite runs.
+"""
 
 from __future__ import annotations
 
@@ -8,55 +14,50 @@ from typing import Any
 
 import pytest
 import torch
-from forum_models import resnet18, vgg
 
 import qswap
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+CLUSTER = ("dist.init_process_group", "DistributedDataParallel")
 
 
-def _blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
 
 
-def _find(fragment: str) -> str:
-    found = [b for b in _blocks() if fragment in b]
-    assert len(found) == 1, f"expected one README block with {fragment!r}"
-    return found[0]
-
-
-def _namespace(model: torch.nn.Module) -> dict[str, Any]:
-    torch.manual_seed(0)
-    x = torch.rand(4, 3, 32, 32)
-    batches = [x, torch.rand(4, 3, 32, 32)]
-    return {"model": model.eval(), "x": x, "batches": batches, "vgg": vgg, "qswap": qswap}
-
-
-def test_step_by_step_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """plan / explain / prepare / calibrate / convert, on the ResNet the block names a layer of."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "q.yaml").write_text("extends: [x86_int8]\nactivation: {observer: minmax}\n")
-    ns = _namespace(resnet18(width=0.25))
-    exec(_find("qswap.plan(model, cfg"), ns)  # noqa: S102 - the README's own code
-    assert ns["qmodel"](ns["x"]).shape == (4, 10)
-
-
-def test_keep_it_and_ship_it_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Artifact, report, save/load, ONNX export and the layer-by-layer check, on VGG."""
+def test_every_python_block_runs_in_order_on_one_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """quantize, the pipeline, the config file, your own layers, keep-and-ship, transformers."""
     pytest.importorskip("onnxruntime")
-    monkeypatch.chdir(tmp_path)
-    ns = _namespace(vgg(width=0.25))
-    cfg = {"extends": ["x86_int8"], "activation": {"observer": "minmax"}}
-    ns["prepared"] = qswap.calibrate(
-        qswap.prepare(ns["model"], cfg, example_inputs=(ns["x"],)), ns["batches"], progress=False
-    )
-    exec(_find("qswap.save_calibration(prepared"), ns)  # noqa: S102 - the README's own code
-    assert {p.name for p in tmp_path.iterdir()} >= {"vgg.qcal", "vgg_int8.qswap", "vgg-int8.onnx"}
-
-
-def test_transformers_block_runs() -> None:
-    """The dynamic int8 GPT-2 example quantizes without data and generates four tokens."""
     pytest.importorskip("transformers")
-    ns: dict[str, Any] = {"qswap": qswap, "torch": torch}
-    exec(_find('qswap.quantize(lm, "x86_dynamic_int8")'), ns)  # noqa: S102 - the README's own code
-    assert ns["qlm"].generate(ns["ids"], max_new_tokens=4, do_sample=False).shape == (1, 12)
+    monkeypatch.chdir(tmp_path)
+    configs = [b for b in _blocks("yaml") if "extends: [x86_int8]" in b]
+    assert len(configs) == 1
+    (tmp_path / "q.yaml").write_text(configs[0])
+    blocks = [b for b in _blocks("python") if not any(c in b for c in CLUSTER)]
+    assert len(blocks) == 5
+    ns: dict[str, Any] = {}
+    torch.manual_seed(0)
+    for block in blocks:
+        exec(block, ns)  # noqa: S102 - the README's own code
+    out = capsys.readouterr().out
+    assert "qswap plan for ResNet" in out and "layer4.1.conv2 (torch.nn.Conv2d)" in out
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "resnet.qcal",
+        "resnet_int8.qswap",
+        "resnet-int8.onnx",
+        "layers.csv",
+    }
+    assert ns["qlm"] is not None and "torch.Size([1, 12])" in out
+
+
+def test_the_config_block_plans_the_readme_model() -> None:
+    """The README's q.yaml matches the README's model under strict matching (rules hit)."""
+    from forum_models import resnet18
+
+    text = next(b for b in _blocks("yaml") if "extends: [x86_int8]" in b)
+    p = qswap.plan(resnet18(width=0.25).eval(), qswap.load_config(text))
+    assert p["conv1"].kind == "skip"
+    assert p["fc"].layer is not None and p["fc"].layer.weight is not None
+    assert p["fc"].layer.weight.granularity == "per_tensor"

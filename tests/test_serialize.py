@@ -113,3 +113,19 @@ def test_load_of_a_corrupt_or_missing_file_is_a_clear_error(tmp_path: Path) -> N
         load(path, forum(vgg))
     with pytest.raises(CalibrationError, match="does not exist"):
         load(tmp_path / "missing.qswap", forum(vgg))
+
+
+def test_dynamic_int8_model_saves_and_loads_bit_for_bit(tmp_path: Path) -> None:
+    """A dynamic int8 model (x86_dynamic_int8) round-trips through save/load to equal outputs."""
+    torch.manual_seed(0)
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+
+    q = qswap.quantize(build(), "x86_dynamic_int8")
+    path = qswap.save(q, tmp_path / "dynamic.qswap")
+    loaded = qswap.load(path, build())
+    x = torch.randn(5, 8)
+    assert torch.equal(q(x), loaded(x))
+    assert type(loaded[0]).__name__ == "QuantizedDynamicLinearReLU"

@@ -711,6 +711,7 @@ def _build_dynamic(
         q._packed_params = packed
         q.version = 4
         q.training = False
+        q.scale, q.zero_point = 1.0, 0  # torch.ao's state_dict keeps them (unused: float out)
     q.reduce_range = bool(spec.input is not None and spec.input.reduce_range)
     return cast(nn.Module, q)
 
