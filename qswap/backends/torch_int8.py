@@ -436,26 +436,59 @@ def _build_batchnorm(
 
 
 class WeightView(Tensor):
-    """A quantized layer's weight as the float values it computes with.
+    """A quantized layer's weight (or bias) as the float values it computes with.
 
-    The model's own code reads ``module.weight`` as it would on ``nn.Linear`` or ``nn.Conv2d``
-    (``.dtype``, ``.shape``, ``.device``, values: Hugging Face ViT casts its input to
-    ``projection.weight.dtype``); calling it, ``module.weight()``, returns torch.ao's
-    quantized tensor as before. Each read dequantizes the packed weight: the float copy is
-    made only for code that asks for it.
+    The model's own code reads ``module.weight`` as it would on ``nn.Linear`` or ``nn.Conv2d``:
+    ``.dtype``, ``.shape`` and ``.device`` cost nothing (Hugging Face ViT casts its input to
+    ``projection.weight.dtype`` and T5 checks ``wo.weight.dtype`` in every forward); the
+    values are unpacked and dequantized only when an operation uses them, and the result is
+    a plain tensor. Calling it, ``module.weight()``, returns torch.ao's tensor as before.
     """
 
+    _load: Callable[[], Tensor]
+    _call: Callable[[], Tensor]
+
+    @staticmethod
+    def __new__(
+        cls, shape: Sequence[int], load: Callable[[], Tensor], call: Callable[[], Tensor]
+    ) -> WeightView:
+        view: WeightView = Tensor._make_wrapper_subclass(
+            cls, tuple(shape), dtype=torch.float32, device=torch.device("cpu")
+        )
+        view._load = load
+        view._call = call
+        return view
+
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
-    _quantized: Tensor
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        def real(t: Any) -> Any:
+            return t._load() if isinstance(t, WeightView) else t
+
+        from torch.utils._pytree import tree_map
+
+        return func(*tree_map(real, tuple(args)), **tree_map(real, dict(kwargs or {})))
 
     def __call__(self) -> Tensor:
-        return self._quantized
+        return self._call()
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"WeightView({self._load()!r})"
 
 
-def _weight_view(values: Tensor, called: Tensor) -> WeightView:
-    view: WeightView = Tensor._make_subclass(WeightView, values, False)
-    view._quantized = called
-    return view
+def _float_shape(module: Any) -> tuple[int, ...]:
+    """The float weight's shape, from the layer's sizes (no unpacking)."""
+    d = module.__dict__
+    if "in_features" in d:
+        return (d["out_features"], d["in_features"])
+    return (d["out_channels"], d["in_channels"] // d["groups"], *d["kernel_size"])
 
 
 class _FloatReads:
@@ -468,14 +501,24 @@ class _FloatReads:
     @property
     def weight(self) -> WeightView:
         """The weight as float values; ``module.weight()`` is torch.ao's quantized tensor."""
-        q = self._weight_bias()[0]
-        return _weight_view(q.dequantize(), q)
+        return WeightView(
+            _float_shape(self),
+            lambda: self._weight_bias()[0].dequantize(),
+            lambda: self._weight_bias()[0],
+        )
 
     @property
     def bias(self) -> WeightView | None:
         """The float bias (``None`` without one), as on the float layer; callable as in torch.ao."""
         b = self._weight_bias()[1]
-        return None if b is None else _weight_view(b, b)
+        if b is None:
+            return None
+
+        def bias() -> Tensor:
+            found = self._weight_bias()[1]
+            return found if found is not None else torch.zeros(0)
+
+        return WeightView(tuple(b.shape), bias, bias)
 
     def extra_repr(self) -> str:
         # torch.ao's own extra_repr calls weight() and bias() as methods
