@@ -1107,3 +1107,15 @@ def test_what_int8_kernels_cannot_run_is_a_fallback_in_the_plan() -> None:
     assert "per-channel weights on axis 1" in axis1["2"].reason
     weight_only = qswap.plan(model, {"extends": ["x86_int8"], "mode": "weight_only"})
     assert "they have no weight-only form" in weight_only["2"].reason
+
+
+def test_layernorm_runs_int8_between_int8_layers() -> None:
+    """nn.LayerNorm lowers to quantized::layer_norm on x86, within a step of its reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
+    x = torch.randn(8, 5, 16)
+    q = qswap.quantize(model, INT8_MINMAX, calib_data=[x], example_inputs=(x,), progress=False)
+    assert isinstance(q[1], ti.QuantizedLayerNorm)
+    ref = model(x)
+    with torch.no_grad():
+        assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()

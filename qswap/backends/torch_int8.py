@@ -50,6 +50,8 @@ __all__ = [
     "QuantizedConvReLU3d",
     "QuantizedDynamicLinear",
     "QuantizedDynamicLinearReLU",
+    "QuantizedLayerNorm",
+    "QuantizedLayerNorm2d",
     "QuantizedLinear",
     "QuantizedLinearReLU",
     "QuantizedTransposedLinear",
@@ -449,7 +451,7 @@ class WeightView(Tensor):
     _call: Callable[[], Tensor]
 
     @staticmethod
-    def __new__(
+    def __new__(  # noqa: PYI034 - a tensor subclass built by torch, not by object.__new__
         cls, shape: Sequence[int], load: Callable[[], Tensor], call: Callable[[], Tensor]
     ) -> WeightView:
         view: WeightView = Tensor._make_wrapper_subclass(
@@ -757,6 +759,56 @@ def _build_dynamic(
         q.scale, q.zero_point = 1.0, 0  # torch.ao's state_dict keeps them (unused: float out)
     q.reduce_range = bool(spec.input is not None and spec.input.reduce_range)
     return cast(nn.Module, q)
+
+
+class QuantizedLayerNorm(_IntegerModule, nnq.LayerNorm):
+    """int8 ``nn.LayerNorm`` (``quantized::layer_norm``): float scale and shift, integer in and out.
+
+    Between int8 layers (a transformer's norm before its projections) it keeps the tensor
+    integer instead of dequantizing around a float norm.
+    """
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
+        """Build from an ``nn.LayerNorm`` (timm's too) and calibrated input/output qparams."""
+        if not isinstance(module, nn.LayerNorm):
+            raise UnsupportedModuleError(
+                f"{spec.name}: expected an nn.LayerNorm, got {type(module).__name__}"
+            )
+        scale, zero_point = _out(spec, module)
+        with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
+            q = cls(
+                module.normalized_shape,
+                module.weight,
+                module.bias,
+                scale,
+                zero_point,
+                eps=module.eps,
+                elementwise_affine=module.elementwise_affine,
+            )
+        q._set_input(spec, module)
+        return q
+
+
+class QuantizedLayerNorm2d(QuantizedLayerNorm):
+    """int8 LayerNorm over the channels of an NCHW tensor (timm's ``LayerNorm2d``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch._C.DisableTorchFunction():
+            if not x.is_quantized:
+                x = torch.quantize_per_tensor(
+                    x.to(torch.float32), self.input_scale, self.input_zero_point, torch.quint8
+                )
+            y: Tensor = torch.ops.quantized.layer_norm(
+                x.permute(0, 2, 3, 1).contiguous(),
+                self.normalized_shape,
+                weight=self.weight,
+                bias=self.bias,
+                eps=self.eps,
+                output_scale=float(self.scale),
+                output_zero_point=int(self.zero_point),
+            )
+            return y.permute(0, 3, 1, 2)
 
 
 class IntegerPassthrough:
