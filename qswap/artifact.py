@@ -348,7 +348,7 @@ def _module_device(module: nn.Module) -> torch.device:
 
 def _slot_tensor(module: nn.Module, slot: str) -> torch.Tensor | None:
     """The float value of a parameter slot before quantization, where the model still has it."""
-    from qswap.backends.fake import original_of, param_location, parametrizations_of
+    from qswap.slots import original_of, param_location, parametrizations_of
 
     try:
         owner, pname = param_location(module, slot)
@@ -427,8 +427,7 @@ def _observer_summary(observer: Any) -> dict[str, Any]:
 
 def _observers(model: nn.Module, layer: LayerSpec) -> dict[str, dict[str, Any]]:
     """Summaries of the observers of a prepared layer, by slot (empty after convert)."""
-    from qswap.backends.fake import activation_slot, param_location, parametrizations_of
-    from qswap.observe import WeightObserver
+    from qswap.slots import WeightObserver, activation_slot, param_location, parametrizations_of
 
     out: dict[str, dict[str, Any]] = {}
     module = model.get_submodule(layer.name)

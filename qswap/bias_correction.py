@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from qswap.backends.fake import activation_owner
 from qswap.exceptions import CalibrationError
 from qswap.quantizers import Observer, _add_buffer, _set_buffer
+from qswap.slots import activation_owner
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec

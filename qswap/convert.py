@@ -23,18 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from qswap.backends.fake import (
-    Components,
-    FakeQuantized,
-    activation_slot,
-    detach_activations,
-    detach_parametrizations,
-    install,
-    original_of,
-    param_location,
-    parametrizations_of,
-    refit,
-)
+from qswap.backends.fake import FakeQuantized, install, refit
 from qswap.bias_correction import apply_shift, correctable, shift_of
 from qswap.config import QConfig
 from qswap.exceptions import CalibrationError, PlanError
@@ -42,7 +31,6 @@ from qswap.methods import learns_qparams
 from qswap.observe import (
     STATE_ATTR,
     QSwapState,
-    WeightObserver,
     calibrate,
     copy_model,
     prepare,
@@ -51,6 +39,16 @@ from qswap.observe import (
 from qswap.qat import TrainableFusion
 from qswap.quantizers import AffineQuantizer, QParams
 from qswap.registry import Registry
+from qswap.slots import (
+    Components,
+    WeightObserver,
+    activation_slot,
+    detach_activations,
+    detach_parametrizations,
+    original_of,
+    param_location,
+    parametrizations_of,
+)
 from qswap.trace import RecursionRoom
 from qswap.walker import LayerSpec, Plan, gc_paused, set_eval
 

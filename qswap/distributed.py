@@ -312,8 +312,7 @@ def _find_observers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     of qswap's weight parametrizations and activation slots (custom observers need not
     subclass ``Observer``). Templates of dynamic slots never record and are left out.
     """
-    from qswap.backends.fake import ActivationSlot
-    from qswap.observe import WeightObserver
+    from qswap.slots import ActivationSlot, WeightObserver
 
     skip: set[int] = set()
     found: list[tuple[str, nn.Module]] = []
@@ -341,8 +340,7 @@ def _find_quantizers(
     recomputed from the reduced observer. Every other quantizer (learnable ones, fixed
     ones) is *shared*: its state is broadcast from the group's rank 0.
     """
-    from qswap.backends.fake import ActivationSlot
-    from qswap.observe import WeightObserver
+    from qswap.slots import ActivationSlot, WeightObserver
 
     fed: list[tuple[nn.Module, nn.Module]] = []
     shared: list[tuple[str, nn.Module]] = []

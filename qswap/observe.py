@@ -27,19 +27,20 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from qswap.backends.fake import (
-    ActivationSlot,
-    Components,
-    attach_activation,
-    attach_parametrization,
-    param_location,
-)
 from qswap.bias_correction import InputMeanObserver, correctable
 from qswap.config import QConfig, QuantSpec
 from qswap.decompose import decompose_in_place
 from qswap.exceptions import CalibrationError, FallbackWarning, PlanError
 from qswap.methods import learns_qparams
 from qswap.registry import Registry, default_registry
+from qswap.slots import (
+    ActivationSlot,
+    Components,
+    WeightObserver,
+    attach_activation,
+    attach_parametrization,
+    param_location,
+)
 from qswap.trace import nesting_depth, recursion_room
 from qswap.walker import LayerSpec, Plan, gc_paused, plan, set_eval, split_inputs
 
@@ -97,53 +98,6 @@ def state_of(model: nn.Module) -> QSwapState | None:
     """
     found = model.__dict__.get(STATE_ATTR)
     return found if isinstance(found, QSwapState) else None
-
-
-class WeightObserver(nn.Module):
-    """Parametrization that observes a weight (and, in QAT, fake-quantizes it with fresh qparams).
-
-    A weight changes only when it is written to, so a parameter seen unchanged (same
-    storage, same version counter) is not observed again on every calibration batch.
-    """
-
-    def __init__(self, observer: nn.Module, quantizer: nn.Module | None = None) -> None:
-        super().__init__()
-        self.observer = observer
-        self.quantizer = quantizer
-        self._seen: tuple[int, ...] | None = None
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        """Record the weight's statistics; in QAT return it fake-quantized (straight-through)."""
-        changed = self._observe(weight, _version_key(weight))
-        if self.quantizer is None:
-            return weight
-        return self._fake_quantize(weight, changed)
-
-    def _observe(self, value: torch.Tensor, key: tuple[int, ...] | None) -> bool:
-        """Observe ``value`` unless ``key`` (None: unknown) was the last seen; True if observed."""
-        changed = key is None or key != self._seen
-        if changed:
-            self.observer(value)
-            self._seen = key
-        return changed
-
-    def _fake_quantize(self, value: torch.Tensor, changed: bool) -> torch.Tensor:
-        """``value`` fake-quantized, with fresh qparams if it ``changed`` (learned ones kept)."""
-        quantizer: Any = self.quantizer
-        if (changed or quantizer.qparams is None) and not learns_qparams(quantizer):
-            observer: Any = self.observer
-            quantizer.set_qparams(observer.calculate_qparams())
-        return quantizer(value)  # type: ignore[no-any-return]
-
-
-def _version_key(weight: torch.Tensor) -> tuple[int, int] | None:
-    """Identity of a parameter's current value, or ``None`` when it cannot be told."""
-    if not isinstance(weight, nn.Parameter):
-        return None  # computed by an earlier parametrization: a new tensor every call
-    try:
-        return weight.data_ptr(), weight._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
 
 
 # --------------------------------------------------------------------------- copying
@@ -422,7 +376,7 @@ def _tie_inputs(
     flatten...); tying the input slot to the producer's output quantizer makes QAT train
     that very graph: one quantizer per tensor, its qparams (or learned step) shared.
     """
-    from qswap.backends.fake import activation_slot
+    from qswap.slots import activation_slot
 
     # QAT models train: a trace in training mode will do
     for name, producer in _shared_inputs(model, the_plan, args, kwargs, training=True).items():

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from qswap.observe import WeightObserver, _version_key
+from qswap.slots import WeightObserver, version_key
 
 if TYPE_CHECKING:
     from qswap.fuse import FusionGroup
@@ -153,7 +153,7 @@ class FoldedWeightObserver(WeightObserver):
         bn: nn.modules.batchnorm._BatchNorm = self.__dict__["_bn"]
         s = _fold_factor(bn, weight)
         folded = weight * s
-        key = _version_key(weight)
+        key = version_key(weight)
         stats = (
             None
             if key is None

@@ -55,6 +55,7 @@ __all__ = [
     "fake_quantize",
     "qparams_from_range",
     "register_builtins",
+    "set_attrs",
 ]
 
 _FP32_EPS = float(torch.finfo(torch.float32).eps)
@@ -488,7 +489,7 @@ def _add_buffer(module: nn.Module, name: str, tensor: Tensor) -> None:
         module.register_buffer(name, tensor)
 
 
-def _set_attrs(module: nn.Module, **values: Any) -> None:
+def set_attrs(module: nn.Module, **values: Any) -> None:
     """``setattr`` for plain attributes (no tensors, modules or parameter/buffer/module names).
 
     ``nn.Module.__setattr__`` checks the value against parameters, buffers and submodules
@@ -605,18 +606,18 @@ class Quantizer(_StateModule):
         self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__()
-        _set_attrs(self, spec=spec, options=_validated_options(type(self), options))
+        set_attrs(self, spec=spec, options=_validated_options(type(self), options))
         qmin, qmax = spec.storage_range()
         axis, group_size = _layout(spec)
         _add_buffer(self, "scale", torch.empty(0, dtype=torch.float32))
         _add_buffer(self, "zero_point", torch.empty(0, dtype=torch.int32))
         _add_buffer(self, "layout", _layout_tensor(qmin, qmax, axis, group_size, None))
-        _set_attrs(self, _qmin=qmin, _qmax=qmax, _axis=axis, _group_size=group_size)
+        set_attrs(self, _qmin=qmin, _qmax=qmax, _axis=axis, _group_size=group_size)
 
     def _store_layout(self, qmin: int, qmax: int, axis: int | None, group_size: int | None) -> None:
         if (qmin, qmax, axis, group_size) == (self._qmin, self._qmax, self._axis, self._group_size):
             return  # the buffer already holds these values (``_after_load`` keeps both in step)
-        _set_attrs(self, _qmin=qmin, _qmax=qmax, _axis=axis, _group_size=group_size)
+        set_attrs(self, _qmin=qmin, _qmax=qmax, _axis=axis, _group_size=group_size)
         _set_buffer(
             self, "layout", _layout_tensor(qmin, qmax, axis, group_size, self.layout.device)
         )
@@ -701,7 +702,7 @@ class Observer(_StateModule):
         self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__()
-        _set_attrs(self, spec=spec, options=_validated_options(type(self), options))
+        set_attrs(self, spec=spec, options=_validated_options(type(self), options))
         _layout(spec)  # fail early on a spec without its axis / group size
         _add_buffer(self, "num_batches", torch.zeros((), dtype=torch.int64))
 

@@ -331,7 +331,7 @@ def _sizes(
     float_model: nn.Module, fused: nn.Module, the_plan: Plan, name: str, layer: LayerSpec | None
 ) -> tuple[int, int]:
     """Parameter bytes of the layer's float modules, and of the layer as stored integers."""
-    from qswap.backends.fake import param_location
+    from qswap.slots import param_location
 
     decision = the_plan[name]
     paths = [name]

@@ -459,7 +459,7 @@ def _default_leaf(path: str, module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.ao.nn.intrinsic")
 
 
-# qswap's own activation slots (``qswap.backends.fake.INPUT_SLOT``/``OUTPUT_SLOT``): the module
+# qswap's own activation slots (``qswap.slots.INPUT_SLOT``/``OUTPUT_SLOT``): the module
 # that carries them runs its hooks, not them, so it stays a leaf (a fake fallback layer)
 _SLOT_NAMES = frozenset({"qswap_input", "qswap_output"})
 

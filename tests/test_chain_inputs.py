@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import qswap
-from qswap.backends.fake import activation_slot
+from qswap.slots import activation_slot
 
 STATIC = {"extends": ["x86_int8"], "backend": "fake", "activation": {"observer": "minmax"}}
 

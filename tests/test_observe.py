@@ -11,10 +11,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import qswap
-from qswap.backends.fake import ActivationSlot
 from qswap.convert import convert
-from qswap.observe import WeightObserver, calibrate, copy_model, prepare, state_of
+from qswap.observe import calibrate, copy_model, prepare, state_of
 from qswap.quantizers import Observer
+from qswap.slots import ActivationSlot, WeightObserver
 from qswap.walker import plan
 
 FAKE = "w8a8_minmax"

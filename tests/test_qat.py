@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations as cls_of
 
 import qswap
-from qswap.backends.fake import activation_slot
 from qswap.qat import TrainableFusion, freeze_bn_stats
+from qswap.slots import activation_slot
 
 FAKE_QAT = {"version": 1, "backend": "fake", "mode": "qat"}
 

@@ -250,7 +250,7 @@ def test_fused_intrinsic_modules_are_leaves() -> None:
 
 def test_layer_with_qswap_activation_slots_is_one_leaf() -> None:
     """A fake-quantized layer (qswap's input/output slots) is one call fed by its real producer."""
-    from qswap.backends import fake
+    from qswap import slots as fake
     from qswap.config import QuantSpec
     from qswap.quantizers import AffineQuantizer, fake_quantize, qparams_from_range
 

@@ -1136,8 +1136,8 @@ def _load_onnx_file(onnx: Any, path: str | os.PathLike[str]) -> Any:
 
 def _layer_weights(model: nn.Module, state: Any) -> dict[str, Any]:
     """The integer weights of every layer whose weight, input and output qswap quantizes."""
-    from qswap.backends.fake import param_location
     from qswap.backends.torch_int8 import _IntegerModule
+    from qswap.slots import param_location
 
     found: dict[str, Any] = {}
     for name, layer in state.layers.items():
