@@ -39,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers
 
 from qswap.backends import torch_int8
+from qswap.calibrate import calibrate
 from qswap.convert import convert
-from qswap.observe import calibrate, copy_model, prepare
+from qswap.prepare import prepare
+from qswap.state import copy_model
 from qswap.walker import gc_paused
 
 with peers.torch_ao_quiet():

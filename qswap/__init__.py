@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from qswap.artifact import Calibration, load_calibration, save_calibration
 from qswap.backends.onnx import LayerAgreement, compare_layers, export_onnx
+from qswap.calibrate import calibrate
 from qswap.config import (
     ComponentRef,
     Match,
@@ -40,7 +41,7 @@ from qswap.exceptions import (
     RegistrationError,
     UnsupportedModuleError,
 )
-from qswap.observe import calibrate, prepare
+from qswap.prepare import prepare
 from qswap.qat import freeze_bn_stats
 from qswap.quantizers import Observer, QParams, Quantizer
 from qswap.registry import (

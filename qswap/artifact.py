@@ -43,7 +43,7 @@ from qswap.quantizers import QParams
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
-    from qswap.observe import QSwapState
+    from qswap.state import QSwapState
     from qswap.walker import LayerSpec, Plan
 
 __all__ = [
@@ -512,7 +512,7 @@ class Calibration:
 
 
 def _state(model: nn.Module, what: str) -> QSwapState:
-    from qswap.observe import state_of
+    from qswap.state import state_of
 
     state = state_of(model)
     if state is None:
@@ -539,12 +539,12 @@ def calibration_payload(model: nn.Module) -> dict[str, Any]:
     the_plan = state.plan
     observers: dict[str, dict[str, dict[str, Any]]] = {}
     if state.stage == "prepared":
-        from qswap.convert import _collect_qparams, chain_inputs
+        from qswap.qparams import chain_inputs, collect_qparams
 
         for name, layer in state.layers.items():
             observers[name] = _observers(model, layer)
         # the qparams convert will use: fake layers fed by a quantized layer take its output's
-        layers = chain_inputs(model, state, _collect_qparams(model, the_plan, state.layers))
+        layers = chain_inputs(model, state, collect_qparams(model, the_plan, state.layers))
     else:
         layers = state.layers
     tensors: dict[str, torch.Tensor] = {}
@@ -1122,7 +1122,7 @@ def calibrated_layers(
             (str(which), None) for which in entry.get("dropped", []) if which in _DROPPABLE
         )
         out[name] = dataclasses.replace(layer, **changes)
-    from qswap.observe import state_of
+    from qswap.state import state_of
 
     state = state_of(prepared)
     if state is not None and state.example_args is None:

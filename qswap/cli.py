@@ -405,8 +405,9 @@ def _make_temp_folder(out: Path) -> Path:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import qswap
     from qswap.artifact import save_calibration, write_atomic
+    from qswap.calibrate import calibrate
     from qswap.config import dump_config, load_config
-    from qswap.observe import calibrate, prepare
+    from qswap.prepare import prepare
     from qswap.report import report
     from qswap.serialize import save
     from qswap.walker import plan

@@ -484,8 +484,8 @@ def report(
     """
     from qswap.decompose import decompose_in_place
     from qswap.fuse import fuse_model
-    from qswap.observe import copy_model, state_of
     from qswap.registry import qualified_name
+    from qswap.state import copy_model, state_of
     from qswap.walker import split_inputs
 
     state = state_of(quantized_model)

@@ -289,7 +289,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
     >>> qswap.save(qmodel, "vgg_int8.qswap")  # doctest: +SKIP
     """
-    from qswap.observe import state_of
+    from qswap.state import state_of
 
     state = state_of(model)
     if state is None or state.stage != "converted":
@@ -337,7 +337,7 @@ def load(
     """
     from qswap.config import load_config
     from qswap.convert import convert
-    from qswap.observe import prepare
+    from qswap.prepare import prepare
     from qswap.walker import plan
 
     source = str(path)

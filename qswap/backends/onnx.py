@@ -147,7 +147,7 @@ def onnxruntime_saturates() -> bool:
 
 def _check_exportable(model: nn.Module) -> None:
     """Refuse, naming the layer, what QDQ ONNX of opset <= 20 cannot hold exactly."""
-    from qswap.observe import state_of
+    from qswap.state import state_of
 
     state = state_of(model)
     if state is None:
@@ -382,7 +382,7 @@ class _Emulate(TorchFunctionMode):
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
-        from qswap.backends.torch_int8 import _NATIVE
+        from qswap.dataflow import GRID_FUNCTIONS
 
         kwargs = kwargs or {}
         tensors = _tensors([args, kwargs], [])
@@ -390,7 +390,7 @@ class _Emulate(TorchFunctionMode):
         if not marks:
             return func(*args, **kwargs)
         name = function_name(func)
-        if name in _NATIVE or name.endswith(".__get__"):
+        if name in GRID_FUNCTIONS or name.endswith(".__get__"):
             out = func(*args, **kwargs)
             if name in ("torch.Tensor.dequantize", "torch.Tensor.int_repr"):
                 return _unmark(out)
@@ -1011,7 +1011,7 @@ def saturating_layers(model: nn.Module) -> list[str]:
     Runtime). A model the plan narrowed for such a CPU has none.
     """
     from qswap.cpu import pair_saturates
-    from qswap.observe import state_of
+    from qswap.state import state_of
 
     state = state_of(model)
     if state is None:
@@ -1066,7 +1066,7 @@ def compare_layers(
     >>> print(rows[0])  # doctest: +SKIP
     conv1 [/conv1/conv1.0/Conv]: max 1 step(s), 0.018% of 65536 outputs differ
     """
-    from qswap.observe import state_of
+    from qswap.state import state_of
 
     onnx = _require("onnx")
     _require("onnxruntime")

@@ -28,6 +28,13 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
+from qswap.dataflow import (
+    ADD_FUNCTIONS,
+    CAT_FUNCTIONS,
+    GRID_FUNCTIONS,
+    GRID_MODULES,
+    RELU_FUNCTIONS,
+)
 from qswap.exceptions import UnsupportedModuleError
 from qswap.trace import Call, Trace, trace
 
@@ -819,6 +826,8 @@ class IntegerPassthrough:
     it returns an integer tensor for integer input and a float tensor for float input.
     """
 
+    keeps_grid = True  # qswap.dataflow: its output is on its input's grid
+
     @classmethod
     def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:
         """Return ``module`` unchanged (it already runs on quantized tensors)."""
@@ -965,116 +974,7 @@ def _name_of(func: Callable[..., Any]) -> str:
         return _resolve_name(func)
 
 
-# Functions that torch runs on quantized tensors and that keep scale and zero point.
-_NATIVE = frozenset(
-    [
-        "torch.flatten",
-        "torch.reshape",
-        "torch.squeeze",
-        "torch.unsqueeze",
-        "torch.relu",
-        "torch.relu_",
-        "torch.transpose",
-        "torch.permute",
-        "torch.chunk",
-        "torch.split",
-        "torch.nn.functional.relu",
-        "torch.nn.functional.relu6",
-        "torch.nn.functional.hardtanh",
-        "torch.nn.functional.max_pool1d",
-        "torch.nn.functional.max_pool2d",
-        "torch.nn.functional.max_pool3d",
-        "torch.nn.functional.adaptive_avg_pool1d",
-        "torch.nn.functional.adaptive_avg_pool2d",
-        "torch.nn.functional.adaptive_avg_pool3d",
-        "torch.nn.functional.avg_pool1d",
-        "torch.nn.functional.avg_pool2d",
-        "torch.nn.functional.avg_pool3d",
-        "torch.nn.functional.dropout",
-        "torch.nn.functional.dropout1d",
-        "torch.nn.functional.dropout2d",
-        "torch.nn.functional.dropout3d",
-    ]
-    + [
-        f"torch.Tensor.{m}"
-        for m in (
-            "view",
-            "reshape",
-            "flatten",
-            "contiguous",
-            "squeeze",
-            "unsqueeze",
-            "transpose",
-            "permute",
-            "relu",
-            "relu_",
-            "clone",
-            "detach",
-            "chunk",
-            "split",
-            "__getitem__",
-            "size",
-            "dim",
-            "ndimension",
-            "numel",
-            "nelement",
-            "stride",
-            "is_contiguous",
-            "element_size",
-            "is_floating_point",
-            "get_device",
-            "__len__",
-            "q_scale",
-            "q_zero_point",
-            "qscheme",
-            "int_repr",
-            "dequantize",
-            "to",
-            "cpu",
-        )
-    ]
-)
-_RELU_FUNCTIONS = frozenset(
-    [
-        "torch.relu",
-        "torch.relu_",
-        "torch.nn.functional.relu",
-        "torch.Tensor.relu",
-        "torch.Tensor.relu_",
-    ]
-)
-_ADD = frozenset(
-    [
-        "torch.add",
-        "torch.Tensor.add",
-        "torch.Tensor.add_",
-        "torch.Tensor.__add__",
-        "torch.Tensor.__iadd__",
-        "torch.Tensor.__radd__",
-    ]
-)
-_CAT = frozenset(["torch.cat", "torch.concat", "torch.concatenate"])
-
-
 # --------------------------------------------------------------------------- the plan
-
-# Parameter-free modules whose result on a quantized tensor is exactly the quantized float
-# result (they only select or clamp values). They run on integer tensors even where the plan
-# left them out (e.g. the nn.Identity that fusion leaves behind, or a ReLU kept in place
-# because it also runs after a skip connection), since that loses nothing.
-_EXACT_PASSTHROUGH: frozenset[type[nn.Module]] = frozenset(
-    [
-        nn.Identity,
-        nn.ReLU,
-        nn.ReLU6,
-        nn.Hardtanh,
-        nn.MaxPool1d,
-        nn.MaxPool2d,
-        nn.MaxPool3d,
-        nn.Flatten,
-        nn.Dropout,
-    ]
-)
 
 
 class _Act(NamedTuple):
@@ -1204,7 +1104,7 @@ def _analyse_pass(
         c = single_consumer(vid)
         if c is None or len(c.outputs) != 1 or set(c.inputs) != {vid}:
             return None
-        if c.module_type is nn.ReLU if c.kind == "module" else c.target in _RELU_FUNCTIONS:
+        if c.module_type is nn.ReLU if c.kind == "module" else c.target in RELU_FUNCTIONS:
             return c
         return None
 
@@ -1219,7 +1119,7 @@ def _analyse_pass(
             depth < 8
             and only is not None
             and only.kind == "module"
-            and only.module_type in _EXACT_PASSTHROUGH
+            and only.module_type in GRID_MODULES
             and only.module_type is not nn.ReLU
             and len(only.outputs) == 1
         ):
@@ -1264,7 +1164,7 @@ def _analyse_pass(
                     out = folds[p] = after_relu_qparams(relu) or out.clipped_to_relu()
                 for vid in call.outputs:
                     qp[vid] = out
-            elif kind == "passthrough" or call.module_type in _EXACT_PASSTHROUGH:
+            elif kind == "passthrough" or call.module_type in GRID_MODULES:
                 integer_in = bool(ins) and all(v in qp for v in ins)
                 if integer_in:
                     for vid in call.outputs:
@@ -1287,18 +1187,22 @@ def _analyse_pass(
         if not any(v in qp for v in ins):
             continue
         name = call.target
-        if name in _NATIVE or name.endswith(".__get__"):
+        if name in GRID_FUNCTIONS or name.endswith(".__get__"):
             if all(v in qp for v in ins):
                 carriers.append(call)
                 for vid in call.outputs:
                     qp[vid] = qp[ins[0]]
             continue
-        if (name in _ADD and len(ins) == 2 or name in _CAT) and all(v in qp for v in ins):
+        if (name in ADD_FUNCTIONS and len(ins) == 2 or name in CAT_FUNCTIONS) and all(
+            v in qp for v in ins
+        ):
             if len(call.outputs) == 1:
                 found = consumer_qparams(call.outputs[0])
                 if found is not None:
                     how, act = found
-                    kind_name = "cat" if name in _CAT else ("add_relu" if how == "relu" else "add")
+                    kind_name = (
+                        "cat" if name in CAT_FUNCTIONS else ("add_relu" if how == "relu" else "add")
+                    )
                     operands = tuple((qp[v].scale, qp[v].zero_point) for v in ins)
                     ops.append(
                         _IntegerOp(call.index, name, kind_name, operands, act.scale, act.zero_point)
@@ -1397,7 +1301,7 @@ def _recorded_op(
     take the recorded ops in order (counted in ``seen``). ``None`` when the call's form or
     operands match no recorded op: it then runs as in float.
     """
-    if name in _CAT:
+    if name in CAT_FUNCTIONS:
         if not args or not isinstance(args[0], (list, tuple)) or set(kwargs) - {"dim"}:
             return None
         tensors = list(args[0])
@@ -1468,7 +1372,7 @@ class _Dispatch(TorchFunctionMode):
         if not _has_quantized(args) and not (kwargs and _has_quantized(list(kwargs.values()))):
             return func(*args, **kwargs)
         name = _name_of(func)
-        if name.endswith("_") and not name.endswith("__") and name not in _NATIVE:
+        if name.endswith("_") and not name.endswith("__") and name not in GRID_FUNCTIONS:
             # In place on an integer tensor (``out += identity`` is ``add_``): compute the
             # result, then make the caller's tensor object hold it, so that code which keeps
             # using ``out`` (``out.add_(identity)`` as a statement) sees it as well.
@@ -1482,7 +1386,7 @@ class _Dispatch(TorchFunctionMode):
     def _dispatch(
         self, name: str, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> Any:
-        if name in _NATIVE or name.endswith(".__get__"):
+        if name in GRID_FUNCTIONS or name.endswith(".__get__"):
             try:
                 return func(*args, **kwargs)
             except (RuntimeError, NotImplementedError):

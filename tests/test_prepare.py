@@ -11,10 +11,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import qswap
+from qswap.calibrate import calibrate
 from qswap.convert import convert
-from qswap.observe import calibrate, copy_model, prepare, state_of
+from qswap.prepare import prepare
 from qswap.quantizers import Observer
 from qswap.slots import ActivationSlot, WeightObserver
+from qswap.state import copy_model, state_of
 from qswap.walker import plan
 
 FAKE = "w8a8_minmax"

@@ -1,0 +1,192 @@
+"""``calibrate``: run data through a prepared model so that its observers see it.
+
+Each batch runs in eval mode without gradients; with ``torch.distributed`` initialized the
+observers are reduced across the ranks afterwards (``qswap.distributed``).
+
+    >>> import torch, qswap
+    >>> prepared = qswap.prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8_minmax")
+    >>> qswap.calibrate(prepared, [torch.randn(2, 4)]) is prepared
+    True
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from qswap.exceptions import CalibrationError
+from qswap.methods import learns_qparams
+from qswap.slots import ActivationSlot, WeightObserver
+from qswap.state import state_of
+from qswap.trace import nesting_depth, recursion_room
+from qswap.walker import set_eval, split_inputs
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["calibrate"]
+
+
+def calibrate(
+    prepared: nn.Module,
+    batches: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    progress: bool | None = None,
+    process_group: ProcessGroup | None = None,
+) -> nn.Module:
+    """Run ``batches`` through a prepared model (eval mode, no grad) so its observers see data.
+
+    Each batch is a tensor (one positional argument), a tuple or list (the positional
+    arguments) or a dict (keyword arguments); a tensor given alone as ``batches`` is one
+    batch (as ``qswap quantize --calib`` takes it), not one per row. ``progress`` shows a tqdm bar on stderr
+    (default: only when stderr is a terminal). The first batch becomes the example
+    input when ``prepare`` got none. Returns ``prepared``.
+
+    When ``torch.distributed`` is initialized, ``batches`` is this rank's shard and the call
+    is collective: the observers are then reduced across ``process_group`` (default: the
+    world), so every rank ends with the same observers and ``convert`` gives the same
+    qparams everywhere (see ``qswap.distributed``). A rank that raises here makes the
+    others raise a ``CalibrationError`` naming it. With one process nothing changes.
+
+    >>> import torch, qswap
+    >>> prepared = qswap.prepare(torch.nn.Linear(4, 4), "w8a8_minmax")
+    >>> _ = qswap.calibrate(prepared, [torch.randn(2, 4)] * 3, max_batches=2, progress=False)
+    """
+    state = state_of(prepared)
+    if state is None:
+        raise CalibrationError(
+            f"calibrate() needs a model returned by qswap.prepare(), got a "
+            f"{type(prepared).__name__} that qswap did not prepare; call "
+            "prepared = qswap.prepare(model, config) first and calibrate that"
+        )
+    if state.stage != "prepared":
+        raise CalibrationError(
+            "calibrate() got a model that qswap.convert() already converted; its observers are "
+            "gone. Calibrate the prepared model before converting it"
+        )
+    if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
+        raise CalibrationError(
+            f"max_batches must be a positive number of batches (or None for all), got "
+            f"{max_batches!r}"
+        )
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]  # one batch, not one per row
+    from qswap.distributed import check_reducible, distributed_context, report_failure
+
+    group = distributed_context(process_group)
+    if group is not None:
+        check_reducible(prepared)  # every rank fails alike, before any batch runs
+    show = progress if progress is not None else _stderr_is_tty()
+    total: int | None = None
+    try:
+        total = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+        batches = itertools.islice(batches, max_batches)
+    from tqdm import tqdm
+
+    flags = set_eval(prepared)  # restored as they were when calibration ends
+    seen = 0
+    first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    try:
+        with torch.no_grad():
+            bar = tqdm(
+                batches,
+                total=total,
+                disable=not show,
+                desc="qswap calibrate",
+                unit="batch",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+            try:
+                depth = nesting_depth(prepared)
+                for batch in bar:
+                    args, kwargs = _batch_inputs(batch, seen)
+                    with recursion_room(depth):
+                        _run(prepared, batch, args, kwargs, seen)
+                    if first is None:
+                        first = (args, kwargs)
+                    seen += 1
+            finally:
+                bar.close()
+        if first is None:
+            raise CalibrationError(
+                "calibrate() saw no batch: the iterable of batches was empty. Pass an iterable "
+                "with one model input per batch (a tensor, a tuple of positional arguments or "
+                "a dict of keyword arguments), e.g. [x[i:i + 32] for i in range(0, len(x), 32)]"
+            )
+    except BaseException as exc:
+        state.failed = f"batch {seen + 1} raised {type(exc).__name__}: {str(exc)[:200]}"
+        if group is not None and isinstance(exc, Exception):
+            report_failure(group, exc)  # the other ranks raise instead of waiting for us
+        raise
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    state.failed = None  # a calibration that ran to its end: what the observers hold is whole
+    if state.example_args is None:
+        state.example_args, state.example_kwargs = first
+    if group is not None:
+        from qswap.distributed import sync_observers
+
+        sync_observers(prepared, process_group)
+    if state.plan.config.mode == "qat":
+        _start_learned_quantizers(prepared)  # after the merge: every rank starts alike
+    return prepared
+
+
+def _start_learned_quantizers(prepared: nn.Module) -> None:
+    """Set learning quantizers (LSQ) from everything calibration observed, not its first batch.
+
+    In QAT such a quantizer takes its qparams from the observer once, then trains them.
+    """
+    for module in prepared.modules():
+        quantizer: Any = getattr(module, "quantizer", None)
+        observer: Any = getattr(module, "observer", None)
+        if not isinstance(module, (WeightObserver, ActivationSlot)) or quantizer is None:
+            continue
+        if observer is not None and observer.seen and learns_qparams(quantizer):
+            quantizer.set_qparams(observer.calculate_qparams())
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _batch_inputs(batch: Any, index: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    split = split_inputs(batch)
+    if split is None:
+        raise CalibrationError(
+            f"calibration batch {index} is None; each batch must be a tensor, a tuple of "
+            "positional arguments or a dict of keyword arguments"
+        )
+    return split
+
+
+def _run(
+    model: nn.Module, batch: Any, args: tuple[Any, ...], kwargs: dict[str, Any], index: int
+) -> None:
+    try:
+        model(*args, **kwargs)
+    except TypeError as exc:
+        pairs = isinstance(batch, (tuple, list)) and len(batch) > 1
+        if index == 0 and pairs and "argument" in str(exc):
+            raise CalibrationError(
+                f"calibration batch 0 is a {type(batch).__name__} of {len(batch)} items, which "
+                f"calibrate() passes as {len(batch)} positional arguments, and the model "
+                f"refused them ({exc}). If the batches are (inputs, labels) pairs, pass "
+                "(x for x, _ in loader) instead"
+            ) from exc
+        raise

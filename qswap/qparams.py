@@ -1,0 +1,223 @@
+"""Each layer's qparams, read from its observers (or learned quantizers) when calibration is done.
+
+``convert`` and ``save_calibration`` both turn a calibrated model into per-layer qparams:
+this is that one step. A layer fed another layer's quantized output takes that output's
+qparams as its input ones (:func:`chain_inputs`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from qswap.bias_correction import correctable, shift_of
+from qswap.dataflow import input_sources, keeps_input_grid
+from qswap.exceptions import CalibrationError, PlanError
+from qswap.methods import learns_qparams
+from qswap.quantizers import AffineQuantizer, QParams
+from qswap.slots import (
+    Components,
+    WeightObserver,
+    activation_slot,
+    original_of,
+    param_location,
+    parametrizations_of,
+)
+
+if TYPE_CHECKING:
+    from qswap.config import QuantSpec
+    from qswap.state import QSwapState
+    from qswap.walker import LayerSpec, Plan
+
+__all__ = ["chain_inputs", "collect_qparams"]
+
+
+def collect_qparams(
+    model: nn.Module, the_plan: Plan, layers: Mapping[str, LayerSpec]
+) -> dict[str, LayerSpec]:
+    """Each layer's spec with the qparams its observers computed (unseen activations dropped).
+
+    A layer never called whose parameters calibration read (another module's code uses
+    them) keeps its parameter qparams only; one never reached at all is an error.
+
+    In QAT the weights are observed once more as they are now, and quantizers that learn
+    their qparams (LSQ) give their learned ones. Every qparams is what the slot's quantizer
+    actually uses (``pow2`` rounds scales to powers of two). An input observed at its
+    producer (``LayerSpec.input_from``) is left to ``chain_inputs``.
+    """
+    mode = the_plan.config.mode
+    parts = Components(the_plan.registry)
+    out: dict[str, LayerSpec] = {}
+    for name, layer in layers.items():
+        module = model.get_submodule(name)
+        qparams: dict[str, QParams] = {}
+        read = False  # whether calibration read one of its parameters
+        for slot, spec in layer.param_specs().items():
+            owner, pname = param_location(module, slot)
+            found = parametrizations_of(owner, pname)
+            if not found:
+                raise PlanError(
+                    f"layer {name!r}: its {slot} observer is missing; was the prepared model "
+                    "modified after qswap.prepare()?"
+                )
+            observer: Any = found[-1]
+            read = read or bool(getattr(observer, "observer", observer).seen)
+            if mode == "qat":
+                with torch.no_grad():
+                    getattr(owner, pname)  # the parametrization observes the final weight
+            learned = _learned(getattr(observer, "quantizer", None))
+            if learned is not None:
+                qparams[slot] = learned
+                continue
+            if isinstance(observer, WeightObserver):
+                observer = observer.observer
+            if not observer.seen:
+                # a layer calibration never reached: its weight is known all the same
+                observer = copy.deepcopy(observer)  # may be shared with the prepared model
+                observer(original_of(owner, pname).detach())
+            qparams[slot] = _effective(_qparams(observer, name, slot), spec, parts)
+        changes: dict[str, Any] = {}
+        shift = _bias_shift(module, layer, qparams.get("weight"), parts)
+        if shift is not None:
+            changes["bias_shift"] = shift
+        if mode in ("static", "qat"):
+            for which, spec in layer.activation_specs().items():
+                if (which == "input" and layer.input_from is not None) or keeps_input_grid(layer):
+                    continue  # observed once, as its producer's output: chain_inputs fills it
+                slot_module = activation_slot(module, which)
+                if slot_module is not None and slot_module.follows is not None:
+                    continue  # QAT input tied to its producer's output: chain_inputs fills it
+                if slot_module is None or slot_module.observer is None:
+                    raise PlanError(
+                        f"layer {name!r}: its {which} observer is missing; was the prepared model "
+                        "modified after qswap.prepare()?"
+                    )
+                if slot_module.calls == 0 and (read or not layer.param_specs()):
+                    # never called, yet its parameters were read: another module's code uses
+                    # them (nn.MultiheadAttention reads out_proj.weight), so they are quantized
+                    # and there are no activations of its own to quantize. A layer with
+                    # nothing else to quantize (a Dropout SDPA attention never calls) is a
+                    # no-op: it stays as it is
+                    changes[which] = None
+                    continue
+                if slot_module.calls == 0:
+                    raise CalibrationError(
+                        f"layer {name!r} ({layer.module_type.__name__}) never ran during "
+                        f"calibration, so its {which} has no range. Make the calibration batches "
+                        f"reach it, or keep it float with a rule: "
+                        f"{{match: {{name: '{name}'}}, skip: true}}"
+                    )
+                if not slot_module.seen_float:
+                    changes[which] = None  # it never received a floating-point tensor there
+                    continue
+                learned = _learned(slot_module.quantizer)
+                if learned is None:
+                    learned = _effective(_qparams(slot_module.observer, name, which), spec, parts)
+                qparams[which] = learned
+        out[name] = dataclasses.replace(layer, qparams=qparams, **changes)
+    return out
+
+
+def _bias_shift(
+    module: nn.Module, layer: LayerSpec, weight_qparams: QParams | None, parts: Components
+) -> torch.Tensor | None:
+    """``E[(Wq - W) x]`` for a layer whose input mean was recorded (``bias_correction``)."""
+    slot = activation_slot(module, "input")
+    mean: Any = None if slot is None else slot._modules.get("mean")
+    core = correctable(module)
+    if mean is None or not mean.seen or core is None or weight_qparams is None:
+        return None
+    assert layer.weight is not None  # a layer with weight qparams has a weight spec
+    owner, pname = param_location(module, "weight")
+    # the float weight as observed: reading core.weight would run the observer again
+    weight = original_of(owner, pname) if parametrizations_of(owner, pname) else core.weight
+    quantizer = parts.quantizer(layer.weight, weight_qparams)
+    with torch.no_grad():
+        error = quantizer(weight.detach()) - weight.detach()
+        return shift_of(core, error, mean)
+
+
+def chain_inputs(
+    model: nn.Module, state: QSwapState, layers: dict[str, LayerSpec]
+) -> dict[str, LayerSpec]:
+    """Layers fed by another layer's quantized output take that output's qparams as input.
+
+    On an integer backend such a layer receives the producer's int8 tensor as it is (through
+    pooling, flatten, ReLU...), never re-quantized with its own input observer. ``prepare``
+    observes such a tensor once, at its producer (``LayerSpec.input_from``); those layers
+    always take the producer's qparams here. Without that record a layer on ``fake`` is
+    chained all the same when the plan's trace tells its producer (see
+    ``Plan.fused_trace``), so fake-quant and int8 models compute alike; in QAT only the
+    inputs ``prepare`` tied to their producer (they trained that way) are. Applying it
+    again changes nothing (outputs are never replaced).
+    """
+    out = dict(layers)
+
+    def chain(name: str, producer: str) -> None:
+        found = layers[producer].qparams.get("output")
+        if found is not None:
+            layer = layers[name]
+            qparams = {**layer.qparams, "input": found}
+            if keeps_input_grid(layer):
+                qparams["output"] = found
+            out[name] = dataclasses.replace(layer, qparams=qparams)
+
+    for name, layer in layers.items():
+        if layer.input_from is not None:
+            chain(name, layer.input_from)
+    backend = state.plan.backend.name
+    args = state.example_args
+    qat = state.plan.config.mode == "qat"
+    on_fake = backend == "fake" or any(layer.backend == "fake" for layer in layers.values())
+    if args is None or not (qat or on_fake):
+        return out
+    t = state.plan.fused_trace(model, tuple(args), dict(state.example_kwargs), training=qat)
+    if t is None:
+        return out
+    producers = {name for name, layer in layers.items() if "output" in layer.qparams}
+    for name, producer in input_sources(t, layers, producers).items():
+        layer = layers[name]
+        if layer.input_from is not None:
+            continue
+        if qat:
+            slot = activation_slot(model.get_submodule(name), "input")
+            if slot is None or slot.follows is None:
+                continue
+        elif not (layer.backend == "fake" or backend == "fake") or "input" not in layer.qparams:
+            continue
+        chain(name, producer)
+    return out
+
+
+def _learned(quantizer: nn.Module | None) -> QParams | None:
+    """The qparams a QAT quantizer learned (LSQ), else ``None``."""
+    if quantizer is None or not learns_qparams(quantizer):
+        return None
+    found: QParams | None = getattr(quantizer, "qparams", None)
+    return found
+
+
+def _effective(qparams: QParams, spec: QuantSpec, parts: Components) -> QParams:
+    """``qparams`` as the spec's quantizer uses them (identical for the uniform ``affine``)."""
+    if (
+        spec.quantizer.name == "affine"
+        and parts.registry.quantizer("affine").cls is AffineQuantizer
+    ):
+        return qparams
+    quantizer: Any = parts.create("quantizer", spec)
+    quantizer.set_qparams(qparams)
+    used: QParams | None = quantizer.qparams
+    return qparams if used is None else used
+
+
+def _qparams(observer: Any, name: str, slot: str) -> QParams:
+    try:
+        result: QParams = observer.calculate_qparams()
+    except CalibrationError as exc:
+        raise CalibrationError(f"layer {name!r}, slot {slot!r}: {exc}") from exc
+    return result
