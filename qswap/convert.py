@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from qswap.backends.fake import FakeQuantized, install, refit
 from qswap.bias_correction import apply_shift
 from qswap.calibrate import calibrate
 from qswap.config import QConfig
@@ -28,17 +27,11 @@ from qswap.exceptions import CalibrationError, PlanError
 from qswap.prepare import prepare
 from qswap.qat import TrainableFusion
 from qswap.qparams import chain_inputs, collect_qparams
-from qswap.registry import Registry
-from qswap.slots import (
-    Components,
-    activation_slot,
-    detach_activations,
-    detach_parametrizations,
-    param_location,
-    parametrizations_of,
-)
+from qswap.registry import Backend, Registry
+from qswap.slots import activation_slot, param_location, parametrizations_of, strip_slots
 from qswap.state import STATE_ATTR, QSwapState, copy_model, state_of
 from qswap.trace import RecursionRoom
+from qswap.tree import replace_module
 from qswap.walker import LayerSpec, Plan, gc_paused, set_eval
 
 if TYPE_CHECKING:
@@ -99,45 +92,24 @@ def convert(
         model = prepared if inplace else copy_model(prepared, share=_observers(prepared, the_plan))
         layers = reused if reused is not None else collect_qparams(model, the_plan, state.layers)
         layers = chain_inputs(model, state, layers)
-        parts = Components(state.registry)
-        tied: dict[int, nn.Module] = {}  # one quantizer for an observer tied layers share
+        registry = state.registry
         for name, layer in layers.items():
             module = model.get_submodule(name)
             apply_shift(module, layer.bias_shift)
-            on_fake = layer.backend == "fake" or not target.integer
             if isinstance(module, TrainableFusion):
                 # QAT conv/linear + BN: fold with the trained statistics, then as PTQ
-                _strip(module, layer)
-                model = _replace(model, name, layer, module.fold())
-                if on_fake and layer.counterpart in (None, FakeQuantized):
-                    install(model.get_submodule(name), layer, state.registry)
-                elif on_fake:
-                    model = _swap(model, name, layer)
-                continue
-            if on_fake and layer.counterpart in (None, FakeQuantized):
-                refit(module, layer, parts, tied)  # as strip + install, without rebuilding
-                continue
-            _strip(module, layer)
-            if on_fake:
-                model = _swap(model, name, layer)
+                strip_slots(module, layer)
+                model = replace_module(model, (name, *layer.aliases), module.fold())
+            elif not registry.backend(layer.backend).keeps_observers:
+                strip_slots(module, layer)
         args = state.example_args
         kwargs = state.example_kwargs
-        if target.integer:
-            lower = target.lower
-            if lower is None:
-                raise PlanError(
-                    f"backend {target.name!r} is an integer backend without a lower function; "
-                    "register it with Backend(..., lower=...)"
-                )
-            if args is None and the_plan.config.mode != "dynamic":
-                raise CalibrationError(
-                    f"convert() for backend {target.name!r} needs example inputs to place "
-                    "quant/dequant boundaries; pass example_inputs= to prepare() or run "
-                    "calibrate() first"
-                )
-            set_eval(model)
-            own = {name: layer for name, layer in layers.items() if layer.backend == target.name}
-            model = lower(model, own, tuple(args or ()), dict(kwargs))
+        # every backend that runs a layer lowers its own: fallbacks first, the config's last
+        names = {layer.backend for layer in layers.values()} - {target.name}
+        for bname in [*sorted(names), target.name]:
+            own = {name: layer for name, layer in layers.items() if layer.backend == bname}
+            if own or bname == target.name and target.integer:
+                model = _lower(registry.backend(bname), model, own, args, kwargs, the_plan)
     room = RecursionRoom.needed(model)
     if room is not None:  # hooks add frames per level: a very deep model needs more stack
         model.register_forward_pre_hook(room.enter, prepend=True)
@@ -172,42 +144,30 @@ def _observers(model: nn.Module, the_plan: Plan) -> list[nn.Module]:
     return found
 
 
-def _strip(module: nn.Module, layer: LayerSpec) -> None:
-    """Remove qswap's observers, hooks and parametrizations from one layer."""
-    detach_activations(module)
-    for slot in layer.param_specs():
-        owner, pname = param_location(module, slot)
-        detach_parametrizations(owner, pname)
-
-
-def _swap(model: nn.Module, name: str, layer: LayerSpec) -> nn.Module:
-    """Apply the layer's fake counterpart (or generic fake-quant) at every path of the module."""
-    module = model.get_submodule(name)
-    counterpart = layer.counterpart
-    if counterpart is None:
-        result = install(module, layer)
-    else:
-        factory: Any = counterpart
-        result = factory.from_float(module, layer)
-        if not isinstance(result, nn.Module):
-            raise PlanError(
-                f"{counterpart.__name__}.from_float returned {type(result).__name__} for layer "
-                f"{name!r}; a counterpart must return a torch.nn.Module"
+def _lower(
+    backend: Backend,
+    model: nn.Module,
+    layers: Mapping[str, LayerSpec],
+    args: tuple[Any, ...] | None,
+    kwargs: Mapping[str, Any],
+    the_plan: Plan,
+) -> nn.Module:
+    """Hand ``layers`` to their backend's ``lower`` (``qswap.registry.Lowering``)."""
+    if backend.lower is None:
+        raise PlanError(
+            f"backend {backend.name!r} has no lower function, so it cannot run layers; "
+            "register it with Backend(..., lower=...) or a pack's `lower:`"
+        )
+    if backend.integer:
+        if args is None and the_plan.config.mode != "dynamic":
+            raise CalibrationError(
+                f"convert() for backend {backend.name!r} needs example inputs to place "
+                "quant/dequant boundaries; pass example_inputs= to prepare() or run "
+                "calibrate() first"
             )
-    return _replace(model, name, layer, result)
-
-
-def _replace(model: nn.Module, name: str, layer: LayerSpec, result: nn.Module) -> nn.Module:
-    """Put ``result`` at ``name`` and the layer's other paths; the new root if ``name`` is ''."""
-    if result is model.get_submodule(name):
-        return model
-    if not name:
-        return result
-    for path in (name, *layer.aliases):
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        parent._modules[child] = result
-    return model
+        set_eval(model)
+    lowered: nn.Module = backend.lower(model, layers, tuple(args or ()), dict(kwargs))
+    return lowered
 
 
 def quantize(

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _torch_module
 from torch.nn.utils.fusion import (
     fuse_conv_bn_eval,
     fuse_conv_bn_weights,
@@ -30,7 +29,8 @@ from torch.nn.utils.fusion import (
 )
 
 from qswap.exceptions import PlanError, UnsupportedModuleError
-from qswap.trace import Call, Trace, _never, _walk
+from qswap.trace import Call, Trace
+from qswap.tree import replace_module, walk_modules
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -526,7 +526,7 @@ def _tree(
     model: nn.Module,
 ) -> tuple[dict[int, tuple[str, ...]], list[nn.Module], list[nn.Module]]:
     """Every path of every module object, the leaves and the containers."""
-    return _walk(model, _never)
+    return walk_modules(model)
 
 
 def _sequential_groups(model: nn.Module, patterns: list[FusionPattern]) -> list[FusionGroup]:
@@ -830,25 +830,6 @@ def _carry_hooks(fused: nn.Module, first: nn.Module, last: nn.Module) -> None:
     _set_hooks(fused, _hooks_of(first, last))
 
 
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    hooks = getattr(_torch_module, "_global_module_registration_hooks", None)
-    if (
-        hooks is not None
-        and not hooks
-        and type(parent).__setattr__ is nn.Module.__setattr__
-        and name in parent._modules
-        and name not in parent.__dict__
-        and name not in parent._parameters
-        and name not in parent._buffers
-    ):
-        # what nn.Module.__setattr__ ends in when replacing a submodule, without its checks
-        parent._modules[name] = module
-    else:
-        setattr(parent, name, module)
-
-
 def _fuse(
     model: nn.Module,
     group: FusionGroup,
@@ -890,9 +871,9 @@ def _fuse(
         # every path naming the same object, so an alias never keeps the unfused module
         for path in module_paths.get(id(module), (group.paths[position],)):
             if position == 0:
-                _set(model, path, fused)
+                replace_module(model, (path,), fused)
             else:
-                _set(model, path, nn.Identity().train(module.training))
+                replace_module(model, (path,), nn.Identity().train(module.training))
 
 
 def _fusers(

@@ -4,7 +4,7 @@ Each method is a :class:`qswap.quantizers.Quantizer` (the protocol every quantiz
 ``__init__(spec, options)``, ``set_qparams(qparams)``, ``forward(x)``; the identity until
 ``set_qparams``) with its own pydantic options model, so a config validates
 ``quantizer: {name: ternary, threshold: 0.5}`` with that model and nothing central changes
-when a method is added. ``register_methods(reg)`` registers them by name:
+when a method is added. The pack ``registry/quantization.yaml`` names them:
 
 ============  ===============================================================================
 ``pow2``      uniform grid whose scale is rounded to a power of two (shift-only rescaling)
@@ -46,7 +46,6 @@ from qswap.quantizers import (
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
-    from qswap.registry import Registry
 
 __all__ = [
     "BinaryOptions",
@@ -60,7 +59,6 @@ __all__ = [
     "TernaryOptions",
     "TernaryQuantizer",
     "learns_qparams",
-    "register_methods",
     "runs_on_integer_grid",
 ]
 
@@ -574,19 +572,3 @@ class LSQQuantizer(Quantizer):
 
 
 # --------------------------------------------------------------------------- registration
-
-
-def register_methods(reg: Registry) -> None:
-    """Register ``pow2``, ``log2``, ``binary``, ``ternary`` and ``lsq`` into ``reg``.
-
-    >>> from qswap.registry import Registry
-    >>> reg = Registry("demo")
-    >>> register_methods(reg)
-    >>> reg.names("quantizer")
-    ['binary', 'log2', 'lsq', 'pow2', 'ternary']
-    """
-    reg.register_quantizer("pow2", Pow2Quantizer)
-    reg.register_quantizer("log2", Log2Quantizer)
-    reg.register_quantizer("binary", BinaryQuantizer)
-    reg.register_quantizer("ternary", TernaryQuantizer)
-    reg.register_quantizer("lsq", LSQQuantizer)

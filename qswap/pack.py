@@ -106,7 +106,24 @@ class BackendSpec(_PackModel):
     integer: StrictBool = Field(default=False, description="Lowers to integer kernels.")
     weight_bits: tuple[StrictInt, StrictInt] = (2, 16)
     activation_bits: tuple[StrictInt, StrictInt] = (2, 16)
-    lower: DottedPath | None = Field(default=None, description="Lowering callable, if integer.")
+    lower: DottedPath | None = Field(
+        default=None,
+        description="lower(model, layers, example_args, example_kwargs) -> nn.Module: its layers "
+        "turned into what it runs (qswap.registry.Lowering).",
+    )
+    keeps_observers: StrictBool = Field(
+        default=False,
+        description="lower receives its layers with their observers still attached (it replaces "
+        "them in place); else convert strips them first.",
+    )
+    saturates: DottedPath | None = Field(
+        default=None,
+        description="() -> bool: whether its u8 x s8 kernels add pairs in 16 bits on this CPU.",
+    )
+    check: DottedPath | None = Field(
+        default=None,
+        description="(layer) -> str | None: what it cannot run of a planned layer, or None.",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> BackendSpec:

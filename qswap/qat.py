@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from qswap.slots import WeightObserver, version_key
+from qswap.tree import replace_module
 
 if TYPE_CHECKING:
     from qswap.fuse import FusionGroup
@@ -196,17 +197,12 @@ def fuse_for_qat(model: nn.Module, groups: Sequence[FusionGroup], registry: Regi
                 continue
             for path in module_paths.get(id(module), (group.paths[position],)):
                 replacement = fused if position == 0 else nn.Identity().train(module.training)
-                _set(model, path, replacement)
+                replace_module(model, (path,), replacement)
         heads.append(group.paths[0])
     rest = [g for g in groups if not foldable(g.types)]
     if rest:
         fuse_model(model, rest, registry)
     return heads
-
-
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), name, module)
 
 
 def freeze_bn_stats(model: nn.Module, freeze: bool = True) -> int:

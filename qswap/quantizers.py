@@ -8,9 +8,9 @@ whose state lives in buffers, so ``.to()`` moves it and ``state_dict`` keeps
 it. Observers keep *mergeable* state so that calibrations run in several
 processes combine into one (``merge``).
 
-The built-ins are registered by name through ``register_builtins``:
-quantizer ``affine``; observers ``minmax``, ``moving_average_minmax``,
-``per_channel_minmax`` and ``histogram``.
+The built-ins are declared by name in the pack ``registry/quantization.yaml``, as a third
+party declares its own: quantizer ``affine``; observers ``minmax``,
+``moving_average_minmax``, ``per_channel_minmax`` and ``histogram``.
 
 Conventions follow ``torch.ao.quantization`` observers so that numbers agree
 with PyTorch's own flow: the range always includes 0; symmetric signed ranges
@@ -23,6 +23,7 @@ torch's observers refuse).
 
 from __future__ import annotations
 
+import inspect
 import math
 import struct
 from collections.abc import Callable, Mapping
@@ -34,11 +35,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
-from qswap.exceptions import CalibrationError, ConfigError, PlanError
+from qswap.exceptions import CalibrationError, ConfigError, PlanError, RegistrationError
+from qswap.registry import accepts_positional, qualified_name
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
-    from qswap.registry import Registry
 
 __all__ = [
     "AffineQuantizer",
@@ -54,7 +55,6 @@ __all__ = [
     "Quantizer",
     "fake_quantize",
     "qparams_from_range",
-    "register_builtins",
     "set_attrs",
 ]
 
@@ -1291,17 +1291,42 @@ class HistogramObserver(Observer):
 # --------------------------------------------------------------------------- registration
 
 
-def register_builtins(reg: Registry) -> None:
-    """Register the built-in quantizer and observers into ``reg``.
+class FunctionQuantizer(Quantizer):
+    """A plain function ``fn(x) -> x`` used as a quantizer (``register_quantizer(name, fn)``).
 
-    >>> from qswap.registry import Registry
-    >>> reg = Registry("demo")
-    >>> register_builtins(reg)
-    >>> reg.names("observer")
-    ['histogram', 'minmax', 'moving_average_minmax', 'per_channel_minmax']
+    The function does the quantization; uniform qparams are ignored. Like every
+    quantizer it is the identity until ``set_qparams`` is called, and gradients pass
+    straight through (STE) so QAT keeps training the float weights. Registration makes
+    one subclass per function, so ``entry.cls(spec, options)`` works like any quantizer.
     """
-    reg.register_quantizer("affine", AffineQuantizer)
-    reg.register_observer("minmax", MinMaxObserver)
-    reg.register_observer("moving_average_minmax", MovingAverageMinMaxObserver)
-    reg.register_observer("per_channel_minmax", PerChannelMinMaxObserver)
-    reg.register_observer("histogram", HistogramObserver)
+
+    fn: ClassVar[Callable[[torch.Tensor], torch.Tensor]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply ``fn`` once qparams are set; straight-through gradient."""
+        if self.qparams is None:
+            return x
+        fn = type(self).fn
+        y = fn(x)
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise RegistrationError(
+                f"quantizer function {qualified_name(fn)} must return a tensor shaped like its "
+                f"input {tuple(x.shape)}, got {got}"
+            )
+        return x + (y - x).detach()
+
+
+def function_quantizer(name: str, fn: Callable[..., Any], origin: str) -> type:
+    """A :class:`FunctionQuantizer` subclass running ``fn`` (``register_quantizer(name, fn)``)."""
+    if not accepts_positional(fn, 1):
+        raise RegistrationError(
+            f"{qualified_name(fn)} cannot be registered as quantizer {name!r} (at {origin}): a "
+            f"quantizer function is called as fn(x) -> x, its signature is {inspect.signature(fn)}"
+        )
+    fname = getattr(fn, "__name__", "fn")
+    return type(
+        f"FunctionQuantizer[{fname}]",
+        (FunctionQuantizer,),
+        {"fn": staticmethod(fn), "__module__": __name__, "__doc__": f"Adapter for {fname}."},
+    )

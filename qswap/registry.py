@@ -29,7 +29,15 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeGuard, TypeVar, cast, overload
+from typing import (
+    Any,
+    Literal,
+    Protocol,
+    TypeGuard,
+    TypeVar,
+    cast,
+    overload,
+)
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -43,18 +51,15 @@ from qswap.exceptions import (
     RegistrationError,
 )
 from qswap.pack import PackDocument, display_path, read_pack
-from qswap.quantizers import Quantizer
-
-if TYPE_CHECKING:
-    from qswap.config import QuantSpec
 
 __all__ = [
     "Backend",
     "ComponentEntry",
-    "FunctionQuantizer",
     "FusionPattern",
+    "Lowering",
     "MappingEntry",
     "Registry",
+    "accepts_positional",
     "default_registry",
     "qualified_name",
     "registration_template",
@@ -65,6 +70,7 @@ _T = TypeVar("_T")
 _C = TypeVar("_C", bound=type)
 
 ComponentKind = Literal["quantizer", "observer"]
+_FUNCTION_QUANTIZER = "qswap.quantizers.function_quantizer"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _SLOT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _HERE = os.path.normcase(os.path.abspath(__file__))
@@ -133,7 +139,7 @@ class ComponentEntry:
     wraps: Callable[..., Any] | None = None
 
     def create(
-        self, spec: QuantSpec, options: Mapping[str, Any] | BaseModel | None = None
+        self, spec: Any, options: Mapping[str, Any] | BaseModel | None = None
     ) -> torch.nn.Module:
         """Instantiate the component for ``spec`` with validated ``options``.
 
@@ -172,17 +178,47 @@ class ComponentEntry:
             ) from None
 
 
+class Lowering(Protocol):
+    """How a backend turns its layers of a calibrated model into what it runs.
+
+    ``convert`` calls ``lower(model, layers, example_args, example_kwargs)`` once per backend
+    that runs some layer of the plan (the fallback backend first, then the config's):
+    ``model`` is the calibrated model, fused, with the observers of these layers already
+    removed unless the backend says ``keeps_observers``; ``layers`` maps module paths to
+    their ``qswap.LayerSpec`` (specs, calibrated ``qparams``, counterpart); the example
+    inputs are what ``prepare``/``calibrate`` ran (for tracing the dataflow). It returns the
+    model, changed in place, or a new root module. ``examples/custom_backend.py`` writes one.
+    """
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        layers: Mapping[str, Any],
+        example_args: tuple[Any, ...],
+        example_kwargs: Mapping[str, Any],
+    ) -> torch.nn.Module: ...
+
+
 @dataclass(frozen=True)
 class Backend:
-    """A named target for ``convert``: what it supports and, for integer ones, how it lowers."""
+    """A named target for ``convert``: what it supports and how it lowers.
+
+    Registered with ``Registry.register_backend`` or a pack's ``backends:``, and chosen by a
+    config's ``backend:``. ``weight_bits``/``activation_bits`` bound the specs it runs;
+    ``check(layer)`` says what else it cannot run (the plan then falls back for that layer);
+    ``lower`` is its :class:`Lowering`.
+    """
 
     name: str
     description: str = ""
     integer: bool = False
     weight_bits: tuple[int, int] = (2, 16)
     activation_bits: tuple[int, int] = (2, 16)
-    lower: Callable[..., torch.nn.Module] | None = None
+    lower: Lowering | None = None
     origin: str = ""
+    #: ``lower`` gets its layers with their observers attached and replaces them in place
+    #: (the fake backend); otherwise ``convert`` removes them first
+    keeps_observers: bool = False
     #: for integer backends whose u8 x s8 kernels may add pairs of products in 16 bits (x86
     #: CPUs without VNNI): tells whether they do on this machine. The plan then keeps weights
     #: to 7 bits where activations use 8 (``vnni`` in the config overrides it; ``qswap.cpu``)
@@ -297,7 +333,12 @@ def _is_module_class(obj: object) -> TypeGuard[type[torch.nn.Module]]:
     return isinstance(obj, type) and issubclass(obj, torch.nn.Module)
 
 
-def _accepts_positional(fn: Callable[..., Any], count: int) -> bool:
+def accepts_positional(fn: Callable[..., Any], count: int) -> bool:
+    """Whether ``fn`` can be called with ``count`` positional arguments (unknown: True).
+
+    >>> accepts_positional(lambda x: x, 1), accepts_positional(lambda: 0, 1)
+    (True, False)
+    """
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -374,7 +415,7 @@ def _check_counterpart(float_cls: type, counterpart: object, origin: str) -> typ
             f"{'an instance method' if inspect.isfunction(raw) else type(raw).__name__}; {fix}"
         )
     method = raw.__get__(None, counterpart)
-    if not callable(method) or not _accepts_positional(method, 2):
+    if not callable(method) or not accepts_positional(method, 2):
         raise RegistrationError(
             f"{name} cannot be registered {where}: from_float must accept two arguments "
             f"(module, spec), its signature is {inspect.signature(method)}; {fix}"
@@ -451,7 +492,7 @@ def _check_component(
             f"{head}: options_model must be a pydantic BaseModel subclass (use "
             f"qswap.quantizers.EmptyOptions when it takes no options), got {options_model!r}"
         )
-    if not _accepts_positional(cls, 2):
+    if not accepts_positional(cls, 2):
         raise RegistrationError(
             f"{head}: it must be constructible as {cls.__name__}(spec, options), its signature "
             f"is {inspect.signature(cls)}; {fix}"
@@ -473,46 +514,6 @@ def _unimplemented_hooks(cls: type) -> list[str]:
         if isinstance(base, type) and issubclass(cls, base):
             out += [h for h in hooks if h in vars(base) and getattr(cls, h) is getattr(base, h)]
     return out
-
-
-class FunctionQuantizer(Quantizer):
-    """A plain function ``fn(x) -> x`` used as a quantizer (``register_quantizer(name, fn)``).
-
-    The function does the quantization; uniform qparams are ignored. Like every
-    quantizer it is the identity until ``set_qparams`` is called, and gradients pass
-    straight through (STE) so QAT keeps training the float weights. Registration makes
-    one subclass per function, so ``entry.cls(spec, options)`` works like any quantizer.
-    """
-
-    fn: ClassVar[Callable[[torch.Tensor], torch.Tensor]]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply ``fn`` once qparams are set; straight-through gradient."""
-        if self.qparams is None:
-            return x
-        fn = type(self).fn
-        y = fn(x)
-        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise RegistrationError(
-                f"quantizer function {qualified_name(fn)} must return a tensor shaped like its "
-                f"input {tuple(x.shape)}, got {got}"
-            )
-        return x + (y - x).detach()
-
-
-def _function_quantizer(name: str, fn: Callable[..., Any], origin: str) -> type:
-    if not _accepts_positional(fn, 1):
-        raise RegistrationError(
-            f"{qualified_name(fn)} cannot be registered as quantizer {name!r} (at {origin}): a "
-            f"quantizer function is called as fn(x) -> x, its signature is {inspect.signature(fn)}"
-        )
-    fname = getattr(fn, "__name__", "fn")
-    return type(
-        f"FunctionQuantizer[{fname}]",
-        (FunctionQuantizer,),
-        {"fn": staticmethod(fn), "__module__": __name__, "__doc__": f"Adapter for {fname}."},
-    )
 
 
 def _check_backend(backend: Backend, origin: str) -> None:
@@ -959,7 +960,7 @@ class Registry:
                 f"({', '.join(t.__name__ for t in key)}) must be callable as "
                 f"fuser(*modules) -> torch.nn.Module, got {fuser!r}"
             )
-        if not _accepts_positional(fuser, len(key)):
+        if not accepts_positional(fuser, len(key)):
             raise RegistrationError(
                 f"register_fusion at {origin}: the fuser {qualified_name(fuser)} must accept "
                 f"{len(key)} modules (one per type), its signature is {inspect.signature(fuser)}"
@@ -1123,7 +1124,10 @@ class Registry:
         wraps: Callable[..., Any] | None = None
         if kind == "quantizer" and not isinstance(obj, type) and callable(obj):
             wraps = obj
-            obj = _function_quantizer(name, obj, origin)
+            # a plain function fn(x) -> x: the quantizers module adapts it (resolved by name,
+            # as pack entries are: the registry sits below the components it holds)
+            adapt = cast(Any, _resolve_dotted(_FUNCTION_QUANTIZER, origin, None))
+            obj = adapt(name, obj, origin)
         cls, options_model = _check_component(kind, name, obj, origin)
         entry = ComponentEntry(
             kind=kind, name=name, cls=cls, options_model=options_model, origin=origin, wraps=wraps
@@ -1353,15 +1357,25 @@ class Registry:
             return _resolve_dotted(value, doc.where(loc), package)
 
         for i, b in enumerate(pack.backends):
-            lower = resolve(b.lower, ("backends", i, "lower")) if b.lower else None
+            hooks = {
+                key: resolve(value, ("backends", i, key)) if value else None
+                for key, value in (
+                    ("lower", b.lower),
+                    ("saturates", b.saturates),
+                    ("check", b.check),
+                )
+            }
             backend = Backend(
                 name=b.name,
                 description=b.description,
                 integer=b.integer,
                 weight_bits=b.weight_bits,
                 activation_bits=b.activation_bits,
-                lower=lower,  # type: ignore[arg-type]
+                lower=hooks["lower"],  # type: ignore[arg-type]
                 origin=doc.origin(("backends", i)),
+                keeps_observers=b.keeps_observers,
+                saturates=hooks["saturates"],  # type: ignore[arg-type]
+                check=hooks["check"],  # type: ignore[arg-type]
             )
             _check_backend(backend, backend.origin)
             actions.append(functools.partial(self._add_backend, backend, replace))
@@ -1544,29 +1558,8 @@ def registry_data_dir() -> Path:
 
 
 def _build_default_registry() -> Registry:
-    from qswap import methods, quantizers
-
+    """The built-ins, declared as a third party declares its own: one pack per concern."""
     reg = Registry("default")
-    quantizers.register_builtins(reg)
-    methods.register_methods(reg)
-    reg.register_backend(
-        Backend(
-            "fake",
-            description="simulated quantization in float (fake-quant): any device, any bits, QAT",
-            integer=False,
-            weight_bits=(2, 16),
-            activation_bits=(2, 16),
-        )
-    )
-    try:
-        int8 = importlib.import_module("qswap.backends.torch_int8")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("qswap.backends.torch_int8", "qswap.backends"):
-            raise
-    else:
-        register = getattr(int8, "register", None)
-        if callable(register):
-            register(reg)
     for pack in sorted(registry_data_dir().glob("*.yaml")):
         reg.load_pack(pack)
     reg.freeze()

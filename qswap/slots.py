@@ -46,11 +46,13 @@ __all__ = [
     "attach_parametrization",
     "detach_activations",
     "detach_parametrizations",
+    "has_slots",
     "is_qswap_slot",
     "original_of",
     "param_location",
     "parametrization_list",
     "parametrizations_of",
+    "strip_slots",
     "version_key",
 ]
 
@@ -446,3 +448,28 @@ def version_key(weight: torch.Tensor) -> tuple[int, int] | None:
         return weight.data_ptr(), weight._version
     except RuntimeError:  # inference tensors have no version counter
         return None
+
+
+def strip_slots(module: nn.Module, layer: Any) -> None:
+    """Remove qswap's observers, quantizers and hooks from one layer (``layer``: its LayerSpec).
+
+    The float tensors and the user's own hooks and parametrizations stay.
+    """
+    detach_activations(module)
+    for slot in layer.param_specs():
+        owner, pname = param_location(module, slot)
+        detach_parametrizations(owner, pname)
+
+
+def has_slots(module: nn.Module, layer: Any) -> bool:
+    """Whether qswap's observers or quantizers are attached to this layer (``layer``: its LayerSpec)."""
+    if (
+        activation_slot(module, "input") is not None
+        or activation_slot(module, "output") is not None
+    ):
+        return True
+    for slot in layer.param_specs():
+        owner, pname = param_location(module, slot)
+        if parametrizations_of(owner, pname):
+            return True
+    return False

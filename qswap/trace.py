@@ -23,6 +23,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils.hooks import RemovableHandle
 
+from qswap.tree import walk_modules
+
 __all__ = [
     "Call",
     "RecursionRoom",
@@ -450,30 +452,6 @@ class _Tracer(TorchFunctionMode):
         )
 
 
-def _never(path: str, module: nn.Module) -> bool:
-    return False
-
-
-def _default_leaf(path: str, module: nn.Module) -> bool:
-    # torch.ao.nn.intrinsic fused containers (ConvReLU2d, ...) run as one op.
-    return type(module).__module__.startswith("torch.ao.nn.intrinsic")
-
-
-# qswap's own activation slots (``qswap.slots.INPUT_SLOT``/``OUTPUT_SLOT``): the module
-# that carries them runs its hooks, not them, so it stays a leaf (a fake fallback layer)
-_SLOT_NAMES = frozenset({"qswap_input", "qswap_output"})
-
-
-def _has_children(module: nn.Module) -> bool:
-    for name, child in module._modules.items():
-        if child is None or name in _SLOT_NAMES:
-            continue
-        if name == "parametrizations" and hasattr(module, "parametrizations"):
-            continue  # torch.nn.utils.parametrize keeps its modules here; still a leaf
-        return True
-    return False
-
-
 def _record_before_input_slot(module: nn.Module, hook_id: int) -> None:
     """Move pre-hook ``hook_id`` (the last one) in front of qswap's input-slot pre-hook, if any.
 
@@ -491,46 +469,6 @@ def _record_before_input_slot(module: nn.Module, hook_id: int) -> None:
             for later in keys[i:]:
                 hooks[later] = hooks.pop(later)  # to the end, keeping their order
             return
-
-
-def _walk(
-    model: nn.Module, leaf: Callable[[str, nn.Module], bool]
-) -> tuple[dict[int, tuple[str, ...]], list[nn.Module], list[nn.Module]]:
-    """Every path of every module object, plus the leaves and containers (each object once)."""
-    paths: dict[int, list[str]] = {}
-    leaf_ids: set[int] = set()
-    leaves: list[nn.Module] = []
-    containers: list[nn.Module] = []
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        path, module = stack.pop()
-        key = id(module)
-        known = paths.get(key)
-        if known is None:
-            paths[key] = [path]
-            childless = not _has_children(module)
-            if module is model and childless and not type(module).__module__.startswith("torch."):
-                # a user-written model without submodules: trace its functional ops instead
-                childless = False
-            if childless or leaf(path, module) or _default_leaf(path, module):
-                leaf_ids.add(key)
-                leaves.append(module)
-                continue
-            containers.append(module)
-        else:
-            if any(path.startswith(f"{p}.") or not p for p in known):
-                continue  # a module inside itself: do not loop
-            known.append(path)
-            if key in leaf_ids:
-                continue
-        prefix = f"{path}." if path else ""
-        stack.extend(
-            (f"{prefix}{name}", child)
-            for name, child in reversed(module._modules.items())
-            if child is not None
-            and not (name == "parametrizations" and hasattr(module, "parametrizations"))
-        )
-    return {k: tuple(v) for k, v in paths.items()}, leaves, containers
 
 
 _ROOM_LOCK = threading.Lock()
@@ -639,7 +577,7 @@ def trace(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    module_paths, leaves, containers = _walk(model, leaf or _never)
+    module_paths, leaves, containers = walk_modules(model, leaf)
     params: dict[int, str] = {}
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     for m in (*leaves, *containers):
@@ -757,7 +695,7 @@ def fused_view(
         outputs_of[fused[0].index] = out
         for c in fused[1:]:
             identity_of[c.index] = out
-    module_paths, leaves, containers = _walk(model, leaf or _never)
+    module_paths, leaves, containers = walk_modules(model, leaf)
     leaf_of: dict[str, nn.Module] = {}
     for m in leaves:
         for path in module_paths[id(m)]:

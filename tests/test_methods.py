@@ -16,7 +16,6 @@ from qswap.methods import (
     Pow2Quantizer,
     TernaryQuantizer,
     learns_qparams,
-    register_methods,
     runs_on_integer_grid,
 )
 from qswap.quantizers import AffineQuantizer, qparams_from_range
@@ -279,11 +278,20 @@ def test_lsq_state_dict_round_trips_into_a_fresh_quantizer(weight: torch.Tensor)
 
 def test_register_methods_and_integer_grid_flags() -> None:
     """The five methods register by name; only affine, pow2 and lsq run on integer grids."""
+    from qswap.registry import registry_data_dir
+
     reg = Registry("methods")
-    register_methods(reg)
-    assert reg.names("quantizer") == ["binary", "log2", "lsq", "pow2", "ternary"]
+    reg.load_pack(registry_data_dir() / "quantization.yaml")
+    assert reg.names("quantizer") == ["affine", "binary", "log2", "lsq", "pow2", "ternary"]
     flags = {name: runs_on_integer_grid(reg.quantizer(name).cls) for name in reg.names("quantizer")}
-    assert flags == {"binary": False, "log2": False, "lsq": True, "pow2": True, "ternary": False}
+    assert flags == {
+        "affine": True,
+        "binary": False,
+        "log2": False,
+        "lsq": True,
+        "pow2": True,
+        "ternary": False,
+    }
     assert runs_on_integer_grid(AffineQuantizer)
 
     def fn(x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ from qswap.quantizers import (
     QParams,
     fake_quantize,
     qparams_from_range,
-    register_builtins,
 )
 from qswap.registry import Registry
 
@@ -987,11 +986,13 @@ def test_histogram_of_zeros_gives_the_smallest_scale() -> None:
 # --------------------------------------------------------------------------- registration
 
 
-def test_register_builtins_makes_components_creatable_by_name() -> None:
-    """register_builtins adds 'affine' and the four observers; create() validates options."""
+def test_the_quantization_pack_makes_components_creatable_by_name() -> None:
+    """registry/quantization.yaml adds the quantizers and the four observers; create() validates options."""
+    from qswap.registry import registry_data_dir
+
     reg = Registry("test-components")
-    register_builtins(reg)
-    assert reg.names("quantizer") == ["affine"]
+    reg.load_pack(registry_data_dir() / "quantization.yaml")
+    assert reg.names("quantizer") == ["affine", "binary", "log2", "lsq", "pow2", "ternary"]
     assert reg.names("observer") == [
         "histogram",
         "minmax",

@@ -737,12 +737,12 @@ def test_qnnpack_lowering_runs_and_restores_the_engine() -> None:
     assert sqnr(model(x).detach(), qmodel(x)) > 25
 
 
-def test_register_declares_integer_backends_and_pack_maps_them() -> None:
+def test_packs_declare_integer_backends_and_map_layers_for_them() -> None:
     """x86 and qnnpack are integer 8-bit backends; the pack maps layers for both (no 3-d conv on qnnpack)."""
     from qswap.registry import Registry, registry_data_dir
 
     reg = Registry("int8-test")
-    ti.register(reg)
+    reg.load_pack(registry_data_dir() / "backends.yaml")
     reg.load_pack(registry_data_dir() / "torch_int8.yaml")
     for name, lower in (("x86", ti.lower_x86), ("qnnpack", ti.lower_qnnpack)):
         backend = reg.backend(name)

@@ -15,7 +15,8 @@ gradients, so the result can be trained (QAT).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -27,20 +28,20 @@ from qswap.slots import (
     attach_activation,
     attach_parametrization,
     detach_activations,
+    has_slots,
     is_qswap_slot,
     param_location,
     parametrization_list,
+    strip_slots,
 )
+from qswap.tree import replace_module
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
     from qswap.registry import Registry
     from qswap.walker import LayerSpec
 
-__all__ = ["FakeQuantized", "fixed_activation", "install", "refit"]
-
-
-# --------------------------------------------------------------------------- components
+__all__ = ["FakeQuantized", "fixed_activation", "install", "lower", "refit"]
 
 
 # --------------------------------------------------------------------------- the counterpart
@@ -168,3 +169,44 @@ def refit(
 
 
 # --------------------------------------------------------------------------- parameter slots
+
+
+def lower(
+    model: nn.Module,
+    layers: Mapping[str, LayerSpec],
+    example_args: tuple[Any, ...],
+    example_kwargs: Mapping[str, Any],
+) -> nn.Module:
+    """The fake backend's lowering (``qswap.registry.Lowering``): each layer simulated in float.
+
+    A layer with the generic counterpart keeps its module: its observers become fixed
+    quantizers where they sit (:func:`refit`), or quantizers are installed on a module that
+    lost them (a QAT conv+BN folded by ``convert``). A layer with a counterpart of its own
+    is replaced by ``counterpart.from_float(module, spec)`` at every path. Observers several
+    layers share (a tied weight) become one shared quantizer.
+    """
+    from qswap.registry import default_registry
+
+    tied: dict[int, nn.Module] = {}
+    parts: dict[int, Components] = {}
+    for name, layer in layers.items():
+        module = model.get_submodule(name)
+        registry = layer.registry or default_registry()
+        components = parts.setdefault(id(registry), Components(registry))
+        counterpart = layer.counterpart
+        if counterpart in (None, FakeQuantized):
+            if has_slots(module, layer):
+                refit(module, layer, components, tied)  # as strip + install, without rebuilding
+            else:
+                install(module, layer, registry)
+            continue
+        strip_slots(module, layer)
+        factory: Any = counterpart
+        result = factory.from_float(module, layer)
+        if not isinstance(result, nn.Module):
+            raise PlanError(
+                f"{counterpart.__name__}.from_float returned {type(result).__name__} for layer "
+                f"{name!r}; a counterpart must return a torch.nn.Module"
+            )
+        model = replace_module(model, (name, *layer.aliases), result)
+    return model

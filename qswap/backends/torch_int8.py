@@ -37,10 +37,10 @@ from qswap.dataflow import (
 )
 from qswap.exceptions import UnsupportedModuleError
 from qswap.trace import Call, Trace, trace
+from qswap.tree import replace_module
 
 if TYPE_CHECKING:
     from qswap.quantizers import QParams
-    from qswap.registry import Registry
     from qswap.walker import LayerSpec
 
 __all__ = [
@@ -68,7 +68,6 @@ __all__ = [
     "fbgemm_saturates",
     "lower_qnnpack",
     "lower_x86",
-    "register",
 ]
 
 # torch 2.13 warns (once per process, from C++) when a quantized tensor is first created, and
@@ -1641,12 +1640,6 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
             target.update(source)
 
 
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, new)
-
-
 def _dataflow(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Trace:
     """The trace of the fused model: from its plan's trace where that tells it, else recorded."""
     state = model.__dict__.get("_qswap")
@@ -1677,7 +1670,7 @@ def _lower_dynamic(backend: str, model: nn.Module, layers: Mapping[str, LayerSpe
             _carry_hooks(module, q)
             for alias_path in paths_of.get(id(module), [path]):
                 if alias_path:
-                    _set_submodule(model, alias_path, q)
+                    replace_module(model, (alias_path,), q)
                 else:
                     model = q
     return model
@@ -1810,7 +1803,7 @@ def _lower(
             _carry_hooks(modules[path], q)
             for alias_path in aliases(path):
                 if alias_path:
-                    _set_submodule(model, alias_path, q)
+                    replace_module(model, (alias_path,), q)
                 else:  # the model itself is one layer
                     model = q
             swapped[path] = type(q).__name__
@@ -1822,7 +1815,7 @@ def _lower(
             _carry_hooks(relu, fast)
             for alias_path in paths_of.get(id(relu), [path]):
                 if alias_path:
-                    _set_submodule(model, alias_path, fast)
+                    replace_module(model, (alias_path,), fast)
         for path in sorted(lowering.integer_natives):
             native = model.get_submodule(path) if path else model
             fast_cls = _NATIVE_MODULES.get(type(native))
@@ -1831,7 +1824,7 @@ def _lower(
             fast_module = _retyped(native, fast_cls)
             for alias_path in paths_of.get(id(native), [path]):
                 if alias_path:
-                    _set_submodule(model, alias_path, fast_module)
+                    replace_module(model, (alias_path,), fast_module)
     notes += lowering.notes
 
     runtime = _Runtime(lowering.integer_ops, float_dtype, notes, backend, swapped)
@@ -1902,45 +1895,3 @@ def lower_qnnpack(
     'QuantizedLinear'
     """
     return _lower("qnnpack", model, layers, example_inputs, example_kwargs)
-
-
-def register(reg: Registry) -> None:
-    """Register the ``x86`` and ``qnnpack`` backends (mappings: ``registry/torch_int8.yaml``).
-
-    >>> from qswap.registry import Registry
-    >>> reg = Registry("doc")
-    >>> register(reg)
-    >>> reg.backend("x86").integer
-    True
-    """
-    from qswap.registry import Backend
-
-    reg.register_backend(
-        Backend(
-            "x86",
-            description=(
-                "real int8 on x86 CPUs through torch's fbgemm/onednn kernels "
-                "(torch.ao.nn.quantized); 8-bit weights and activations"
-            ),
-            integer=True,
-            weight_bits=(8, 8),
-            activation_bits=(8, 8),
-            lower=lower_x86,
-            saturates=fbgemm_saturates,
-            check=check_layer,
-        )
-    )
-    reg.register_backend(
-        Backend(
-            "qnnpack",
-            description=(
-                "real int8 on ARM/mobile CPUs through torch's qnnpack kernels "
-                "(torch.ao.nn.quantized); 8-bit weights and activations"
-            ),
-            integer=True,
-            weight_bits=(8, 8),
-            activation_bits=(8, 8),
-            lower=lower_qnnpack,
-            check=check_layer,
-        )
-    )
