@@ -39,7 +39,7 @@ from forum_models import load_digits_dataset, resnet18, train, vgg
 from measure import median_ms, parse_options, write_json
 
 import qswap
-from qswap.backends.onnx import compare_layers, export_onnx, onnx_session, ort_optimized_ops
+from qswap.export.onnx import compare_layers, export_onnx, onnx_session, ort_optimized_ops
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -41,9 +41,9 @@ import peers
 from qswap.backends import torch_int8
 from qswap.calibrate import calibrate
 from qswap.convert import convert
+from qswap.plan import gc_paused
 from qswap.prepare import prepare
 from qswap.state import copy_model
-from qswap.walker import gc_paused
 
 with peers.torch_ao_quiet():
     import torch.ao.nn.intrinsic as nni

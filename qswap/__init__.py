@@ -12,8 +12,6 @@ first call of :func:`default_registry`.
 
 from __future__ import annotations
 
-from qswap.artifact import Calibration, load_calibration, save_calibration
-from qswap.backends.onnx import LayerAgreement, compare_layers, export_onnx
 from qswap.calibrate import calibrate
 from qswap.config import (
     ComponentRef,
@@ -41,6 +39,10 @@ from qswap.exceptions import (
     RegistrationError,
     UnsupportedModuleError,
 )
+from qswap.export.onnx import LayerAgreement, compare_layers, export_onnx
+from qswap.persist.artifact import Calibration, load_calibration, save_calibration
+from qswap.persist.model_file import load, save
+from qswap.plan import Decision, LayerSpec, Plan, plan
 from qswap.prepare import prepare
 from qswap.qat import freeze_bn_stats
 from qswap.quantizers import Observer, QParams, Quantizer
@@ -53,9 +55,7 @@ from qswap.registry import (
     default_registry,
 )
 from qswap.report import LayerReport, Report, report
-from qswap.serialize import load, save
 from qswap.trace import Trace, trace
-from qswap.walker import Decision, LayerSpec, Plan, plan
 
 __version__ = "0.1.0"
 

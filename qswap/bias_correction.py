@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from qswap.exceptions import CalibrationError
-from qswap.quantizers import Observer, _add_buffer, _set_buffer
+from qswap.quantizers import Observer, add_buffer, set_buffer
 from qswap.slots import activation_owner
 
 if TYPE_CHECKING:
@@ -82,8 +82,8 @@ class InputMeanObserver(Observer):
     ) -> None:
         super().__init__(spec, options)
         self.kind = kind
-        _add_buffer(self, "total", torch.zeros(0, dtype=torch.float64))
-        _add_buffer(self, "count", torch.zeros((), dtype=torch.float64))
+        add_buffer(self, "total", torch.zeros(0, dtype=torch.float64))
+        add_buffer(self, "count", torch.zeros((), dtype=torch.float64))
 
     def observe(self, x: Tensor) -> None:
         """Add this batch's inputs to the sums."""
@@ -103,7 +103,7 @@ class InputMeanObserver(Observer):
     def _add(self, total: Tensor, count: float) -> None:
         mine = self.total
         if mine.numel() == 0:
-            _set_buffer(self, "total", total.to(mine.device))
+            set_buffer(self, "total", total.to(mine.device))
             self.count.fill_(count)
             return
         if mine.shape != total.shape:
@@ -115,12 +115,12 @@ class InputMeanObserver(Observer):
             # spatial sizes differ: keep one sum per channel from now on
             positions = mine[0].numel()
             if positions > 1 or mine.dim() > 1:
-                _set_buffer(self, "total", mine.reshape(mine.shape[0], -1).sum(1))
+                set_buffer(self, "total", mine.reshape(mine.shape[0], -1).sum(1))
                 self.count.mul_(positions)
             per = total[0].numel()
             total, count = total.reshape(total.shape[0], -1).sum(1), count * per
             mine = self.total
-        _set_buffer(self, "total", mine + total.to(mine.device))
+        set_buffer(self, "total", mine + total.to(mine.device))
         self.count.add_(count)
 
     def mean(self) -> Tensor:
@@ -163,7 +163,7 @@ class InputMeanObserver(Observer):
                 fold._add(total, count)
             batches += seen
         device = self.total.device
-        _set_buffer(self, "total", fold.total.to(device))
+        set_buffer(self, "total", fold.total.to(device))
         self.count.fill_(float(fold.count))
         self.num_batches.fill_(batches)
         self._synced = (self.total.detach().cpu().clone(), float(self.count), batches)

@@ -21,10 +21,10 @@ from torch import nn
 
 from qswap.exceptions import CalibrationError
 from qswap.methods import learns_qparams
+from qswap.plan import set_eval, split_inputs
 from qswap.slots import ActivationSlot, WeightObserver
 from qswap.state import state_of
 from qswap.trace import nesting_depth, recursion_room
-from qswap.walker import set_eval, split_inputs
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

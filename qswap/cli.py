@@ -80,7 +80,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from qswap.artifact import write_atomic
+    from qswap.persist.artifact import write_atomic
 
     schemas = _schemas()
     if args.write or args.check:
@@ -299,7 +299,7 @@ def _example(batches: list[Any]) -> Any:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from qswap.walker import plan
+    from qswap.plan import plan
 
     model = _model(args.model)
     example = _example(_batches(args.calib, "--calib")) if args.calib else None
@@ -369,7 +369,7 @@ def _check_out(out: Path, shown: str, force: bool) -> None:
 
 def _publish(tmp: Path, out: Path, shown: str, force: bool) -> None:
     """Move the finished folder into place; an old one (with --force) goes only once it is done."""
-    from qswap.artifact import sync_folder, temp_path
+    from qswap.persist.artifact import sync_folder, temp_path
 
     sync_folder(tmp)
     if not out.exists() and not out.is_symlink():
@@ -390,7 +390,7 @@ def _publish(tmp: Path, out: Path, shown: str, force: bool) -> None:
 
 def _make_temp_folder(out: Path) -> Path:
     """An empty folder beside ``out`` named as qswap's (``.<name>.qswap-tmp-XXXXXXXX``)."""
-    from qswap.artifact import temp_path
+    from qswap.persist.artifact import temp_path
 
     out.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -404,13 +404,13 @@ def _make_temp_folder(out: Path) -> Path:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import qswap
-    from qswap.artifact import save_calibration, write_atomic
     from qswap.calibrate import calibrate
     from qswap.config import dump_config, load_config
+    from qswap.persist.artifact import save_calibration, write_atomic
+    from qswap.persist.model_file import save
+    from qswap.plan import plan
     from qswap.prepare import prepare
     from qswap.report import report
-    from qswap.serialize import save
-    from qswap.walker import plan
 
     shown = args.out
     out = Path(os.path.abspath(args.out))
@@ -443,7 +443,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         rep.to_csv(tmp / "report.csv")
         onnx_rows = None
         if args.onnx:
-            from qswap.backends.onnx import compare_layers, export_onnx
+            from qswap.export.onnx import compare_layers, export_onnx
 
             export_onnx(qmodel, example, tmp / "model.onnx")
             # ONNX Runtime on the file against qswap, layer by layer, on the example batch
@@ -490,8 +490,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     import qswap
+    from qswap.persist.model_file import load
     from qswap.report import report
-    from qswap.serialize import load
 
     if bool(args.quantized) == bool(args.config):
         raise QSwapError(

@@ -24,6 +24,7 @@ from qswap.bias_correction import apply_shift
 from qswap.calibrate import calibrate
 from qswap.config import QConfig
 from qswap.exceptions import CalibrationError, PlanError
+from qswap.plan import LayerSpec, Plan, gc_paused, set_eval
 from qswap.prepare import prepare
 from qswap.qat import TrainableFusion
 from qswap.qparams import chain_inputs, collect_qparams
@@ -32,10 +33,9 @@ from qswap.slots import activation_slot, param_location, parametrizations_of, st
 from qswap.state import STATE_ATTR, QSwapState, copy_model, state_of
 from qswap.trace import RecursionRoom
 from qswap.tree import replace_module
-from qswap.walker import LayerSpec, Plan, gc_paused, set_eval
 
 if TYPE_CHECKING:
-    from qswap.artifact import Calibration
+    from qswap.persist.artifact import Calibration
 
 __all__ = ["convert", "quantize"]
 
@@ -85,7 +85,7 @@ def convert(
         )
     reused: dict[str, LayerSpec] | None = None
     if calibration is not None:
-        from qswap.artifact import calibrated_layers
+        from qswap.persist.artifact import calibrated_layers
 
         reused = calibrated_layers(prepared, the_plan, calibration)
     with gc_paused():

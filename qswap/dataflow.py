@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 if TYPE_CHECKING:
+    from qswap.plan import LayerSpec
     from qswap.trace import Trace
-    from qswap.walker import LayerSpec
 
 __all__ = [
     "ADD_FUNCTIONS",

@@ -647,12 +647,12 @@ def _reduce_builtin(
 
 def _rebinned(hist: Tensor, span: tuple[float, ...], lo: float, hi: float, bins: int) -> Tensor:
     """``hist`` over ``span`` as ``bins`` float64 bins over ``[lo, hi]`` (a copy if unchanged)."""
-    from qswap.quantizers import _rebin
+    from qswap.quantizers import rebin
 
     hist = hist.to(torch.float64)
     if (span[0], span[1]) == (lo, hi) and hist.numel() == bins:
         return hist
-    return _rebin(hist, span[0], span[1], lo, hi, bins)
+    return rebin(hist, span[0], span[1], lo, hi, bins)
 
 
 def _store(module: nn.Module, name: str, value: Tensor, shape: tuple[int, ...]) -> None:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FusionGroup",
+    "carry_hooks",
     "check_explicit_groups",
     "explain_unfused",
     "find_fusion_groups",
@@ -522,15 +523,8 @@ def _check_model_matches(model: nn.Module, group: FusionGroup) -> None:
             )
 
 
-def _tree(
-    model: nn.Module,
-) -> tuple[dict[int, tuple[str, ...]], list[nn.Module], list[nn.Module]]:
-    """Every path of every module object, the leaves and the containers."""
-    return walk_modules(model)
-
-
 def _sequential_groups(model: nn.Module, patterns: list[FusionPattern]) -> list[FusionGroup]:
-    module_paths, _, containers = _tree(model)
+    module_paths, _, containers = walk_modules(model)
     owners: dict[int, int] = {}  # id(child) -> how many (parent, name) slots hold it
     for parent in containers:
         for child in parent._modules.values():
@@ -604,7 +598,7 @@ def check_explicit_groups(
     """
     ordered = _patterns(patterns)
     by_types = {tuple(p.types): p for p in reversed(ordered)}  # first registered wins
-    module_paths, _, _ = _tree(model)
+    module_paths, _, _ = walk_modules(model)
     names = [p for paths in module_paths.values() for p in paths if p]
     seen: dict[str, int] = {}
     result: list[FusionGroup] = []
@@ -709,7 +703,7 @@ def explain_unfused(
     pairs = {(p.types[i], p.types[i + 1]) for p in ordered for i in range(len(p.types) - 1)}
     reasons: dict[str, str] = {}
     if trace is None:
-        module_paths, leaves, _ = _tree(model)
+        module_paths, leaves, _ = walk_modules(model)
         for module in leaves:
             path = module_paths[id(module)][0]
             if type(module) in relevant and path not in fused and path:
@@ -825,7 +819,7 @@ def _set_hooks(module: nn.Module, hooks: _Hooks) -> None:
         store(module, name, value)
 
 
-def _carry_hooks(fused: nn.Module, first: nn.Module, last: nn.Module) -> None:
+def carry_hooks(fused: nn.Module, first: nn.Module, last: nn.Module) -> None:
     """Pre-hooks of the first module and forward hooks of the last now run on ``fused``."""
     _set_hooks(fused, _hooks_of(first, last))
 
@@ -902,7 +896,7 @@ def fuse_group(
     >>> [type(m).__name__ for m in model]
     ['LinearReLU', 'Identity']
     """
-    module_paths, _, _ = _tree(model)
+    module_paths, _, _ = walk_modules(model)
     _fuse(model, group, module_paths, _fusers(patterns), _Sharing(model))
 
 
@@ -924,7 +918,7 @@ def fuse_model(
     >>> [type(m).__name__ for m in model]
     ['ConvReLU2d', 'Identity', 'Identity']
     """
-    module_paths, _, _ = _tree(model)
+    module_paths, _, _ = walk_modules(model)
     by_types = _fusers(patterns)
     sharing = _Sharing(model)
     for group in groups:

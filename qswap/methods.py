@@ -40,8 +40,8 @@ from qswap.quantizers import (
     AffineQuantizer,
     QParams,
     Quantizer,
-    _group_view_shape,
-    _normalize_axis,
+    group_view_shape,
+    normalize_axis,
 )
 
 if TYPE_CHECKING:
@@ -79,12 +79,12 @@ def _rows(
     """
     if axis is None:
         return x.reshape(1, -1), lambda rows: rows.reshape(x.shape)
-    axis = _normalize_axis(axis, x.dim())
+    axis = normalize_axis(axis, x.dim())
     moved = x.movedim(axis, 0)
     if group_size is None:
         rows = moved.reshape(moved.shape[0], -1)
     else:
-        channels, groups, size = _group_view_shape(x.shape, axis, group_size)
+        channels, groups, size = group_view_shape(x.shape, axis, group_size)
         rows = moved.reshape(channels * groups, size)
     shape = moved.shape
     return rows, lambda out: out.reshape(shape).movedim(0, axis)

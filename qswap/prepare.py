@@ -28,6 +28,7 @@ from qswap.config import QConfig, QuantSpec
 from qswap.dataflow import input_sources, keeps_input_grid
 from qswap.decompose import decompose_in_place
 from qswap.exceptions import FallbackWarning, PlanError
+from qswap.plan import LayerSpec, Plan, gc_paused, plan, split_inputs
 from qswap.registry import Registry, default_registry
 from qswap.slots import (
     ActivationSlot,
@@ -39,7 +40,6 @@ from qswap.slots import (
     param_location,
 )
 from qswap.state import STATE_ATTR, QSwapState, copy_model, state_of
-from qswap.walker import LayerSpec, Plan, gc_paused, plan, split_inputs
 
 __all__ = ["prepare"]
 

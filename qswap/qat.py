@@ -110,9 +110,9 @@ class TrainableFusion(nn.Sequential):
         """
         members = list(self)
         fused = self.pattern.fuse(*members)
-        from qswap.fuse import _carry_hooks
+        from qswap.fuse import carry_hooks
 
-        _carry_hooks(fused, members[0], members[-1])
+        carry_hooks(fused, members[0], members[-1])
         return fused.train(self.training)
 
     def extra_repr(self) -> str:
@@ -176,11 +176,12 @@ def fuse_for_qat(model: nn.Module, groups: Sequence[FusionGroup], registry: Regi
     Other groups (conv + ReLU, ...) fuse as in PTQ. Returns the first paths of the
     trainable groups.
     """
-    from qswap.fuse import _tree, fuse_model
+    from qswap.fuse import fuse_model
+    from qswap.tree import walk_modules
 
     by_types = {tuple(p.types): p for p in reversed(registry.fusion_patterns())}
     trainable = [g for g in groups if foldable(g.types)]
-    module_paths, _, _ = _tree(model)
+    module_paths, _, _ = walk_modules(model)
     heads: list[str] = []
     for group in trainable:
         modules = [model.get_submodule(p) for p in group.paths]

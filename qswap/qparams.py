@@ -31,8 +31,8 @@ from qswap.slots import (
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
+    from qswap.plan import LayerSpec, Plan
     from qswap.state import QSwapState
-    from qswap.walker import LayerSpec, Plan
 
 __all__ = ["chain_inputs", "collect_qparams"]
 

@@ -53,9 +53,14 @@ __all__ = [
     "PerChannelMinMaxObserver",
     "QParams",
     "Quantizer",
+    "add_buffer",
     "fake_quantize",
+    "group_view_shape",
+    "normalize_axis",
     "qparams_from_range",
+    "rebin",
     "set_attrs",
+    "set_buffer",
 ]
 
 _FP32_EPS = float(torch.finfo(torch.float32).eps)
@@ -321,13 +326,13 @@ def qparams_from_range(
 # --------------------------------------------------------------------------- fake-quantization
 
 
-def _normalize_axis(axis: int, ndim: int) -> int:
+def normalize_axis(axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
         raise PlanError(f"channel axis {axis} is out of range for a {ndim}-dimensional tensor")
     return axis % ndim
 
 
-def _group_view_shape(shape: torch.Size, axis: int, group_size: int) -> tuple[int, int, int]:
+def group_view_shape(shape: torch.Size, axis: int, group_size: int) -> tuple[int, int, int]:
     """``(C, G, group_size)`` for a tensor whose channel axis was moved to 0."""
     channels = shape[axis]
     per_channel = math.prod(shape) // channels if channels else 0
@@ -347,7 +352,7 @@ def _fake_quantize_per_group(
     x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, group_size: int, qmin: int, qmax: int
 ) -> Tensor:
     moved = x.movedim(axis, 0)
-    channels, groups, size = _group_view_shape(x.shape, axis, group_size)
+    channels, groups, size = group_view_shape(x.shape, axis, group_size)
     if tuple(scale.shape) != (channels, groups):
         raise PlanError(
             f"per-group QParams of shape {tuple(scale.shape)} do not fit a tensor of shape "
@@ -408,7 +413,7 @@ def _fake_quantize(
     elif axis is None:
         raise PlanError("per-channel and per-group fake-quantization need a channel axis")
     elif scale.dim() == 1:
-        axis = _normalize_axis(axis, x.dim())
+        axis = normalize_axis(axis, x.dim())
         if x.shape[axis] != scale.numel():
             raise PlanError(
                 f"per-channel QParams for {scale.numel()} channels do not fit a tensor of "
@@ -418,7 +423,7 @@ def _fake_quantize(
     elif group_size is None:
         raise PlanError("per-group fake-quantization needs a group_size")
     else:
-        axis = _normalize_axis(axis, x.dim())
+        axis = normalize_axis(axis, x.dim())
         out = _fake_quantize_per_group(xf, scale, zero_point, axis, group_size, qmin, qmax)
     return out.to(x.dtype)
 
@@ -477,7 +482,7 @@ def _plain_buffers(module: nn.Module) -> bool:
     )
 
 
-def _add_buffer(module: nn.Module, name: str, tensor: Tensor) -> None:
+def add_buffer(module: nn.Module, name: str, tensor: Tensor) -> None:
     """``module.register_buffer(name, tensor)`` (persistent), for a name not used yet."""
     if type(tensor) is Tensor and _plain_buffers(module) and not hasattr(type(module), name):
         if name in module.__dict__ or name in module._parameters or name in module._modules:
@@ -509,7 +514,7 @@ def set_attrs(module: nn.Module, **values: Any) -> None:
             setattr(module, name, value)
 
 
-def _set_buffer(module: nn.Module, name: str, tensor: Tensor) -> None:
+def set_buffer(module: nn.Module, name: str, tensor: Tensor) -> None:
     """``setattr(module, name, tensor)`` for a registered buffer."""
     if type(tensor) is Tensor and name in module._buffers and _plain_buffers(module):
         module._buffers[name] = tensor
@@ -609,18 +614,16 @@ class Quantizer(_StateModule):
         set_attrs(self, spec=spec, options=_validated_options(type(self), options))
         qmin, qmax = spec.storage_range()
         axis, group_size = _layout(spec)
-        _add_buffer(self, "scale", torch.empty(0, dtype=torch.float32))
-        _add_buffer(self, "zero_point", torch.empty(0, dtype=torch.int32))
-        _add_buffer(self, "layout", _layout_tensor(qmin, qmax, axis, group_size, None))
+        add_buffer(self, "scale", torch.empty(0, dtype=torch.float32))
+        add_buffer(self, "zero_point", torch.empty(0, dtype=torch.int32))
+        add_buffer(self, "layout", _layout_tensor(qmin, qmax, axis, group_size, None))
         set_attrs(self, _qmin=qmin, _qmax=qmax, _axis=axis, _group_size=group_size)
 
     def _store_layout(self, qmin: int, qmax: int, axis: int | None, group_size: int | None) -> None:
         if (qmin, qmax, axis, group_size) == (self._qmin, self._qmax, self._axis, self._group_size):
             return  # the buffer already holds these values (``_after_load`` keeps both in step)
         set_attrs(self, _qmin=qmin, _qmax=qmax, _axis=axis, _group_size=group_size)
-        _set_buffer(
-            self, "layout", _layout_tensor(qmin, qmax, axis, group_size, self.layout.device)
-        )
+        set_buffer(self, "layout", _layout_tensor(qmin, qmax, axis, group_size, self.layout.device))
 
     def _after_load(self) -> None:
         qmin, qmax, axis, group_size = (int(v) for v in self.layout.tolist())
@@ -639,8 +642,8 @@ class Quantizer(_StateModule):
         device = self.scale.device
         scale = qparams.scale.detach().to(device=device, dtype=torch.float32).clone()
         zero_point = qparams.zero_point.detach().to(device=device, dtype=torch.int32).clone()
-        _set_buffer(self, "scale", scale)
-        _set_buffer(self, "zero_point", zero_point)
+        set_buffer(self, "scale", scale)
+        set_buffer(self, "zero_point", zero_point)
         self._store_layout(qparams.quant_min, qparams.quant_max, qparams.axis, qparams.group_size)
 
     @property
@@ -704,7 +707,7 @@ class Observer(_StateModule):
         super().__init__()
         set_attrs(self, spec=spec, options=_validated_options(type(self), options))
         _layout(spec)  # fail early on a spec without its axis / group size
-        _add_buffer(self, "num_batches", torch.zeros((), dtype=torch.int64))
+        add_buffer(self, "num_batches", torch.zeros((), dtype=torch.int64))
 
     @property
     def seen(self) -> bool:
@@ -778,14 +781,14 @@ def _reduce_minmax(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
         raise PlanError(
             f"{spec.granularity} observation needs a tensor with a channel axis, got a scalar"
         )
-    axis = _normalize_axis(cast(int, channel_axis), x.dim())
+    axis = normalize_axis(cast(int, channel_axis), x.dim())
     moved = x.movedim(axis, 0)
     # amin + amax, not aminmax(dim=...): on CPU the latter hands even a 16x16 reduction to
     # the thread pool, which costs milliseconds on a busy machine; the values are the same.
     if group_size is None:
         rows = moved.reshape(moved.shape[0], -1)
         return torch.amin(rows, dim=1), torch.amax(rows, dim=1)
-    groups = moved.reshape(_group_view_shape(x.shape, axis, group_size))
+    groups = moved.reshape(group_view_shape(x.shape, axis, group_size))
     return torch.amin(groups, dim=2), torch.amax(groups, dim=2)
 
 
@@ -826,15 +829,15 @@ class MinMaxObserver(Observer):
         self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(spec, options)
-        _add_buffer(self, "min_val", torch.empty(0, dtype=torch.float32))
-        _add_buffer(self, "max_val", torch.empty(0, dtype=torch.float32))
+        add_buffer(self, "min_val", torch.empty(0, dtype=torch.float32))
+        add_buffer(self, "max_val", torch.empty(0, dtype=torch.float32))
 
     def _incoming(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """This batch's (min, max) on the state's device, or None for the first batch."""
         lo, hi = _reduce_minmax(x, self.spec)
         if self.min_val.numel() == 0 and lo.numel() != 0:
-            _set_buffer(self, "min_val", lo)
-            _set_buffer(self, "max_val", hi)
+            set_buffer(self, "min_val", lo)
+            set_buffer(self, "max_val", hi)
             return None
         if lo.shape != self.min_val.shape:
             raise PlanError(
@@ -848,8 +851,8 @@ class MinMaxObserver(Observer):
         """Fold this batch's min and max into the running ones."""
         incoming = self._incoming(x)
         if incoming is not None:
-            _set_buffer(self, "min_val", torch.min(self.min_val, incoming[0]))
-            _set_buffer(self, "max_val", torch.max(self.max_val, incoming[1]))
+            set_buffer(self, "min_val", torch.min(self.min_val, incoming[0]))
+            set_buffer(self, "max_val", torch.max(self.max_val, incoming[1]))
 
     def calculate_qparams(self) -> QParams:
         """QParams for the observed range (see ``qparams_from_range``)."""
@@ -943,7 +946,7 @@ class HistogramOptions(BaseModel):
     percentile: float = Field(99.99, gt=50.0, le=100.0)
 
 
-def _rebin(hist: Tensor, lo: float, hi: float, new_lo: float, new_hi: float, bins: int) -> Tensor:
+def rebin(hist: Tensor, lo: float, hi: float, new_lo: float, new_hi: float, bins: int) -> Tensor:
     """Histogram ``hist`` over ``[lo, hi]`` re-binned to ``bins`` bins over ``[new_lo, new_hi]``.
 
     Mass is spread uniformly inside each source bin, so every unit of mass moves by less
@@ -1200,7 +1203,7 @@ class HistogramObserver(Observer):
             old_lo, old_hi = self.hist_range.tolist()
             lo, hi = min(old_lo, x_min), max(old_hi, x_max)
             if (lo, hi) != (old_lo, old_hi):
-                self.histogram = _rebin(self.histogram, old_lo, old_hi, lo, hi, self.bins)
+                self.histogram = rebin(self.histogram, old_lo, old_hi, lo, hi, self.bins)
             self.min_val = torch.min(self.min_val, lo_x.to(self.min_val.device))
             self.max_val = torch.max(self.max_val, hi_x.to(self.max_val.device))
         counts = torch.histc(x, self.bins, min=lo, max=hi)
@@ -1212,15 +1215,15 @@ class HistogramObserver(Observer):
         n = self.histogram.numel()
         if n and n != self.bins:
             lo, hi = self.hist_range.tolist()
-            self.histogram = _rebin(self.histogram, lo, hi, lo, hi, self.bins)
+            self.histogram = rebin(self.histogram, lo, hi, lo, hi, self.bins)
 
     def _merge_state(self, other: HistogramObserver) -> None:
         lo1, hi1 = self.hist_range.tolist()
         lo2, hi2 = other.hist_range.tolist()
         lo, hi = min(lo1, lo2), max(hi1, hi2)
         device = self.histogram.device
-        mine = _rebin(self.histogram, lo1, hi1, lo, hi, self.bins)
-        theirs = _rebin(other.histogram.to(device), lo2, hi2, lo, hi, self.bins)
+        mine = rebin(self.histogram, lo1, hi1, lo, hi, self.bins)
+        theirs = rebin(other.histogram.to(device), lo2, hi2, lo, hi, self.bins)
         self.histogram = mine + theirs
         self.hist_range = torch.tensor([lo, hi], dtype=torch.float64, device=device)
         self.min_val = torch.min(self.min_val, other.min_val.to(self.min_val.device))

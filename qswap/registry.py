@@ -367,7 +367,7 @@ def registration_template(cls: type, backend: str = "fake") -> str:
         f'@reg.register_mapping({name}, backend="{backend}")',
         f"class Quantized{name}(torch.nn.Module):",
         "    @classmethod",
-        "    def from_float(cls, module, spec):  # spec: qswap.walker.LayerSpec",
+        "    def from_float(cls, module, spec):  # spec: qswap.plan.LayerSpec",
         "        ...  # build and return the quantized module",
         "# or, in a YAML registry pack loaded with reg.load_pack(path):",
         "#   mappings:",

@@ -40,7 +40,7 @@ from qswap.exceptions import CalibrationError, PlanError
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
-    from qswap.walker import LayerSpec, Plan
+    from qswap.plan import LayerSpec, Plan
 
 __all__ = ["LayerReport", "Report", "report", "sqnr_db"]
 
@@ -269,7 +269,7 @@ class Report:
         ax.legend(fontsize=8)
         fig.tight_layout()
         if path is not None:
-            from qswap.artifact import write_atomic
+            from qswap.persist.artifact import write_atomic
 
             kind = Path(path).suffix.lstrip(".").lower() or None  # matplotlib's default: png
             try:
@@ -295,7 +295,7 @@ def _finite(v: Any) -> Any:
 
 def _write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` through qswap's one atomic writer (a folder or bad path: ``FileError``)."""
-    from qswap.artifact import write_atomic
+    from qswap.persist.artifact import write_atomic
 
     write_atomic(path, text.encode("utf-8"))
 
@@ -484,9 +484,9 @@ def report(
     """
     from qswap.decompose import decompose_in_place
     from qswap.fuse import fuse_model
+    from qswap.plan import split_inputs
     from qswap.registry import qualified_name
     from qswap.state import copy_model, state_of
-    from qswap.walker import split_inputs
 
     state = state_of(quantized_model)
     if state is None or state.stage != "converted":

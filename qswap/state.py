@@ -23,8 +23,8 @@ from pydantic import BaseModel
 from torch import nn
 
 if TYPE_CHECKING:
+    from qswap.plan import LayerSpec, Plan
     from qswap.registry import Registry
-    from qswap.walker import LayerSpec, Plan
 
 __all__ = ["STATE_ATTR", "QSwapState", "copy_model", "state_of"]
 

@@ -31,6 +31,7 @@ __all__ = [
     "Scope",
     "Trace",
     "Value",
+    "flatten_tensors",
     "function_name",
     "nesting_depth",
     "recursion_room",
@@ -211,16 +212,16 @@ def _flatten(obj: Any, path: str, out: list[tuple[str, torch.Tensor]]) -> None:
             _flatten(item, f"{path}[{key!r}]", out)
 
 
-def _tensors(obj: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
+def flatten_tensors(obj: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
     """Every tensor in ``obj`` (nested tuples, lists and dicts), appended to ``out``."""
     if isinstance(obj, torch.Tensor):
         out.append(obj)
     elif isinstance(obj, (tuple, list)):
         for item in obj:
-            _tensors(item, out)
+            flatten_tensors(item, out)
     elif isinstance(obj, Mapping):
         for item in obj.values():
-            _tensors(item, out)
+            flatten_tensors(item, out)
     return out
 
 
@@ -330,7 +331,7 @@ class _Tracer(TorchFunctionMode):
     ) -> None:
         index = len(self.calls)
         out_tensors: list[torch.Tensor] = []
-        _tensors(result, out_tensors)
+        flatten_tensors(result, out_tensors)
         mutated: dict[int, int] = {}  # id(tensor) -> new value id
         for t, vid, version in zip(in_tensors, in_ids, in_versions):
             key = id(t)
@@ -385,14 +386,14 @@ class _Tracer(TorchFunctionMode):
             if not isinstance(result, torch.Tensor):
                 return result  # a metadata getter (.shape, .dtype, .device, ...)
             in_tensors: list[torch.Tensor] = []
-            _tensors(args, in_tensors)
+            flatten_tensors(args, in_tensors)
             in_ids, versions = self.inputs_of(in_tensors)
             self.record("function", name, None, in_tensors, in_ids, versions, result)
             return result
         in_tensors = []
-        _tensors(args, in_tensors)
+        flatten_tensors(args, in_tensors)
         if kwargs:
-            _tensors(kwargs, in_tensors)
+            flatten_tensors(kwargs, in_tensors)
         in_ids, versions = self.inputs_of(in_tensors)
         result = func(*args, **kwargs)
         self.record("function", name, None, in_tensors, in_ids, versions, result)
@@ -409,9 +410,9 @@ class _Tracer(TorchFunctionMode):
             self.pending.append(None)
             return
         tensors: list[torch.Tensor] = []
-        _tensors(args, tensors)
+        flatten_tensors(args, tensors)
         if kwargs:
-            _tensors(kwargs, tensors)
+            flatten_tensors(kwargs, tensors)
         ids, versions = self.inputs_of(tensors)
         self.pending.append((tensors, ids, versions))
 
@@ -430,9 +431,9 @@ class _Tracer(TorchFunctionMode):
             return
         self.depth += 1  # our own bookkeeping is not part of the forward
         tensors: list[torch.Tensor] = []
-        _tensors(args, tensors)
+        flatten_tensors(args, tensors)
         if kwargs:
-            _tensors(kwargs, tensors)
+            flatten_tensors(kwargs, tensors)
         ids = tuple(self.lookup(t) for t in tensors)
         self.depth -= 1
         self.scope_stack.append((ids, len(self.calls)))
@@ -443,7 +444,7 @@ class _Tracer(TorchFunctionMode):
             return
         self.depth += 1
         tensors: list[torch.Tensor] = []
-        _tensors(output, tensors)
+        flatten_tensors(output, tensors)
         out_ids = tuple(self.lookup(t) for t in tensors)
         self.depth -= 1
         paths = self.module_paths[id(module)]

@@ -71,7 +71,7 @@ INT8_MINMAX = {"extends": ["x86_int8"], "activation": {"observer": "minmax"}}
 
 def ort_saturates() -> bool:
     """CPU-dependent: ONNX Runtime's u8 x s8 kernels add pairs in 16 bits here (no VNNI)."""
-    from qswap.backends.onnx import onnxruntime_saturates
+    from qswap.export.onnx import onnxruntime_saturates
 
     return onnxruntime_saturates()
 

@@ -12,8 +12,8 @@ from forum_models import resnet18, vgg
 from torch import nn
 
 import qswap
-from qswap.artifact import load_calibration, save_calibration
 from qswap.exceptions import CalibrationError, PlanError
+from qswap.persist.artifact import load_calibration, save_calibration
 
 # x86 int8 with min-max activation observers: the preset's histograms are slow to calibrate
 INT8 = {"extends": ["x86_int8"], "activation": {"observer": "minmax"}}

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import qswap
-from qswap.artifact import load_calibration
 from qswap.cli import main
-from qswap.serialize import load
+from qswap.persist.artifact import load_calibration
+from qswap.persist.model_file import load
 
 FACTORY = textwrap.dedent(
     """
@@ -146,7 +146,7 @@ def test_failed_onnx_check_exits_1_and_names_the_cause(
 ) -> None:
     """`--onnx` whose layer check fails writes the files, exits 1 and names the likely cause."""
     pytest.importorskip("onnx")
-    from qswap.backends import onnx as qonnx
+    from qswap.export import onnx as qonnx
 
     def failing(*args: object, **kwargs: object) -> list[qonnx.LayerAgreement]:
         return [qonnx.LayerAgreement("0", "/0/Conv", 512, 300, 69, True, saturates=True)]

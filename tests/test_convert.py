@@ -17,10 +17,10 @@ from torch.nn.utils import parametrize
 import qswap
 from qswap.calibrate import calibrate
 from qswap.convert import convert, quantize
+from qswap.plan import plan
 from qswap.prepare import prepare
 from qswap.registry import Registry, default_registry
 from qswap.state import state_of
-from qswap.walker import plan
 
 FAKE = "w8a8_minmax"
 

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 import qswap
-from qswap.artifact import write_atomic
 from qswap.cli import main
 from qswap.exceptions import CalibrationError, FileError, PlanError, QSwapError
+from qswap.persist.artifact import write_atomic
 
 T = TypeVar("T")
 
@@ -520,7 +520,7 @@ def test_write_syncs_the_file_and_its_folder(
 KILLED = textwrap.dedent(
     """
     import sys, time
-    from qswap.artifact import write_atomic
+    from qswap.persist.artifact import write_atomic
 
     def slow(fh):
         fh.write(b"partial")

@@ -17,7 +17,7 @@ from qswap.exceptions import UnsupportedModuleError
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from qswap.backends.onnx import export_onnx, onnx_session, ort_optimized_ops
+from qswap.export.onnx import export_onnx, onnx_session, ort_optimized_ops
 
 TEST = FORUM_X[32:]
 

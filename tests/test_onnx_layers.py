@@ -26,7 +26,7 @@ pytest.importorskip("onnxruntime")
 
 from onnx import numpy_helper
 
-from qswap.backends.onnx import compare_layers, export_onnx
+from qswap.export.onnx import compare_layers, export_onnx
 
 TEST = FORUM_X[32:48]  # 16 held-out images: compare_layers runs ORT layer by layer
 
@@ -151,7 +151,7 @@ def test_saturating_pairs_are_named_as_the_likely_cause(tmp_path: Path) -> None:
     warns and each failing row of ``compare_layers`` names the CPU as the likely cause;
     elsewhere the file is exact and nothing is said.
     """
-    from qswap.backends.onnx import saturating_layers
+    from qswap.export.onnx import saturating_layers
 
     qmodel = quantized_forum(vgg, "w8a8_minmax")
     assert len(saturating_layers(qmodel)) == 10

@@ -13,11 +13,11 @@ from torch.nn.utils import parametrize
 import qswap
 from qswap.calibrate import calibrate
 from qswap.convert import convert
+from qswap.plan import plan
 from qswap.prepare import prepare
 from qswap.quantizers import Observer
 from qswap.slots import ActivationSlot, WeightObserver
 from qswap.state import copy_model, state_of
-from qswap.walker import plan
 
 FAKE = "w8a8_minmax"
 

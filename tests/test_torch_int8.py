@@ -24,10 +24,10 @@ from qswap.backends import torch_int8 as ti
 from qswap.config import QuantSpec
 from qswap.cpu import pair_saturates
 from qswap.exceptions import UnsupportedModuleError
+from qswap.plan import LayerSpec
 from qswap.quantizers import QParams, fake_quantize, qparams_from_range
-from qswap.walker import LayerSpec
 
-with ti._torch_ao_deprecations_silenced():
+with ti.torch_ao_quiet():
     import torch.ao.nn.intrinsic as nni
     import torch.ao.nn.quantized as nnq
 
@@ -223,7 +223,7 @@ def test_integer_input_runs_without_requantizing() -> None:
     spec = make_spec(conv, ti.QuantizedConv2d, x)
     q = ti.QuantizedConv2d.from_float(conv, spec)
     scale, zero_point = ti._activation_qparams(spec.qparams["input"], "x")
-    with ti._torch_ao_deprecations_silenced():
+    with ti.torch_ao_quiet():
         qx = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
     assert torch.equal(q(qx).int_repr(), q(x).int_repr())
     assert torch.equal(q(x.double()).int_repr(), q(x).int_repr())
@@ -399,7 +399,7 @@ def test_state_dict_round_trip_keeps_input_qparams() -> None:
 
 
 def _warn_inside_silenced_block(*warnings_to_raise: tuple[str, type[Warning]]) -> None:
-    with ti._torch_ao_deprecations_silenced():
+    with ti.torch_ao_quiet():
         for message, category in warnings_to_raise:
             warnings.warn(message, category, stacklevel=2)
 
@@ -585,7 +585,7 @@ def test_integer_ops_are_dispatched_only_during_forward(lowered_net: Any) -> Non
     """Outside forward a quantized tensor behaves as torch's own (the dispatch mode is not left active)."""
     _, qmodel, x = lowered_net
     qmodel(x)
-    with ti._torch_ao_deprecations_silenced():
+    with ti.torch_ao_quiet():
         q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
     with pytest.raises(NotImplementedError, match="QuantizedCPU"):
         q + q
@@ -918,7 +918,7 @@ def test_counterparts_match_torch_ao_constructors(
             inner.padding, inner.dilation, inner.groups, inner.bias is not None,
             inner.padding_mode,
         )  # fmt: skip
-    with ti._torch_ao_deprecations_silenced():
+    with ti.torch_ao_quiet():
         ref: Any = counterpart(*ref_args)
         ref.set_weight_bias(*fast._weight_bias())
     ref.scale, ref.zero_point = fast.scale, fast.zero_point

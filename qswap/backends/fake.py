@@ -38,8 +38,8 @@ from qswap.tree import replace_module
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
+    from qswap.plan import LayerSpec
     from qswap.registry import Registry
-    from qswap.walker import LayerSpec
 
 __all__ = ["FakeQuantized", "fixed_activation", "install", "lower", "refit"]
 
@@ -70,7 +70,7 @@ def install(module: nn.Module, spec: LayerSpec, registry: Registry | None = None
     >>> import torch
     >>> from qswap.config import QuantSpec
     >>> from qswap.quantizers import qparams_from_range
-    >>> from qswap.walker import LayerSpec
+    >>> from qswap.plan import LayerSpec
     >>> spec = QuantSpec(bits=4)
     >>> qp = qparams_from_range(-0.7, 0.7, spec)
     >>> m = install(torch.nn.Linear(3, 3), LayerSpec("", torch.nn.Linear, None, spec, None, None, qparams={"weight": qp}))

@@ -40,10 +40,11 @@ from qswap.trace import Call, Trace, trace
 from qswap.tree import replace_module
 
 if TYPE_CHECKING:
+    from qswap.plan import LayerSpec
     from qswap.quantizers import QParams
-    from qswap.walker import LayerSpec
 
 __all__ = [
+    "IntegerModule",
     "IntegerPassthrough",
     "QuantizedBNReLU2d",
     "QuantizedBNReLU3d",
@@ -68,6 +69,8 @@ __all__ = [
     "fbgemm_saturates",
     "lower_qnnpack",
     "lower_x86",
+    "recorded_op",
+    "torch_ao_quiet",
 ]
 
 # torch 2.13 warns (once per process, from C++) when a quantized tensor is first created, and
@@ -84,7 +87,7 @@ _SILENCED: contextvars.ContextVar[bool] = contextvars.ContextVar("qswap_ao_silen
 
 
 @contextlib.contextmanager
-def _torch_ao_deprecations_silenced() -> Iterator[None]:
+def torch_ao_quiet() -> Iterator[None]:
     """Ignore torch.ao's deprecation warnings (only those) inside the block; cheap when nested."""
     if _SILENCED.get():
         yield  # an enclosing block already filters them (per-layer builders inside _lower)
@@ -100,7 +103,7 @@ def _torch_ao_deprecations_silenced() -> Iterator[None]:
         _SILENCED.reset(token)
 
 
-with _torch_ao_deprecations_silenced():
+with torch_ao_quiet():
     import torch.ao.nn.intrinsic as nni
     import torch.ao.nn.intrinsic.quantized as nniq
     import torch.ao.nn.quantized as nnq
@@ -114,7 +117,7 @@ def _consume_qtensor_warning() -> None:
     """Trigger torch's once-per-process quantized-tensor warning where it is silenced."""
     global _QTENSOR_WARNING_SEEN
     if not _QTENSOR_WARNING_SEEN:
-        with _torch_ao_deprecations_silenced():
+        with torch_ao_quiet():
             torch._empty_affine_quantized([1], scale=1.0, zero_point=0, dtype=torch.quint8)
         _QTENSOR_WARNING_SEEN = True
 
@@ -187,10 +190,10 @@ def _quantize_weight(weight: Tensor, qp: QParams, where: str) -> Tensor:
 
 
 class _IntegerModuleState(dict[str, Any]):
-    """Marks the extra state that ``_IntegerModule.__getstate__`` adds."""
+    """Marks the extra state that ``IntegerModule.__getstate__`` adds."""
 
 
-class _IntegerModule(nn.Module):
+class IntegerModule(nn.Module):
     """Mixin: quantize a float input with the calibrated input qparams, then run the kernel."""
 
     input_scale: float = 1.0
@@ -309,7 +312,7 @@ def _inner(module: nn.Module, fused: type[nn.Module]) -> nn.Module:
     return module
 
 
-def _new_linear(cls: type[_IntegerModule], linear: nn.Linear, qweight: Tensor) -> _IntegerModule:
+def _new_linear(cls: type[IntegerModule], linear: nn.Linear, qweight: Tensor) -> IntegerModule:
     """``cls(in, out, bias, qint8)`` with ``qweight`` set, packing the weight once.
 
     torch.ao's constructors pack a placeholder weight twice before ``set_weight_bias``
@@ -326,12 +329,12 @@ def _new_linear(cls: type[_IntegerModule], linear: nn.Linear, qweight: Tensor) -
     q._packed_params = packed
     q.scale = 1.0
     q.zero_point = 0
-    return cast(_IntegerModule, q)
+    return cast(IntegerModule, q)
 
 
 def _new_conv(
-    cls: type[_IntegerModule], conv: nn.modules.conv._ConvNd, qweight: Tensor
-) -> _IntegerModule:
+    cls: type[IntegerModule], conv: nn.modules.conv._ConvNd, qweight: Tensor
+) -> IntegerModule:
     """``cls(in, out, kernel, stride, ...)`` with ``qweight`` set, packing the weight once.
 
     torch.ao's ``_ConvNd._init`` packs a placeholder weight (as costly as the real one on
@@ -354,11 +357,11 @@ def _new_conv(
     q.set_weight_bias(qweight, _bias(conv))
     q.scale = 1.0
     q.zero_point = 0
-    return cast(_IntegerModule, q)
+    return cast(IntegerModule, q)
 
 
 def _build_linear(
-    cls: type[_IntegerModule], module: nn.Module, spec: LayerSpec, fused: type[nn.Module]
+    cls: type[IntegerModule], module: nn.Module, spec: LayerSpec, fused: type[nn.Module]
 ) -> nn.Module:
     linear = _inner(module, fused)
     if not isinstance(linear, nn.Linear):
@@ -369,7 +372,7 @@ def _build_linear(
         linear.weight, _qparams(spec, "weight", module), f"{spec.name} weight"
     )
     scale, zero_point = _out(spec, module)
-    with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
+    with torch_ao_quiet(), _refusal_explained(spec):
         q = _new_linear(cls, linear, qweight)
     q.scale = scale
     q.zero_point = zero_point
@@ -378,7 +381,7 @@ def _build_linear(
 
 
 def _build_conv(
-    cls: type[_IntegerModule],
+    cls: type[IntegerModule],
     module: nn.Module,
     spec: LayerSpec,
     float_cls: type[nn.Module],
@@ -407,7 +410,7 @@ def _build_conv(
         )
     qweight = _quantize_weight(conv.weight, _qparams(spec, "weight", module), f"{spec.name} weight")
     scale, zero_point = _out(spec, module)
-    with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
+    with torch_ao_quiet(), _refusal_explained(spec):
         q = _new_conv(cls, conv, qweight)
     q.scale = scale
     q.zero_point = zero_point
@@ -416,7 +419,7 @@ def _build_conv(
 
 
 def _build_batchnorm(
-    cls: type[_IntegerModule], module: nn.Module, spec: LayerSpec, fused: type[nn.Module]
+    cls: type[IntegerModule], module: nn.Module, spec: LayerSpec, fused: type[nn.Module]
 ) -> nn.Module:
     bn = _inner(module, fused)
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
@@ -429,7 +432,7 @@ def _build_batchnorm(
             "track_running_stats=False; skip the layer with a rule"
         )
     scale, zero_point = _out(spec, module)
-    with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
+    with torch_ao_quiet(), _refusal_explained(spec):
         q = cls(bn.num_features, bn.eps, bn.momentum)
     n = bn.num_features
     with torch.no_grad():
@@ -550,7 +553,7 @@ class _FloatReads:
         )
 
 
-class QuantizedLinear(_IntegerModule, _FloatReads, nnq.Linear):  # type: ignore[misc]
+class QuantizedLinear(IntegerModule, _FloatReads, nnq.Linear):  # type: ignore[misc]
     """int8 ``nn.Linear`` (torch.ao.nn.quantized.Linear) that also accepts float input."""
 
     @classmethod
@@ -559,7 +562,7 @@ class QuantizedLinear(_IntegerModule, _FloatReads, nnq.Linear):  # type: ignore[
         return _build_linear(cls, module, spec, nni.LinearReLU)
 
 
-class QuantizedLinearReLU(_IntegerModule, _FloatReads, nniq.LinearReLU):  # type: ignore[misc]
+class QuantizedLinearReLU(IntegerModule, _FloatReads, nniq.LinearReLU):  # type: ignore[misc]
     """int8 ``Linear`` + ``ReLU`` in one kernel (from ``torch.ao.nn.intrinsic.LinearReLU``)."""
 
     @classmethod
@@ -568,7 +571,7 @@ class QuantizedLinearReLU(_IntegerModule, _FloatReads, nniq.LinearReLU):  # type
         return _build_linear(cls, module, spec, nni.LinearReLU)
 
 
-class QuantizedConv1d(_IntegerModule, _FloatReads, nnq.Conv1d):  # type: ignore[misc]
+class QuantizedConv1d(IntegerModule, _FloatReads, nnq.Conv1d):  # type: ignore[misc]
     """int8 ``nn.Conv1d`` that also accepts float input."""
 
     @classmethod
@@ -577,7 +580,7 @@ class QuantizedConv1d(_IntegerModule, _FloatReads, nnq.Conv1d):  # type: ignore[
         return _build_conv(cls, module, spec, nn.Conv1d, nni.ConvReLU1d)
 
 
-class QuantizedConv2d(_IntegerModule, _FloatReads, nnq.Conv2d):  # type: ignore[misc]
+class QuantizedConv2d(IntegerModule, _FloatReads, nnq.Conv2d):  # type: ignore[misc]
     """int8 ``nn.Conv2d`` that also accepts float input."""
 
     @classmethod
@@ -586,7 +589,7 @@ class QuantizedConv2d(_IntegerModule, _FloatReads, nnq.Conv2d):  # type: ignore[
         return _build_conv(cls, module, spec, nn.Conv2d, nni.ConvReLU2d)
 
 
-class QuantizedConv3d(_IntegerModule, _FloatReads, nnq.Conv3d):  # type: ignore[misc]
+class QuantizedConv3d(IntegerModule, _FloatReads, nnq.Conv3d):  # type: ignore[misc]
     """int8 ``nn.Conv3d`` that also accepts float input."""
 
     @classmethod
@@ -595,7 +598,7 @@ class QuantizedConv3d(_IntegerModule, _FloatReads, nnq.Conv3d):  # type: ignore[
         return _build_conv(cls, module, spec, nn.Conv3d, nni.ConvReLU3d)
 
 
-class QuantizedConvReLU1d(_IntegerModule, _FloatReads, nniq.ConvReLU1d):  # type: ignore[misc]
+class QuantizedConvReLU1d(IntegerModule, _FloatReads, nniq.ConvReLU1d):  # type: ignore[misc]
     """int8 ``Conv1d`` + ``ReLU`` in one kernel."""
 
     @classmethod
@@ -604,7 +607,7 @@ class QuantizedConvReLU1d(_IntegerModule, _FloatReads, nniq.ConvReLU1d):  # type
         return _build_conv(cls, module, spec, nn.Conv1d, nni.ConvReLU1d)
 
 
-class QuantizedConvReLU2d(_IntegerModule, _FloatReads, nniq.ConvReLU2d):  # type: ignore[misc]
+class QuantizedConvReLU2d(IntegerModule, _FloatReads, nniq.ConvReLU2d):  # type: ignore[misc]
     """int8 ``Conv2d`` + ``ReLU`` in one kernel."""
 
     @classmethod
@@ -613,7 +616,7 @@ class QuantizedConvReLU2d(_IntegerModule, _FloatReads, nniq.ConvReLU2d):  # type
         return _build_conv(cls, module, spec, nn.Conv2d, nni.ConvReLU2d)
 
 
-class QuantizedConvReLU3d(_IntegerModule, _FloatReads, nniq.ConvReLU3d):  # type: ignore[misc]
+class QuantizedConvReLU3d(IntegerModule, _FloatReads, nniq.ConvReLU3d):  # type: ignore[misc]
     """int8 ``Conv3d`` + ``ReLU`` in one kernel."""
 
     @classmethod
@@ -622,7 +625,7 @@ class QuantizedConvReLU3d(_IntegerModule, _FloatReads, nniq.ConvReLU3d):  # type
         return _build_conv(cls, module, spec, nn.Conv3d, nni.ConvReLU3d)
 
 
-class QuantizedBatchNorm2d(_IntegerModule, nnq.BatchNorm2d):
+class QuantizedBatchNorm2d(IntegerModule, nnq.BatchNorm2d):
     """int8 ``BatchNorm2d`` for a BatchNorm that could not be folded into a convolution."""
 
     @classmethod
@@ -631,7 +634,7 @@ class QuantizedBatchNorm2d(_IntegerModule, nnq.BatchNorm2d):
         return _build_batchnorm(cls, module, spec, nni.BNReLU2d)
 
 
-class QuantizedBatchNorm3d(_IntegerModule, nnq.BatchNorm3d):
+class QuantizedBatchNorm3d(IntegerModule, nnq.BatchNorm3d):
     """int8 ``BatchNorm3d`` for a BatchNorm that could not be folded into a convolution."""
 
     @classmethod
@@ -640,7 +643,7 @@ class QuantizedBatchNorm3d(_IntegerModule, nnq.BatchNorm3d):
         return _build_batchnorm(cls, module, spec, nni.BNReLU3d)
 
 
-class QuantizedBNReLU2d(_IntegerModule, nniq.BNReLU2d):
+class QuantizedBNReLU2d(IntegerModule, nniq.BNReLU2d):
     """int8 ``BatchNorm2d`` + ``ReLU`` (from ``torch.ao.nn.intrinsic.BNReLU2d``)."""
 
     @classmethod
@@ -649,7 +652,7 @@ class QuantizedBNReLU2d(_IntegerModule, nniq.BNReLU2d):
         return _build_batchnorm(cls, module, spec, nni.BNReLU2d)
 
 
-class QuantizedBNReLU3d(_IntegerModule, nniq.BNReLU3d):
+class QuantizedBNReLU3d(IntegerModule, nniq.BNReLU3d):
     """int8 ``BatchNorm3d`` + ``ReLU`` (from ``torch.ao.nn.intrinsic.BNReLU3d``)."""
 
     @classmethod
@@ -750,7 +753,7 @@ def _build_dynamic(
     qweight = _quantize_weight(
         linear.weight, _qparams(spec, "weight", module), f"{spec.name} weight"
     )
-    with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
+    with torch_ao_quiet(), _refusal_explained(spec):
         packed: Any = _PackedParams.__new__(_PackedParams)
         nn.Module.__init__(packed)
         packed.dtype = torch.qint8
@@ -767,7 +770,7 @@ def _build_dynamic(
     return cast(nn.Module, q)
 
 
-class QuantizedLayerNorm(_IntegerModule, nnq.LayerNorm):
+class QuantizedLayerNorm(IntegerModule, nnq.LayerNorm):
     """int8 ``nn.LayerNorm`` (``quantized::layer_norm``): float scale and shift, integer in and out.
 
     Between int8 layers (a transformer's norm before its projections) it keeps the tensor
@@ -782,7 +785,7 @@ class QuantizedLayerNorm(_IntegerModule, nnq.LayerNorm):
                 f"{spec.name}: expected an nn.LayerNorm, got {type(module).__name__}"
             )
         scale, zero_point = _out(spec, module)
-        with _torch_ao_deprecations_silenced(), _refusal_explained(spec):
+        with torch_ao_quiet(), _refusal_explained(spec):
             q = cls(
                 module.normalized_shape,
                 module.weight,
@@ -940,7 +943,7 @@ def float_native(module: nn.Module) -> nn.Module:
 
 
 # A conv/linear whose only consumer is a ReLU is lowered to the fused kernel (see _analyse).
-_WITH_RELU: dict[type[_IntegerModule], type[_IntegerModule]] = {
+_WITH_RELU: dict[type[IntegerModule], type[IntegerModule]] = {
     QuantizedLinear: QuantizedLinearReLU,
     QuantizedConv1d: QuantizedConvReLU1d,
     QuantizedConv2d: QuantizedConvReLU2d,
@@ -1286,7 +1289,7 @@ def _operand_qparams(args: Sequence[Any]) -> tuple[tuple[float, int], ...] | Non
     return tuple(out)
 
 
-def _recorded_op(
+def recorded_op(
     runtime: _Runtime,
     seen: dict[tuple[Any, ...], int],
     name: str,
@@ -1406,7 +1409,7 @@ class _Dispatch(TorchFunctionMode):
         return func(*_dequantize(tuple(args), dtype), **_dequantize(dict(kwargs), dtype))
 
     def _integer_op(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        found = _recorded_op(self.runtime, self.seen, name, args, kwargs, _operand_qparams)
+        found = recorded_op(self.runtime, self.seen, name, args, kwargs, _operand_qparams)
         if found is None:
             return None
         op, tensors, dim = found
@@ -1520,7 +1523,7 @@ def check_layer(layer: LayerSpec) -> str | None:
     """What torch's int8 CPU kernels cannot run of a planned layer (the plan falls back), or None.
 
     >>> from qswap.config import QuantSpec
-    >>> from qswap.walker import LayerSpec
+    >>> from qswap.plan import LayerSpec
     >>> w = QuantSpec(granularity="per_group", axis=0, group_size=4)
     >>> check_layer(LayerSpec("fc", torch.nn.Linear, QuantizedLinear, w, None, None))
     "per-group weights (groups of 4): torch's int8 kernels take per-tensor or per-channel (axis 0) weights"
@@ -1613,7 +1616,7 @@ def fbgemm_saturates() -> bool:
         return False
     k = 64  # several pairs, a full register row: the kernel's main loop
     exact = k * 255 * 127
-    with _engine("x86"), _torch_ao_deprecations_silenced():
+    with _engine("x86"), torch_ao_quiet():
         x = torch.quantize_per_tensor(torch.full((4, k), 255.0), 1.0, 0, torch.quint8)
         w = torch.quantize_per_tensor(torch.full((8, k), 127.0), 1.0, 0, torch.qint8)
         packed = torch.ops.quantized.linear_prepack(w, None)
@@ -1660,7 +1663,7 @@ def _lower_dynamic(backend: str, model: nn.Module, layers: Mapping[str, LayerSpe
     paths_of: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         paths_of.setdefault(id(module), []).append(path)
-    with _engine(backend), _torch_ao_deprecations_silenced():
+    with _engine(backend), torch_ao_quiet():
         for path, spec in layers.items():
             cls = _DYNAMIC.get(cast(type, spec.counterpart))
             if cls is None:
@@ -1698,7 +1701,7 @@ def _lower(
         (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
     )
     from qswap.bias_correction import apply_shift
-    from qswap.walker import set_eval
+    from qswap.plan import set_eval
 
     set_eval(model)
     t = _dataflow(model, tuple(example_inputs), example_kwargs or {})
@@ -1714,7 +1717,7 @@ def _lower(
             continue
     notes: list[str] = []
     kinds: dict[str, str] = {}
-    built: dict[str, _IntegerModule] = {}
+    built: dict[str, IntegerModule] = {}
     out_q: dict[str, _Act] = {}
     # in_q: input qparams observed on the layer's own input (_analyse may requantize the
     # value feeding it with them); has_input: paths with input qparams of any origin, those
@@ -1726,7 +1729,7 @@ def _lower(
     def aliases(path: str) -> list[str]:
         return paths_of.get(id(modules[path]), [path])
 
-    with _engine(backend), _torch_ao_deprecations_silenced():
+    with _engine(backend), torch_ao_quiet():
         for path, spec in layers.items():
             module = modules.get(path)
             if module is None:
@@ -1751,7 +1754,7 @@ def _lower(
                     if "output" in acts and type(module) is nn.ReLU:
                         relu_out_q[p] = acts["output"]
                 continue
-            if not (isinstance(cp, type) and issubclass(cp, _IntegerModule)):
+            if not (isinstance(cp, type) and issubclass(cp, IntegerModule)):
                 apply_shift(module, spec.bias_shift, undo=True)  # not lowered: float weights
                 continue
             try:
@@ -1766,7 +1769,7 @@ def _lower(
                 notes.append(f"{exc} (the layer stays float)")
                 apply_shift(module, spec.bias_shift, undo=True)  # float weights: no correction
                 continue
-            built[path] = cast(_IntegerModule, q)
+            built[path] = cast(IntegerModule, q)
             for p in aliases(path):
                 kinds[p] = "weighted"
                 out_q[p] = out
@@ -1797,7 +1800,7 @@ def _lower(
             )
             if fold is not None:
                 fused_cls = _WITH_RELU[type(q)]
-                q = cast(_IntegerModule, fused_cls.from_float(modules[path], layers[path]))
+                q = cast(IntegerModule, fused_cls.from_float(modules[path], layers[path]))
                 q.scale, q.zero_point = fold.scale, fold.zero_point
                 notes.append(f"{path}: the ReLU that follows runs fused ({fused_cls.__name__})")
             _carry_hooks(modules[path], q)

@@ -11,7 +11,7 @@ from torch import nn
 
 import qswap
 from qswap.exceptions import CalibrationError, PlanError
-from qswap.serialize import load, save
+from qswap.persist.model_file import load, save
 
 X = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 

@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from qswap.artifact import check_writable, write_atomic
 from qswap.exceptions import FileError, PlanError, UnsupportedModuleError
-from qswap.trace import _tensors, function_name
+from qswap.persist.artifact import check_writable, write_atomic
+from qswap.trace import flatten_tensors, function_name
 
 if TYPE_CHECKING:
     import onnx
@@ -385,7 +385,7 @@ class _Emulate(TorchFunctionMode):
         from qswap.dataflow import GRID_FUNCTIONS
 
         kwargs = kwargs or {}
-        tensors = _tensors([args, kwargs], [])
+        tensors = flatten_tensors([args, kwargs], [])
         marks = [m for m in (_mark_of(t) for t in tensors) if m is not None]
         if not marks:
             return func(*args, **kwargs)
@@ -402,9 +402,9 @@ class _Emulate(TorchFunctionMode):
         return _unmark(func(*args, **kwargs))
 
     def _integer_op(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        from qswap.backends.torch_int8 import _recorded_op
+        from qswap.backends.torch_int8 import recorded_op
 
-        found = _recorded_op(self.runtime, self.seen, name, args, kwargs, _marks)
+        found = recorded_op(self.runtime, self.seen, name, args, kwargs, _marks)
         if found is None:
             return None
         op, tensors, dim = found
@@ -446,13 +446,13 @@ def _int8_twin(model: nn.Module) -> nn.Module:
                 twin._forward_pre_hooks_with_kwargs.pop(key, None)
                 twin._forward_hooks_with_kwargs.pop(key, None)
                 twin._forward_hooks_always_called.pop(key, None)
-    if isinstance(twin, ti._IntegerModule):
+    if isinstance(twin, ti.IntegerModule):
         return _Emulated(_QDQLayer(twin), runtime)
     for path, module in list(twin.named_modules(remove_duplicate=False)):
         if not path:
             continue
         replacement: nn.Module | None = None
-        if isinstance(module, ti._IntegerModule):
+        if isinstance(module, ti.IntegerModule):
             replacement = _QDQLayer(module)
         elif isinstance(module, ti._IntegerReLU):
             replacement = _QDQReLU(inplace=False)
@@ -555,7 +555,7 @@ def export_onnx(
     )
     with torch.no_grad():
         out = target(*args, **kwargs)
-    n_out = len(_tensors(out, []))
+    n_out = len(flatten_tensors(out, []))
     names_out = (
         list(output_names)
         if output_names is not None
@@ -1136,7 +1136,7 @@ def _load_onnx_file(onnx: Any, path: str | os.PathLike[str]) -> Any:
 
 def _layer_weights(model: nn.Module, state: Any) -> dict[str, Any]:
     """The integer weights of every layer whose weight, input and output qswap quantizes."""
-    from qswap.backends.torch_int8 import _IntegerModule
+    from qswap.backends.torch_int8 import IntegerModule
     from qswap.slots import param_location
 
     found: dict[str, Any] = {}
@@ -1144,7 +1144,7 @@ def _layer_weights(model: nn.Module, state: Any) -> dict[str, Any]:
         if not {"weight", "input", "output"} <= layer.qparams.keys():
             continue
         module = model.get_submodule(name)
-        if isinstance(module, _IntegerModule):
+        if isinstance(module, IntegerModule):
             packed = getattr(module, "weight", None)
             qweight = packed() if callable(packed) else None
             if isinstance(qweight, Tensor) and qweight.is_quantized:
@@ -1307,7 +1307,7 @@ def _integer_inputs(model: nn.Module, names: Sequence[str], example_inputs: Any)
 
     A layer after a quantized ``add`` gets the add's grid, not its own calibrated input's.
     """
-    from qswap.backends.torch_int8 import _IntegerModule
+    from qswap.backends.torch_int8 import IntegerModule
 
     found: dict[str, QP] = {}
 
@@ -1327,7 +1327,7 @@ def _integer_inputs(model: nn.Module, names: Sequence[str], example_inputs: Any)
     handles = [
         module.register_forward_pre_hook(recorder(name))
         for name in names
-        if isinstance(module := model.get_submodule(name), _IntegerModule)
+        if isinstance(module := model.get_submodule(name), IntegerModule)
     ]
     if not handles:
         return found
@@ -1353,11 +1353,11 @@ def _agreement(
     """Run qswap's layer on ONNX Runtime's integer input; compare the integer outputs."""
     import numpy as np
 
-    from qswap.backends.torch_int8 import _IntegerModule
+    from qswap.backends.torch_int8 import IntegerModule
 
     module = model.get_submodule(name)
     ort_in, ort_out = codes[site.codes_in], codes[site.codes_out]
-    if isinstance(module, _IntegerModule):
+    if isinstance(module, IntegerModule):
         int8: Any = module
         qp_in: QP = seen or (float(int8.input_scale), int(int8.input_zero_point))
         x = torch._make_per_tensor_quantized_tensor(torch.from_numpy(ort_in), *qp_in)

@@ -13,7 +13,7 @@ from torch import nn
 
 import qswap
 from qswap.config import QConfig
-from qswap.walker import LayerSpec, Plan, plan
+from qswap.plan import LayerSpec, Plan, plan
 
 FAKE = "w8a8_minmax"
 

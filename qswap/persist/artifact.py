@@ -43,8 +43,8 @@ from qswap.quantizers import QParams
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
+    from qswap.plan import LayerSpec, Plan
     from qswap.state import QSwapState
-    from qswap.walker import LayerSpec, Plan
 
 __all__ = [
     "FORMAT_VERSION",

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qswap.artifact import (
+from qswap.exceptions import ConfigError, PlanError
+from qswap.persist.artifact import (
     MODEL_FILE,
     _decode,
     _Fields,
@@ -43,7 +44,6 @@ from qswap.artifact import (
     read_payload,
     save_payload,
 )
-from qswap.exceptions import ConfigError, PlanError
 from qswap.registry import Registry, qualified_name
 
 __all__ = ["load", "save"]
@@ -102,9 +102,9 @@ def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
 @contextlib.contextmanager
 def _quantized_quiet() -> Iterator[None]:
     """Silence torch's deprecation notice for quantized tensor creation (int8 models only)."""
-    from qswap.backends.torch_int8 import _torch_ao_deprecations_silenced
+    from qswap.backends.torch_int8 import torch_ao_quiet
 
-    with _torch_ao_deprecations_silenced():
+    with torch_ao_quiet():
         yield
 
 
@@ -337,8 +337,8 @@ def load(
     """
     from qswap.config import load_config
     from qswap.convert import convert
+    from qswap.plan import plan
     from qswap.prepare import prepare
-    from qswap.walker import plan
 
     source = str(path)
     payload = read_payload(path, _KIND, MODEL_FILE)
