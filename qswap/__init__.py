@@ -56,8 +56,7 @@ from qswap.registry import (
 )
 from qswap.report import LayerReport, Report, report
 from qswap.trace import Trace, trace
-
-__version__ = "0.1.0"
+from qswap.version import __version__ as __version__
 
 __all__ = [
     "Backend",

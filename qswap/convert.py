@@ -159,7 +159,7 @@ def _lower(
             "register it with Backend(..., lower=...) or a pack's `lower:`"
         )
     if backend.integer:
-        if args is None and the_plan.config.mode != "dynamic":
+        if args is None and the_plan.config.mode in ("static", "qat"):
             raise CalibrationError(
                 f"convert() for backend {backend.name!r} needs example inputs to place "
                 "quant/dequant boundaries; pass example_inputs= to prepare() or run "

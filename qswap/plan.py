@@ -1672,6 +1672,12 @@ def _fusion_groups(
             # pattern (the built-in fusers copy their inputs, so the model is untouched).
             modules = [model.get_submodule(p) for p in g.paths]
             fused = fused_types[key] = type(g.pattern.fuse(*modules))
+        if (
+            cfg.fusion == "auto"
+            and reg.find_mapping(fused, cfg.backend) is None
+            and reg.find_mapping(g.types[0], cfg.backend) is not None
+        ):
+            continue  # the backend runs the first layer as it is, but not what fusing makes
         kept = tuple(getattr(g, "kept", ()))
         out.append(_Group(tuple(g.paths), tuple(g.types), fused, g, kept))
     return out

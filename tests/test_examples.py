@@ -46,3 +46,32 @@ def test_example_config_validates(config: Path) -> None:
 
     cfg = load_config(config)
     assert cfg.backend
+
+
+def test_a_backend_of_ones_own_plans_lowers_and_runs() -> None:
+    """examples/custom_backend.py: the int8pack backend is chosen from YAML and runs its kernel."""
+    import torch
+    from custom_backend import CONFIG, Int8PackLinear, registry
+    from torch import nn
+
+    import qswap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4), nn.Conv1d(1, 1, 1))
+    reg = registry()
+    cfg = qswap.load_config(CONFIG, registry=reg)
+    p = qswap.plan(model, cfg, registry=reg)
+    assert p["0"].backend == "int8pack" and p["3"].backend == "fake"  # no mapping: falls back
+    with pytest.warns(
+        qswap.FallbackWarning, match="1 of 3 layers cannot run on backend 'int8pack'"
+    ):
+        q = qswap.quantize(model, cfg, registry=reg)
+    assert isinstance(q[0], Int8PackLinear) and q[0].qweight.dtype == torch.int8
+    x = torch.randn(8, 1, 16)
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+    with pytest.raises(
+        qswap.ConfigError, match="unknown backend 'int8pak'; did you mean 'int8pack'"
+    ):
+        qswap.load_config(CONFIG.replace("int8pack ", "int8pak "), registry=reg)

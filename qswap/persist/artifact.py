@@ -525,9 +525,9 @@ def _state(model: nn.Module, what: str) -> QSwapState:
 
 def calibration_payload(model: nn.Module) -> dict[str, Any]:
     """The artifact of a calibrated (prepared) or converted model, as ``torch.save`` takes it."""
-    from qswap import __version__
     from qswap.config import dump_config
     from qswap.registry import qualified_name
+    from qswap.version import __version__
 
     state = _state(model, "save_calibration()")
     if state.stage == "prepared" and state.failed is not None:
