@@ -352,7 +352,7 @@ def _check_out(out: Path, shown: str, force: bool) -> None:
     entries = list(out.iterdir())
     foreign = sorted(p.name for p in entries if p.name not in _WRITTEN or not p.is_file())
     names = {p.name for p in entries}
-    if foreign or (entries and not _CORE <= names):
+    if foreign or (entries and not names >= _CORE):
         shown_names = ", ".join(foreign[:3]) + (
             f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         )

@@ -108,7 +108,7 @@ def convert(
         names = {layer.backend for layer in layers.values()} - {target.name}
         for bname in [*sorted(names), target.name]:
             own = {name: layer for name, layer in layers.items() if layer.backend == bname}
-            if own or bname == target.name and target.integer:
+            if own or (bname == target.name and target.integer):
                 model = _lower(registry.backend(bname), model, own, args, kwargs, the_plan)
     room = RecursionRoom.needed(model)
     if room is not None:  # hooks add frames per level: a very deep model needs more stack

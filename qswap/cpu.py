@@ -39,7 +39,7 @@ def capability() -> str:
     """
     try:
         return str(torch.backends.cpu.get_cpu_capability())
-    except Exception:  # noqa: BLE001 - an exotic build without the query: report it as unknown
+    except Exception:
         return "unknown"
 
 

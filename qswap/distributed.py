@@ -69,7 +69,7 @@ import copy
 import datetime
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
 
@@ -460,10 +460,8 @@ def report_failure(ctx: DistributedContext, exc: BaseException) -> None:
     re-raises ``exc``).
     """
     message = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
-    try:
+    with suppress(CalibrationError):
         _handshake(ctx, _Report(error=message))
-    except CalibrationError:
-        pass
 
 
 def _check_reports(ctx: DistributedContext, reports: list[_Report]) -> None:
@@ -483,7 +481,7 @@ def _check_reports(ctx: DistributedContext, reports: list[_Report]) -> None:
         theirs = [(o.path, o.kind, o.reduction) for o in rep.observers]
         if theirs != layout:
             diff = next(
-                (i for i, (a, b) in enumerate(zip(layout, theirs)) if a != b),
+                (i for i, (a, b) in enumerate(zip(layout, theirs, strict=False)) if a != b),
                 min(len(layout), len(theirs)),
             )
             a = layout[diff] if diff < len(layout) else "nothing"
@@ -602,7 +600,7 @@ def _reduce_builtin(
 
     sums = _Bucket(ctx.device)
     sum_at: list[int] = []
-    for (obs, reduction, shape, here, weight, _, base), at in zip(active, low_at):
+    for (obs, reduction, shape, here, weight, _, base), at in zip(active, low_at, strict=False):
         if reduction == "histogram":
             lo, hi = float(lows[at][0]), -float(lows[at][1])
             bins = int(obs.bins)
@@ -622,7 +620,9 @@ def _reduce_builtin(
             sum_at.append(-1)
     summed = sums.reduce(ctx, dist.ReduceOp.SUM, "summing histograms and moving averages")
 
-    for (obs, reduction, shape, _, _, total, _), at, sat in zip(active, low_at, sum_at):
+    for (obs, reduction, shape, _, _, total, _), at, sat in zip(
+        active, low_at, sum_at, strict=False
+    ):
         snapshot = _Synced(total)
         if reduction == "minmax":
             _store(obs, "min_val", lows[at], shape)
@@ -735,7 +735,9 @@ def _broadcast_shared(
         for tensors in by_dtype.values():
             flat = torch.cat([t.detach().reshape(-1).to(ctx.device) for t in tensors])
             dist.broadcast(flat, src=src, group=ctx.group)
-            for tensor, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
+            for tensor, part in zip(
+                tensors, torch.split(flat, [t.numel() for t in tensors]), strict=False
+            ):
                 tensor.copy_(part.reshape(tensor.shape))
     for _, quantizer in shared:
         refresh = getattr(quantizer, "_after_load", None)
@@ -784,7 +786,7 @@ def sync_observers(
     fed, shared = _find_quantizers(root)
     report = _Report(
         error=None,
-        observers=tuple(_info(p, o, k) for (p, o), k in zip(observers, kinds)),
+        observers=tuple(_info(p, o, k) for (p, o), k in zip(observers, kinds, strict=False)),
         shared=tuple(
             (path, tuple((n, tuple(t.shape), str(t.dtype)) for n, t in _tensors_of(q)))
             for path, q in shared
@@ -795,12 +797,12 @@ def sync_observers(
     with torch.no_grad():
         builtin = [
             (i, obs, kind)
-            for i, ((_, obs), kind) in enumerate(zip(observers, kinds))
+            for i, ((_, obs), kind) in enumerate(zip(observers, kinds, strict=False))
             if kind in ("minmax", "weighted_mean", "histogram")
         ]
         _reduce_builtin(ctx, builtin, reports)
-        _reduce_by_merge(ctx, [po for po, k in zip(observers, kinds) if k == "merge"])
-        for (path, obs), kind in zip(observers, kinds):
+        _reduce_by_merge(ctx, [po for po, k in zip(observers, kinds, strict=False) if k == "merge"])
+        for (path, obs), kind in zip(observers, kinds, strict=False):
             if kind == "custom":
                 with _collective(ctx, f"running {type(obs).__qualname__}.reduce_state at {path!r}"):
                     obs.reduce_state(ctx.group)  # type: ignore[operator]

@@ -510,7 +510,7 @@ def _traced_groups(
 
 
 def _check_model_matches(model: nn.Module, group: FusionGroup) -> None:
-    for path, kind in zip(group.paths, group.types):
+    for path, kind in zip(group.paths, group.types, strict=False):
         try:
             module = model.get_submodule(path)
         except AttributeError:
@@ -542,7 +542,7 @@ def _sequential_groups(model: nn.Module, patterns: list[FusionPattern]) -> list[
                 window = children[i : i + size]
                 if all(
                     type(child) is kind and id(child) not in claimed and owners[id(child)] == 1
-                    for (_, child), kind in zip(window, pattern.types)
+                    for (_, child), kind in zip(window, pattern.types, strict=False)
                 ):
                     seq_path = module_paths[id(seq)][0]
                     prefix = f"{seq_path}." if seq_path else ""
@@ -648,7 +648,11 @@ def check_explicit_groups(
                 if isinstance(call, str):
                     raise PlanError(f"{where}: {call}")
                 calls.append(call)
-            for (a, a_path), (b, b_path) in zip(zip(calls, paths), zip(calls[1:], paths[1:])):
+            for (a, a_path), (b, b_path) in zip(
+                zip(calls, paths, strict=False),
+                zip(calls[1:], paths[1:], strict=False),
+                strict=False,
+            ):
                 problem = _link_problem(trace, a, b, a_path, b_path)
                 if problem is not None:
                     raise PlanError(f"{where}: {problem}")
@@ -815,7 +819,7 @@ def _set_hooks(module: nn.Module, hooks: _Hooks) -> None:
     # nn.Module.__setattr__ would only check that these names are no parameter, buffer or
     # submodule before storing them; store them directly unless a class changes setattr.
     store = object.__setattr__ if type(module).__setattr__ is nn.Module.__setattr__ else setattr
-    for name, value in zip(_HOOK_ATTRS, hooks):
+    for name, value in zip(_HOOK_ATTRS, hooks, strict=False):
         store(module, name, value)
 
 
@@ -833,7 +837,7 @@ def _fuse(
 ) -> None:
     where = f"fusion group {list(group.paths)}"
     modules: list[nn.Module] = []
-    for path, kind in zip(group.paths, group.types):
+    for path, kind in zip(group.paths, group.types, strict=False):
         if not path:
             raise PlanError(f"{where}: the model itself cannot be part of a fusion group")
         try:

@@ -291,7 +291,11 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = []
         for i, r in enumerate(rows):
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths)) + "  " + r[3])
+            lines.append(
+                "  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=False))
+                + "  "
+                + r[3]
+            )
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
         counts = ", ".join(f"{v} {k}" for k, v in self.counts().items() if v)

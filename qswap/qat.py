@@ -189,7 +189,7 @@ def fuse_for_qat(model: nn.Module, groups: Sequence[FusionGroup], registry: Regi
             nn.ReLU(inplace=getattr(m, "inplace", False)).train(m.training)
             if path in group.kept and type(m) is nn.ReLU
             else m
-            for path, m in zip(group.paths, modules)
+            for path, m in zip(group.paths, modules, strict=False)
         ]
         fused = TrainableFusion(members, by_types.get(tuple(group.types), group.pattern))
         fused.train(modules[0].training)

@@ -1041,7 +1041,9 @@ class _Density:
             gaps = torch.cat(
                 [
                     self.below_gap((offsets - zp_part.unsqueeze(1)) * s_part.unsqueeze(1)).sum(1)
-                    for zp_part, s_part in zip(torch.split(zp, rows), torch.split(s, rows))
+                    for zp_part, s_part in zip(
+                        torch.split(zp, rows), torch.split(s, rows), strict=False
+                    )
                 ]
             )
             error = self.spread + self.mass * (self.mean - top) ** 2

@@ -292,7 +292,7 @@ def _getattr_path(obj: object, dotted: str) -> object:
     for part in dotted.split("."):
         try:
             obj = getattr(obj, part, None)
-        except Exception:  # noqa: BLE001 - a lazy attribute that fails to load is not public
+        except Exception:
             return None
         if obj is None:
             return None

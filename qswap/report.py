@@ -40,7 +40,8 @@ from qswap.exceptions import CalibrationError, PlanError
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
-    from qswap.plan import LayerSpec, Plan
+    from qswap.plan import Decision, LayerSpec, Plan
+    from qswap.state import QSwapState
 
 __all__ = ["LayerReport", "Report", "report", "sqnr_db"]
 
@@ -189,7 +190,7 @@ class Report:
         )
         lines = [title]
         for i, row in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         lines += [f"note: {n}" for n in self.notes]
@@ -484,184 +485,247 @@ def report(
     """
     from qswap.decompose import decompose_in_place
     from qswap.fuse import fuse_model
-    from qswap.plan import split_inputs
-    from qswap.registry import qualified_name
-    from qswap.state import copy_model, state_of
+    from qswap.state import copy_model
 
-    state = state_of(quantized_model)
-    if state is None or state.stage != "converted":
-        raise PlanError(
-            "qswap.report() compares a quantized model with its float model; its second "
-            "argument must be a model that qswap.convert() or qswap.quantize() returned, got "
-            f"{'a prepared model that is not converted yet' if state else 'a ' + type(quantized_model).__name__ + ' that qswap did not quantize'}"
-        )
-    if state_of(float_model) is not None:
-        raise PlanError(
-            "qswap.report(float_model, quantized_model, batches): the first argument is a qswap "
-            "model; pass the float model it was quantized from"
-        )
+    state = _compared_state(float_model, quantized_model)
     the_plan = state.plan
-    if the_plan.model_type is not type(float_model):
-        raise PlanError(
-            f"the quantized model was made from a {the_plan.model_type.__name__}, but the float "
-            f"model is a {type(float_model).__name__}; pass the float model it was quantized from"
-        )
     layers = state.layers
     fused = copy_model(float_model)
     if decompose_in_place(fused, state.registry):  # the plan's paths are the decomposed ones
         float_model = copy_model(fused)
     fuse_model(fused, the_plan.fusion_groups, state.registry)
     fused.train(False)
-
-    float_rec, quant_rec = _Recorder(), _Recorder()
-    quant_modules: dict[str, nn.Module] = {}
-    for name in layers:
-        float_rec.watch(fused.get_submodule(name), name, inputs=True)
-        module = quantized_model.get_submodule(name)
-        quant_modules[name] = module
-        quant_rec.watch(module, name, inputs=False)
-
-    signal: dict[str, float] = dict.fromkeys(layers, 0.0)
-    noise: dict[str, float] = dict.fromkeys(layers, 0.0)
-    local_noise: dict[str, float] = dict.fromkeys(layers, 0.0)
-    mismatched: set[str] = set()
-    out_signal = out_noise = 0.0
-    references: list[tuple[tuple[Any, ...], dict[str, Any], Tensor]] = []
+    tally = _Tally(layers, fused, quantized_model, keep_references=sensitivity)
     flags = [(m, m.training) for m in [*float_model.modules(), *quantized_model.modules()]]
     float_model.train(False)
     quantized_model.train(False)
-    count = 0
     try:
         with torch.no_grad():
             for batch in batches:
-                if max_batches is not None and count >= max_batches:
+                if max_batches is not None and tally.count >= max_batches:
                     break
-                split = split_inputs(batch)
-                if split is None:
-                    raise CalibrationError(
-                        f"report batch {count} is None; each batch must be a tensor, a tuple of "
-                        "positional arguments or a dict of keyword arguments"
-                    )
-                args, kwargs = split
-                ref_out = _first_float(float_model(*args, **kwargs))
-                fused(*args, **kwargs)
-                q_out = _first_float(quantized_model(*args, **kwargs))
-                if ref_out is None or q_out is None:
-                    raise PlanError("report() needs models whose output holds a float tensor")
-                ref_out = ref_out.detach().clone()
-                out_signal += float(ref_out.double().pow(2).sum())
-                out_noise += float((ref_out.double() - q_out.double()).pow(2).sum())
-                if sensitivity:
-                    references.append((args, kwargs, ref_out))
-                quant_rec.active = False
-                for name in layers:
-                    ref_calls = float_rec.outputs.get(name, [])
-                    q_calls = quant_rec.outputs.get(name, [])
-                    if len(ref_calls) != len(q_calls):
-                        mismatched.add(name)
-                        continue
-                    for ref, q in zip(ref_calls, q_calls):
-                        r64 = ref.double()
-                        signal[name] += float(r64.pow(2).sum())
-                        noise[name] += float((r64 - q.double()).pow(2).sum())
-                    for (a, kw), ref in zip(float_rec.inputs.get(name, []), ref_calls):
-                        local = _first_float(quant_modules[name](*a, **kw))
-                        if local is None or local.shape != ref.shape:
-                            mismatched.add(name)
-                            continue
-                        local_noise[name] += float((ref.double() - local.double()).pow(2).sum())
-                quant_rec.active = True
-                float_rec.clear()
-                quant_rec.clear()
-                count += 1
+                tally.add(float_model, batch)
     finally:
-        float_rec.remove()
-        quant_rec.remove()
+        tally.remove()
         for m, flag in flags:
             m.training = flag
-    if count == 0:
+    if tally.count == 0:
         raise CalibrationError(
             "report() saw no batch: the iterable of batches was empty; pass at least one model "
             "input (a tensor, a tuple of positional arguments or a dict of keyword arguments)"
         )
-
     sens: dict[str, float] = {}
     if sensitivity:
-        sens = _sensitivity(fused, quant_modules, layers, references)
+        sens = _sensitivity(fused, tally.quant_modules, layers, tally.references)
+    notes = [
+        f"{n or '(root)'}: the float and quantized models call it a different number of times; "
+        "not measured"
+        for n in sorted(tally.mismatched)
+    ]
+    return Report(
+        rows=_rows(the_plan, layers, float_model, fused, tally, sens),
+        output_sqnr_db=_db(tally.out_signal, tally.out_noise),
+        batches=tally.count,
+        model_type=the_plan.model_type.__name__,
+        backend=the_plan.backend.name,
+        notes=notes,
+    )
 
-    ratios = {
-        n: local_noise[n] / signal[n]
-        for n in layers
-        if n not in mismatched and signal[n] > 0 and math.isfinite(local_noise[n])
-    }
+
+def _compared_state(float_model: nn.Module, quantized_model: nn.Module) -> QSwapState:
+    """The quantized model's qswap state, after checking the two models belong together."""
+    from qswap.state import state_of
+
+    state = state_of(quantized_model)
+    if state is None or state.stage != "converted":
+        got = (
+            "a prepared model that is not converted yet"
+            if state
+            else f"a {type(quantized_model).__name__} that qswap did not quantize"
+        )
+        raise PlanError(
+            "qswap.report() compares a quantized model with its float model; its second "
+            f"argument must be a model that qswap.convert() or qswap.quantize() returned, got {got}"
+        )
+    if state_of(float_model) is not None:
+        raise PlanError(
+            "qswap.report(float_model, quantized_model, batches): the first argument is a qswap "
+            "model; pass the float model it was quantized from"
+        )
+    if state.plan.model_type is not type(float_model):
+        raise PlanError(
+            f"the quantized model was made from a {state.plan.model_type.__name__}, but the "
+            f"float model is a {type(float_model).__name__}; pass the float model it was "
+            "quantized from"
+        )
+    return state
+
+
+class _Tally:
+    """Signal and noise per layer and at the output, batch by batch."""
+
+    def __init__(
+        self,
+        layers: Mapping[str, LayerSpec],
+        fused: nn.Module,
+        quantized_model: nn.Module,
+        *,
+        keep_references: bool,
+    ) -> None:
+        self.layers = layers
+        self.fused = fused
+        self.quantized_model = quantized_model
+        self.keep_references = keep_references
+        self.float_rec, self.quant_rec = _Recorder(), _Recorder()
+        self.quant_modules: dict[str, nn.Module] = {}
+        for name in layers:
+            self.float_rec.watch(fused.get_submodule(name), name, inputs=True)
+            module = quantized_model.get_submodule(name)
+            self.quant_modules[name] = module
+            self.quant_rec.watch(module, name, inputs=False)
+        self.signal: dict[str, float] = dict.fromkeys(layers, 0.0)
+        self.noise: dict[str, float] = dict.fromkeys(layers, 0.0)
+        self.local_noise: dict[str, float] = dict.fromkeys(layers, 0.0)
+        self.mismatched: set[str] = set()
+        self.out_signal = self.out_noise = 0.0
+        self.references: list[tuple[tuple[Any, ...], dict[str, Any], Tensor]] = []
+        self.count = 0
+
+    def add(self, float_model: nn.Module, batch: Any) -> None:
+        """Run one batch through the float, fused and quantized models and add up the errors."""
+        from qswap.plan import split_inputs
+
+        split = split_inputs(batch)
+        if split is None:
+            raise CalibrationError(
+                f"report batch {self.count} is None; each batch must be a tensor, a tuple of "
+                "positional arguments or a dict of keyword arguments"
+            )
+        args, kwargs = split
+        ref_out = _first_float(float_model(*args, **kwargs))
+        self.fused(*args, **kwargs)
+        q_out = _first_float(self.quantized_model(*args, **kwargs))
+        if ref_out is None or q_out is None:
+            raise PlanError("report() needs models whose output holds a float tensor")
+        ref_out = ref_out.detach().clone()
+        self.out_signal += float(ref_out.double().pow(2).sum())
+        self.out_noise += float((ref_out.double() - q_out.double()).pow(2).sum())
+        if self.keep_references:
+            self.references.append((args, kwargs, ref_out))
+        self.quant_rec.active = False
+        for name in self.layers:
+            self._add_layer(name)
+        self.quant_rec.active = True
+        self.float_rec.clear()
+        self.quant_rec.clear()
+        self.count += 1
+
+    def _add_layer(self, name: str) -> None:
+        ref_calls = self.float_rec.outputs.get(name, [])
+        q_calls = self.quant_rec.outputs.get(name, [])
+        if len(ref_calls) != len(q_calls):
+            self.mismatched.add(name)
+            return
+        for ref, q in zip(ref_calls, q_calls, strict=True):
+            r64 = ref.double()
+            self.signal[name] += float(r64.pow(2).sum())
+            self.noise[name] += float((r64 - q.double()).pow(2).sum())
+        for (a, kw), ref in zip(self.float_rec.inputs.get(name, []), ref_calls, strict=False):
+            local = _first_float(self.quant_modules[name](*a, **kw))
+            if local is None or local.shape != ref.shape:
+                self.mismatched.add(name)
+                continue
+            self.local_noise[name] += float((ref.double() - local.double()).pow(2).sum())
+
+    def remove(self) -> None:
+        self.float_rec.remove()
+        self.quant_rec.remove()
+
+    def ratios(self) -> dict[str, float]:
+        """Each measured layer's local noise over its signal."""
+        return {
+            n: self.local_noise[n] / self.signal[n]
+            for n in self.layers
+            if n not in self.mismatched
+            and self.signal[n] > 0
+            and math.isfinite(self.local_noise[n])
+        }
+
+
+def _rows(
+    the_plan: Plan,
+    layers: Mapping[str, LayerSpec],
+    float_model: nn.Module,
+    fused: nn.Module,
+    tally: _Tally,
+    sens: Mapping[str, float],
+) -> list[LayerReport]:
+    """One row per quantized layer, and per skipped layer with float parameters of its own."""
+    from qswap.registry import qualified_name
+
+    ratios = tally.ratios()
     total_ratio = sum(ratios.values())
     rows: list[LayerReport] = []
-    index = 0
     for d in the_plan:
         if d.shared_with is not None:
             continue
         layer = layers.get(d.name)
         if layer is None:
-            if d.kind != "skip":
-                continue
-            module = float_model.get_submodule(d.name)
-            if not any(p.is_floating_point() for p in module.parameters(recurse=False)):
-                continue
-            try:
-                before, after = _sizes(float_model, fused, the_plan, d.name, None)
-            except AttributeError:
-                continue
-            rows.append(
-                LayerReport(
-                    index=index,
-                    name=d.name,
-                    module_type=qualified_name(d.module_type),
-                    decision="skip",
-                    backend=None,
-                    bits="float",
-                    sqnr_db=None,
-                    local_sqnr_db=None,
-                    error_share=None,
-                    params_before=before,
-                    params_after=after,
-                )
-            )
-            index += 1
+            row = _skipped_row(the_plan, d, float_model, fused, len(rows))
+            if row is not None:
+                rows.append(row)
             continue
         name = d.name
         before, after = _sizes(float_model, fused, the_plan, name, layer)
-        ok = name not in mismatched
+        ok = name not in tally.mismatched
+        share: float | None = None
+        if ok and name in ratios:
+            share = ratios[name] / total_ratio if total_ratio > 0 else 0.0
         rows.append(
             LayerReport(
-                index=index,
+                index=len(rows),
                 name=name,
                 module_type=qualified_name(layer.module_type),
                 decision=d.kind + (" (fallback)" if d.fallback else ""),
                 backend=layer.backend,
                 bits=_bits(layer),
-                sqnr_db=_db(signal[name], noise[name]) if ok else None,
-                local_sqnr_db=_db(signal[name], local_noise[name]) if ok else None,
-                error_share=(ratios[name] / total_ratio)
-                if ok and name in ratios and total_ratio > 0
-                else (0.0 if ok and name in ratios else None),
+                sqnr_db=_db(tally.signal[name], tally.noise[name]) if ok else None,
+                local_sqnr_db=_db(tally.signal[name], tally.local_noise[name]) if ok else None,
+                error_share=share,
                 params_before=before,
                 params_after=after,
                 sensitivity_db=sens.get(name),
             )
         )
-        index += 1
-    notes = [
-        f"{n or '(root)'}: the float and quantized models call it a different number of times; "
-        "not measured"
-        for n in sorted(mismatched)
-    ]
-    return Report(
-        rows=rows,
-        output_sqnr_db=_db(out_signal, out_noise),
-        batches=count,
-        model_type=the_plan.model_type.__name__,
-        backend=the_plan.backend.name,
-        notes=notes,
+    return rows
+
+
+def _skipped_row(
+    the_plan: Plan, d: Decision, float_model: nn.Module, fused: nn.Module, index: int
+) -> LayerReport | None:
+    from qswap.registry import qualified_name
+
+    if d.kind != "skip":
+        return None
+    module = float_model.get_submodule(d.name)
+    if not any(p.is_floating_point() for p in module.parameters(recurse=False)):
+        return None
+    try:
+        before, after = _sizes(float_model, fused, the_plan, d.name, None)
+    except AttributeError:
+        return None
+    return LayerReport(
+        index=index,
+        name=d.name,
+        module_type=qualified_name(d.module_type),
+        decision="skip",
+        backend=None,
+        bits="float",
+        sqnr_db=None,
+        local_sqnr_db=None,
+        error_share=None,
+        params_before=before,
+        params_after=after,
     )
 
 

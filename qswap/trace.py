@@ -333,7 +333,7 @@ class _Tracer(TorchFunctionMode):
         out_tensors: list[torch.Tensor] = []
         flatten_tensors(result, out_tensors)
         mutated: dict[int, int] = {}  # id(tensor) -> new value id
-        for t, vid, version in zip(in_tensors, in_ids, in_versions):
+        for t, vid, version in zip(in_tensors, in_ids, in_versions, strict=False):
             key = id(t)
             if key in mutated:
                 continue
@@ -353,7 +353,7 @@ class _Tracer(TorchFunctionMode):
                 out_ids.append(self.lookup(t))  # returned an input unchanged
             else:
                 out_ids.append(self.new_value(t, index))
-        for key, vid in mutated.items():
+        for vid in mutated.values():
             if vid not in out_ids:
                 out_ids.append(vid)  # mutated but not returned (``x[0] = 1``)
         module_type = type(module) if module is not None else None
@@ -554,6 +554,51 @@ class RecursionRoom:
         return RecursionRoom(depth)
 
 
+def _hook(
+    tracer: _Tracer,
+    model: nn.Module,
+    leaves: Sequence[nn.Module],
+    containers: Sequence[nn.Module],
+    handles: list[RemovableHandle],
+) -> None:
+    """Put the tracer's hooks on every leaf and container (their handles go to ``handles``).
+
+    The hooks sit on the caller's modules for the trace's duration: another thread running
+    (or tracing) the same model meanwhile must neither feed this trace nor be disturbed, so
+    each hook acts only in the thread that traces.
+    """
+    here = threading.get_ident()
+
+    def mine(hook: Callable[..., None]) -> Callable[..., None]:
+        def only_here(*a: Any) -> None:
+            if threading.get_ident() == here:
+                hook(*a)
+
+        return only_here
+
+    for m in leaves:
+        has_pre = bool(m._forward_pre_hooks)
+        if has_pre:
+            handles.append(
+                m.register_forward_pre_hook(mine(tracer.enter), prepend=True, with_kwargs=True)
+            )
+
+        def pre(mod: nn.Module, args: Any, kw: Any, _entered: bool = has_pre) -> None:
+            if threading.get_ident() == here:
+                tracer.leaf_pre(mod, args, kw, _entered)
+
+        handle = m.register_forward_pre_hook(pre, with_kwargs=True)
+        handles.append(handle)
+        if has_pre:
+            _record_before_input_slot(m, handle.id)
+        handles.append(m.register_forward_hook(mine(tracer.leaf_post), with_kwargs=True))
+    for m in containers:
+        if m is model:
+            continue
+        handles.append(m.register_forward_pre_hook(mine(tracer.scope_pre), with_kwargs=True))
+        handles.append(m.register_forward_hook(mine(tracer.scope_post), with_kwargs=True))
+
+
 def trace(
     model: nn.Module,
     example_inputs: tuple[Any, ...] | torch.Tensor,
@@ -592,40 +637,8 @@ def trace(
             saved.extend((b, b.clone()) for b in m._buffers.values() if b is not None)
     tracer = _Tracer(params, module_paths)
     handles: list[RemovableHandle] = []
-    # the hooks sit on the caller's modules for the trace's duration: another thread running
-    # (or tracing) the same model meanwhile must neither feed this trace nor be disturbed
-    here = threading.get_ident()
-
-    def mine(hook: Callable[..., None]) -> Callable[..., None]:
-        def only_here(*a: Any) -> None:
-            if threading.get_ident() == here:
-                hook(*a)
-
-        return only_here
-
     try:
-        for m in leaves:
-            has_pre = bool(m._forward_pre_hooks)
-            if has_pre:
-                handles.append(
-                    m.register_forward_pre_hook(mine(tracer.enter), prepend=True, with_kwargs=True)
-                )
-
-            def pre(mod: nn.Module, args: Any, kw: Any, _entered: bool = has_pre) -> None:
-                if threading.get_ident() == here:
-                    tracer.leaf_pre(mod, args, kw, _entered)
-
-            handle = m.register_forward_pre_hook(pre, with_kwargs=True)
-            handles.append(handle)
-            if has_pre:
-                _record_before_input_slot(m, handle.id)
-            handles.append(m.register_forward_hook(mine(tracer.leaf_post), with_kwargs=True))
-        for m in containers:
-            if m is model:
-                continue
-            handles.append(m.register_forward_pre_hook(mine(tracer.scope_pre), with_kwargs=True))
-            handles.append(m.register_forward_hook(mine(tracer.scope_post), with_kwargs=True))
-
+        _hook(tracer, model, leaves, containers, handles)
         named_inputs: list[tuple[str, torch.Tensor]] = []
         _flatten(tuple(example_inputs), "args", named_inputs)
         for key, value in kwargs.items():
@@ -679,7 +692,9 @@ def fused_view(
     >>> seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval()
     >>> t = trace(seq, (torch.randn(1, 2),))
     >>> from qswap.fuse import fuse_model, find_fusion_groups
-    >>> fuse_model(seq, find_fusion_groups(seq, t))
+    >>> from qswap.registry import default_registry
+    >>> reg = default_registry()
+    >>> fuse_model(seq, find_fusion_groups(seq, t, reg), reg)
     >>> [(c.target, c.module_type.__name__) for c in fused_view(t, seq, [(("0", "1"), ())]).calls]
     [('0', 'LinearReLU'), ('1', 'Identity')]
     """

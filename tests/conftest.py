@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
+#: the plugin distributions are installed by the tests that use them, never imported here
+#: (--doctest-modules would import every module it finds)
+collect_ignore_glob = ["plugin_dist/*"]
 EXAMPLES = REPO / "examples"
 
 if str(EXAMPLES) not in sys.path:

@@ -58,7 +58,9 @@ def test_artifact_then_convert_equals_calibrating_again(
     reused = qswap.convert(fresh, calibration=path)
     with torch.no_grad():
         assert torch.equal(expected(X[32:]), reused(X[32:]))
-    for (ka, va), (kb, vb) in zip(expected.state_dict().items(), reused.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(
+        expected.state_dict().items(), reused.state_dict().items(), strict=False
+    ):
         assert ka == kb
         if isinstance(va, torch.Tensor) and va.is_quantized:
             assert torch.equal(va.int_repr(), vb.int_repr()), ka

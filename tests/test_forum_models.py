@@ -12,7 +12,7 @@ def test_digits_split_and_shape() -> None:
     data = load_digits_dataset(seed=0)
     assert data.x_train.shape == (1437, 3, 32, 32) and data.x_test.shape == (360, 3, 32, 32)
     assert data.y_train.shape == (1437,) and data.y_test.dtype == torch.int64
-    assert 0.0 <= float(data.x_train.min()) and float(data.x_train.max()) <= 1.0
+    assert float(data.x_train.min()) >= 0.0 and float(data.x_train.max()) <= 1.0
     counts = torch.bincount(data.y_test, minlength=10)
     assert int(counts.min()) >= 35 and int(counts.max()) <= 37
     again = load_digits_dataset(seed=0)

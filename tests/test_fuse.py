@@ -139,7 +139,7 @@ def test_fuser_matches_float_and_leaves_inputs_alone(
     assert type(fused).__name__ == result
     assert not fused.training
     assert torch.allclose(got, expected, atol=1e-5)
-    for m, state in zip(modules, before):
+    for m, state in zip(modules, before, strict=False):
         assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
     assert all(p is not q for p in fused.parameters() for m in modules for q in m.parameters())
 
@@ -444,7 +444,7 @@ class Containers(nn.Module):
         self.act = nn.ModuleList([nn.ReLU(), nn.ReLU()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block, act in zip(self.blocks, self.act):
+        for block, act in zip(self.blocks, self.act, strict=False):
             x = act(block["bn"](block["conv"](x)))
         return x
 

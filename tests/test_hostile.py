@@ -29,7 +29,7 @@ def bounded(seconds: float, fn: Callable[[], Any]) -> Any:
     def run() -> None:
         try:
             box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+        except BaseException as exc:
             box["error"] = exc
 
     worker = threading.Thread(target=run, daemon=True)

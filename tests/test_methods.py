@@ -98,7 +98,7 @@ def test_log2_outputs_are_signed_powers_of_two_within_the_exponent_window(
     assert nonzero.numel() > weight.numel() // 2
     assert _is_power_of_two(nonzero)
     assert torch.equal(torch.sign(out[out != 0]), torch.sign(weight[out != 0]))
-    for row, w_row in zip(out, weight):
+    for row, w_row in zip(out, weight, strict=False):
         exponents = torch.log2(row[row != 0].abs()).unique()
         assert len(exponents) <= 7
         top = torch.round(torch.log2(w_row.abs().max()))
@@ -147,7 +147,7 @@ def test_binary_weights_take_two_values_per_channel(weight: torch.Tensor) -> Non
     """Each output channel of a binary weight is ±mean|w| of that channel: exactly two values."""
     q = _ready(BinaryQuantizer, PER_CHANNEL, weight)
     out = q(weight)
-    for row, w_row in zip(out, weight):
+    for row, w_row in zip(out, weight, strict=False):
         values = row.unique()
         a = w_row.abs().mean()
         assert len(values) == 2
@@ -166,7 +166,7 @@ def test_ternary_weights_take_three_values_per_channel(weight: torch.Tensor) -> 
     """Each channel of a ternary weight is {-a, 0, a}, zero exactly where |w| <= 0.7 mean|w|."""
     q = _ready(TernaryQuantizer, PER_CHANNEL, weight)
     out = q(weight)
-    for row, w_row in zip(out, weight):
+    for row, w_row in zip(out, weight, strict=False):
         values = row.unique()
         assert len(values) == 3
         kept = w_row.abs() > 0.7 * w_row.abs().mean()

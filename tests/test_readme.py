@@ -40,7 +40,7 @@ def test_every_python_block_runs_in_order_on_one_model(
     ns: dict[str, Any] = {}
     torch.manual_seed(0)
     for block in blocks:
-        exec(block, ns)  # noqa: S102 - the README's own code
+        exec(block, ns)
     out = capsys.readouterr().out
     assert "qswap plan for ResNet" in out and "layer4.1.conv2 (torch.nn.Conv2d)" in out
     assert {p.name for p in tmp_path.iterdir()} >= {

@@ -170,7 +170,7 @@ def _quantize_weight(weight: Tensor, qp: QParams, where: str) -> Tensor:
         )
     scale = qp.scale.detach().to(torch.float32)
     zero_point = qp.zero_point.detach().to(torch.int32) + shift
-    if scale.numel() == 1 and qp.axis is None or scale.dim() == 0:
+    if (scale.numel() == 1 and qp.axis is None) or scale.dim() == 0:
         s, z = float(scale.item()), int(zero_point.item())
         on_grid = torch.fake_quantize_per_tensor_affine(w, s, z, qmin, qmax)
         return torch.quantize_per_tensor(on_grid, s, z, torch.qint8)
@@ -460,7 +460,7 @@ class WeightView(Tensor):
     _call: Callable[[], Tensor]
 
     @staticmethod
-    def __new__(  # noqa: PYI034 - a tensor subclass built by torch, not by object.__new__
+    def __new__(
         cls, shape: Sequence[int], load: Callable[[], Tensor], call: Callable[[], Tensor]
     ) -> WeightView:
         view: WeightView = Tensor._make_wrapper_subclass(
@@ -1074,49 +1074,81 @@ def _analyse_pass(
     foldable: set[str],
     float_out: set[str],
 ) -> _Pass:
-    qp: dict[int, _Act] = {}  # value id -> qparams, for integer values only
-    ops: list[_IntegerOp] = []
-    folds: dict[str, _Act] = {}
-    dequantize_inputs: set[str] = set()
-    float_fed: set[str] = set()
-    relus: dict[str, bool] = {}  # ReLU module -> whether every call gets an integer tensor
-    natives: dict[str, bool] = {}  # the same for pooling/flatten modules (_NATIVE_MODULES)
-    notes: list[str] = []
-    weighted_calls: list[Call] = []
-    carriers: list[Call] = []  # calls that hand an integer value on as it is (views, pooling)
-    used: set[int] = set()  # integer values an integer consumer takes
+    """One walk over the trace in call order: each value's domain, and the ops between modules."""
+    walk = _Walk(t, kinds, out_q, in_q, relu_out_q, foldable, float_out)
+    for call in t.calls:
+        if call.kind == "module":
+            walk.module_call(call)
+        elif any(v in walk.qp for v in call.inputs):  # a function between modules, on integers
+            walk.function_call(call)
+    return walk.result()
 
-    def path_of(call: Call) -> str | None:
+
+class _Walk:
+    """The state of :func:`_analyse_pass`: integer values with their qparams, and decisions."""
+
+    def __init__(
+        self,
+        t: Trace,
+        kinds: Mapping[str, str],
+        out_q: Mapping[str, _Act],
+        in_q: Mapping[str, _Act],
+        relu_out_q: Mapping[str, _Act],
+        foldable: set[str],
+        float_out: set[str],
+    ) -> None:
+        self.t = t
+        self.kinds = kinds
+        self.out_q = out_q
+        self.in_q = in_q
+        self.relu_out_q = relu_out_q
+        self.foldable = foldable
+        self.float_out = float_out
+        self.qp: dict[int, _Act] = {}  # value id -> qparams, for integer values only
+        self.ops: list[_IntegerOp] = []
+        self.folds: dict[str, _Act] = {}
+        self.dequantize_inputs: set[str] = set()
+        self.float_fed: set[str] = set()
+        self.relus: dict[str, bool] = {}  # ReLU module -> whether every call gets an integer
+        self.natives: dict[str, bool] = {}  # the same for pooling/flatten (_NATIVE_MODULES)
+        self.notes: list[str] = []
+        self.weighted_calls: list[Call] = []
+        self.carriers: list[Call] = []  # calls that hand an integer value on (views, pooling)
+        self.used: set[int] = set()  # integer values an integer consumer takes
+
+    # -- looking downstream -----------------------------------------------------------------
+
+    def path_of(self, call: Call) -> str | None:
         for p in call.paths or (call.target,):
-            if p in kinds:
+            if p in self.kinds:
                 return p
         return None
 
-    def effective_consumers(vid: int) -> list[Call]:
+    def effective_consumers(self, vid: int) -> list[Call]:
         # Calls that hand the same value back (nn.Identity, Dropout in eval) are transparent.
-        return [c for c in t.consumers(vid) if not (c.outputs and set(c.outputs) == {vid})]
+        return [c for c in self.t.consumers(vid) if not (c.outputs and set(c.outputs) == {vid})]
 
-    def single_consumer(vid: int) -> Call | None:
-        consumers = effective_consumers(vid)
-        if len(consumers) != 1 or t.is_output(vid):
+    def single_consumer(self, vid: int) -> Call | None:
+        consumers = self.effective_consumers(vid)
+        if len(consumers) != 1 or self.t.is_output(vid):
             return None
         return consumers[0]
 
-    def only_consumer_is_relu(vid: int) -> Call | None:
-        c = single_consumer(vid)
+    def only_consumer_is_relu(self, vid: int) -> Call | None:
+        c = self.single_consumer(vid)
         if c is None or len(c.outputs) != 1 or set(c.inputs) != {vid}:
             return None
         if c.module_type is nn.ReLU if c.kind == "module" else c.target in RELU_FUNCTIONS:
             return c
         return None
 
-    def input_qparams_downstream(vid: int, depth: int = 0) -> _Act | None:
+    def input_qparams_downstream(self, vid: int, depth: int = 0) -> _Act | None:
         """Input qparams that an integer module downstream observed on exactly this value."""
-        for c in effective_consumers(vid):
-            p = path_of(c)
-            if c.kind == "module" and p is not None and p in in_q:
-                return in_q[p]
-        only = single_consumer(vid)
+        for c in self.effective_consumers(vid):
+            p = self.path_of(c)
+            if c.kind == "module" and p is not None and p in self.in_q:
+                return self.in_q[p]
+        only = self.single_consumer(vid)
         if (
             depth < 8
             and only is not None
@@ -1125,123 +1157,136 @@ def _analyse_pass(
             and only.module_type is not nn.ReLU
             and len(only.outputs) == 1
         ):
-            return input_qparams_downstream(only.outputs[0], depth + 1)
+            return self.input_qparams_downstream(only.outputs[0], depth + 1)
         return None
 
-    def after_relu_qparams(relu: Call) -> _Act | None:
+    def after_relu_qparams(self, relu: Call) -> _Act | None:
         """Qparams for the output of ``relu``: observed downstream, else by the ReLU itself."""
-        found = input_qparams_downstream(relu.outputs[0])
+        found = self.input_qparams_downstream(relu.outputs[0])
         if found is not None:
             return found
-        p = path_of(relu)
-        if p is not None and p in relu_out_q:
-            return relu_out_q[p]
-        if p is not None and p in in_q:
-            return in_q[p].clipped_to_relu()
+        p = self.path_of(relu)
+        if p is not None and p in self.relu_out_q:
+            return self.relu_out_q[p]
+        if p is not None and p in self.in_q:
+            return self.in_q[p].clipped_to_relu()
         return None
 
-    def consumer_qparams(vid: int) -> tuple[str, _Act] | None:
-        relu = only_consumer_is_relu(vid)
+    def consumer_qparams(self, vid: int) -> tuple[str, _Act] | None:
+        relu = self.only_consumer_is_relu(vid)
         if relu is not None:
-            act = after_relu_qparams(relu)
+            act = self.after_relu_qparams(relu)
             if act is not None:
                 return "relu", act
-        act = input_qparams_downstream(vid)
+        act = self.input_qparams_downstream(vid)
         return None if act is None else ("plain", act)
 
-    for call in t.calls:
+    # -- the calls --------------------------------------------------------------------------
+
+    def module_call(self, call: Call) -> None:
         ins = call.inputs
-        if call.kind == "module":
-            p = path_of(call)
-            kind = kinds.get(p) if p is not None else None
-            if kind == "weighted" and p is not None:
-                if any(v not in qp for v in ins):
-                    float_fed.add(p)
-                weighted_calls.append(call)
-                if p in float_out:
-                    continue  # dequantized where it is made
-                out = out_q[p]
-                relu = only_consumer_is_relu(call.outputs[0]) if len(call.outputs) == 1 else None
-                if p in foldable and len(t.calls_of(p)) == 1 and relu is not None:
-                    out = folds[p] = after_relu_qparams(relu) or out.clipped_to_relu()
-                for vid in call.outputs:
-                    qp[vid] = out
-            elif kind == "passthrough" or call.module_type in GRID_MODULES:
-                integer_in = bool(ins) and all(v in qp for v in ins)
-                if integer_in:
-                    for vid in call.outputs:
-                        qp[vid] = qp[ins[0]]
-                if integer_in:
-                    carriers.append(call)
-                if call.module_type is nn.ReLU:
-                    target = call.paths[0] if call.paths else call.target
-                    relus[target] = relus.get(target, True) and integer_in
-                elif call.module_type in _NATIVE_MODULES:
-                    target = call.paths[0] if call.paths else call.target
-                    natives[target] = natives.get(target, True) and integer_in
-            elif any(v in qp for v in ins):
-                # a float module: a pre-hook dequantizes its input, so the value can stay
-                # integer up to it (a ReLU before it still runs fused)
-                dequantize_inputs.add(call.paths[0] if call.paths else call.target)
-                used.update(v for v in ins if v in qp)
-            continue
-        # a function call between modules
-        if not any(v in qp for v in ins):
-            continue
-        name = call.target
+        p = self.path_of(call)
+        kind = self.kinds.get(p) if p is not None else None
+        if kind == "weighted" and p is not None:
+            self.weighted(call, p)
+        elif kind == "passthrough" or call.module_type in GRID_MODULES:
+            self.carrier_module(call)
+        elif any(v in self.qp for v in ins):
+            # a float module: a pre-hook dequantizes its input, so the value can stay
+            # integer up to it (a ReLU before it still runs fused)
+            self.dequantize_inputs.add(call.paths[0] if call.paths else call.target)
+            self.used.update(v for v in ins if v in self.qp)
+
+    def weighted(self, call: Call, p: str) -> None:
+        if any(v not in self.qp for v in call.inputs):
+            self.float_fed.add(p)
+        self.weighted_calls.append(call)
+        if p in self.float_out:
+            return  # dequantized where it is made
+        out = self.out_q[p]
+        relu = self.only_consumer_is_relu(call.outputs[0]) if len(call.outputs) == 1 else None
+        if p in self.foldable and len(self.t.calls_of(p)) == 1 and relu is not None:
+            out = self.folds[p] = self.after_relu_qparams(relu) or out.clipped_to_relu()
+        for vid in call.outputs:
+            self.qp[vid] = out
+
+    def carrier_module(self, call: Call) -> None:
+        ins = call.inputs
+        integer_in = bool(ins) and all(v in self.qp for v in ins)
+        if integer_in:
+            for vid in call.outputs:
+                self.qp[vid] = self.qp[ins[0]]
+            self.carriers.append(call)
+        target = call.paths[0] if call.paths else call.target
+        if call.module_type is nn.ReLU:
+            self.relus[target] = self.relus.get(target, True) and integer_in
+        elif call.module_type in _NATIVE_MODULES:
+            self.natives[target] = self.natives.get(target, True) and integer_in
+
+    def function_call(self, call: Call) -> None:
+        ins, name = call.inputs, call.target
         if name in GRID_FUNCTIONS or name.endswith(".__get__"):
-            if all(v in qp for v in ins):
-                carriers.append(call)
+            if all(v in self.qp for v in ins):
+                self.carriers.append(call)
                 for vid in call.outputs:
-                    qp[vid] = qp[ins[0]]
-            continue
-        if (name in ADD_FUNCTIONS and len(ins) == 2 or name in CAT_FUNCTIONS) and all(
-            v in qp for v in ins
-        ):
-            if len(call.outputs) == 1:
-                found = consumer_qparams(call.outputs[0])
-                if found is not None:
-                    how, act = found
-                    kind_name = (
-                        "cat" if name in CAT_FUNCTIONS else ("add_relu" if how == "relu" else "add")
-                    )
-                    operands = tuple((qp[v].scale, qp[v].zero_point) for v in ins)
-                    ops.append(
-                        _IntegerOp(call.index, name, kind_name, operands, act.scale, act.zero_point)
-                    )
-                    qp[call.outputs[0]] = act
-                    used.update(ins)
-                    continue
-            notes.append(
+                    self.qp[vid] = self.qp[ins[0]]
+            return
+        combines = (name in ADD_FUNCTIONS and len(ins) == 2) or name in CAT_FUNCTIONS
+        if not (combines and all(v in self.qp for v in ins)):
+            self.notes.append(f"call #{call.index} {name}: no int8 kernel, so it runs in float")
+            return
+        found = self.consumer_qparams(call.outputs[0]) if len(call.outputs) == 1 else None
+        if found is None:
+            self.notes.append(
                 f"call #{call.index} {name}: no integer consumer gives its output qparams, so "
                 "it runs in float"
             )
-            continue
-        notes.append(f"call #{call.index} {name}: no int8 kernel, so it runs in float")
-    integer_relus = {p for p, always in relus.items() if always}
-    integer_natives = {p for p, always in natives.items() if always}
-    lowering = _Lowering(
-        ops, folds, dequantize_inputs, float_fed, integer_relus, integer_natives, notes
-    )
-    # which integer values an integer consumer takes: weighted layers and integer ops take
-    # theirs; a view, pooling or ReLU passes the need on to its input
-    for call in weighted_calls:
-        used.update(v for v in call.inputs if v in qp)
-    for call in reversed(carriers):
-        if any(v in used for v in call.outputs):
+            return
+        how, act = found
+        kind_name = "cat" if name in CAT_FUNCTIONS else ("add_relu" if how == "relu" else "add")
+        operands = tuple((self.qp[v].scale, self.qp[v].zero_point) for v in ins)
+        self.ops.append(
+            _IntegerOp(call.index, name, kind_name, operands, act.scale, act.zero_point)
+        )
+        self.qp[call.outputs[0]] = act
+        self.used.update(ins)
+
+    # -- the result -------------------------------------------------------------------------
+
+    def unused_outputs(self) -> set[str]:
+        """Weighted layers whose integer output no integer consumer (nor a module) takes."""
+        # weighted layers and integer ops take theirs; a view, pooling or ReLU passes the need
+        # on to its input
+        used, qp = self.used, self.qp
+        for call in self.weighted_calls:
             used.update(v for v in call.inputs if v in qp)
-    unused = set()
-    for call in weighted_calls:
-        p = path_of(call)
-        outs = call.outputs
-        if p is not None and outs and not any(v in used or t.is_output(v) for v in outs):
-            unused.add(p)
-    # a layer called several times keeps integer output if any call's output is used
-    for call in weighted_calls:
-        p = path_of(call)
-        if p in unused and any(v in used for v in call.outputs):
-            unused.discard(p)
-    return _Pass(lowering, unused - float_out)
+        for call in reversed(self.carriers):
+            if any(v in used for v in call.outputs):
+                used.update(v for v in call.inputs if v in qp)
+        unused: set[str] = set()
+        for call in self.weighted_calls:
+            p = self.path_of(call)
+            outs = call.outputs
+            if p is not None and outs and not any(v in used or self.t.is_output(v) for v in outs):
+                unused.add(p)
+        # a layer called several times keeps integer output if any call's output is used
+        for call in self.weighted_calls:
+            p = self.path_of(call)
+            if p in unused and any(v in used for v in call.outputs):
+                unused.discard(p)
+        return unused
+
+    def result(self) -> _Pass:
+        lowering = _Lowering(
+            self.ops,
+            self.folds,
+            self.dequantize_inputs,
+            self.float_fed,
+            {p for p, always in self.relus.items() if always},
+            {p for p, always in self.natives.items() if always},
+            self.notes,
+        )
+        return _Pass(lowering, self.unused_outputs() - self.float_out)
 
 
 # --------------------------------------------------------------------------- run time
@@ -1697,170 +1742,210 @@ def _lower(
         return _lower_dynamic(backend, model, layers)
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
-    float_dtype = next(
-        (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
-    )
-    from qswap.bias_correction import apply_shift
     from qswap.plan import set_eval
 
     set_eval(model)
-    t = _dataflow(model, tuple(example_inputs), example_kwargs or {})
-
-    paths_of: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        paths_of.setdefault(id(module), []).append(path)
-    modules: dict[str, nn.Module] = {}
-    for path in layers:
-        try:
-            modules[path] = model.get_submodule(path)
-        except AttributeError:
-            continue
-    notes: list[str] = []
-    kinds: dict[str, str] = {}
-    built: dict[str, IntegerModule] = {}
-    out_q: dict[str, _Act] = {}
-    # in_q: input qparams observed on the layer's own input (_analyse may requantize the
-    # value feeding it with them); has_input: paths with input qparams of any origin, those
-    # taken from their producer included (LayerSpec.input_from)
-    in_q: dict[str, _Act] = {}
-    has_input: set[str] = set()
-    relu_out_q: dict[str, _Act] = {}
-
-    def aliases(path: str) -> list[str]:
-        return paths_of.get(id(modules[path]), [path])
-
+    lowering = _Lowerer(backend, model, layers)
     with _engine(backend), torch_ao_quiet():
-        for path, spec in layers.items():
-            module = modules.get(path)
+        lowering.build()
+        t = _dataflow(model, tuple(example_inputs), example_kwargs or {})
+        plan = lowering.settle(t)
+        lowering.swap(plan)
+    return lowering.finish(plan)
+
+
+class _Lowerer:
+    """One int8 lowering: build the counterparts, place boundaries, swap, hook the runtime."""
+
+    def __init__(self, backend: str, model: nn.Module, layers: Mapping[str, LayerSpec]) -> None:
+        self.backend = backend
+        self.model = model
+        self.layers = layers
+        self.float_dtype = next(
+            (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
+        )
+        self.paths_of: dict[int, list[str]] = {}
+        for path, module in model.named_modules(remove_duplicate=False):
+            self.paths_of.setdefault(id(module), []).append(path)
+        self.modules: dict[str, nn.Module] = {}
+        for path in layers:
+            try:
+                self.modules[path] = model.get_submodule(path)
+            except AttributeError:
+                continue
+        self.notes: list[str] = []
+        self.kinds: dict[str, str] = {}
+        self.built: dict[str, IntegerModule] = {}
+        self.out_q: dict[str, _Act] = {}
+        # in_q: input qparams observed on the layer's own input (the analysis may requantize
+        # the value feeding it with them); has_input: paths with input qparams of any origin,
+        # those taken from their producer included (LayerSpec.input_from)
+        self.in_q: dict[str, _Act] = {}
+        self.has_input: set[str] = set()
+        self.relu_out_q: dict[str, _Act] = {}
+        self.swapped: dict[str, str] = {}
+
+    def aliases(self, path: str) -> list[str]:
+        return self.paths_of.get(id(self.modules[path]), [path])
+
+    def build(self) -> None:
+        """The int8 counterpart of every layer that can have one; the others keep float weights."""
+        from qswap.bias_correction import apply_shift
+
+        for path, spec in self.layers.items():
+            module = self.modules.get(path)
             if module is None:
                 continue
             cp = spec.counterpart
             if cp is IntegerPassthrough:
-                try:
-                    acts = {
-                        k: _act(q, f"{path} {k}")
-                        for k, q in spec.qparams.items()
-                        if k in ("input", "output")
-                    }
-                except UnsupportedModuleError as exc:
-                    notes.append(f"{exc} (the layer runs in float)")
-                    continue
-                for p in aliases(path):
-                    kinds[p] = "passthrough"
-                    if "input" in acts:
-                        has_input.add(p)
-                        if spec.input_from is None:  # observed on this very value
-                            in_q[p] = acts["input"]
-                    if "output" in acts and type(module) is nn.ReLU:
-                        relu_out_q[p] = acts["output"]
-                continue
-            if not (isinstance(cp, type) and issubclass(cp, IntegerModule)):
+                self._passthrough(path, spec, module)
+            elif not (isinstance(cp, type) and issubclass(cp, IntegerModule)):
                 apply_shift(module, spec.bias_shift, undo=True)  # not lowered: float weights
-                continue
-            try:
-                q = cp.from_float(module, spec)
-                out = _act(_qparams(spec, "output", module), f"{path} output")
-                inp = (
-                    _act(spec.qparams["input"], f"{path} input")
-                    if "input" in spec.qparams
-                    else None
-                )
-            except UnsupportedModuleError as exc:
-                notes.append(f"{exc} (the layer stays float)")
-                apply_shift(module, spec.bias_shift, undo=True)  # float weights: no correction
-                continue
-            built[path] = cast(IntegerModule, q)
-            for p in aliases(path):
-                kinds[p] = "weighted"
-                out_q[p] = out
-                if inp is not None:
-                    has_input.add(p)
-                    if spec.input_from is None:  # observed on this very value
-                        in_q[p] = inp
-        foldable = {p for fp, q in built.items() if type(q) in _WITH_RELU for p in aliases(fp)}
+            else:
+                self._weighted(path, spec, module, cp)
+
+    def _passthrough(self, path: str, spec: LayerSpec, module: nn.Module) -> None:
+        try:
+            acts = {
+                k: _act(q, f"{path} {k}")
+                for k, q in spec.qparams.items()
+                if k in ("input", "output")
+            }
+        except UnsupportedModuleError as exc:
+            self.notes.append(f"{exc} (the layer runs in float)")
+            return
+        for p in self.aliases(path):
+            self.kinds[p] = "passthrough"
+            if "input" in acts:
+                self.has_input.add(p)
+                if spec.input_from is None:  # observed on this very value
+                    self.in_q[p] = acts["input"]
+            if "output" in acts and type(module) is nn.ReLU:
+                self.relu_out_q[p] = acts["output"]
+
+    def _weighted(
+        self, path: str, spec: LayerSpec, module: nn.Module, cp: type[IntegerModule]
+    ) -> None:
+        from qswap.bias_correction import apply_shift
+
+        try:
+            q = cp.from_float(module, spec)
+            out = _act(_qparams(spec, "output", module), f"{path} output")
+            qp_in = spec.qparams.get("input")
+            inp = _act(qp_in, f"{path} input") if qp_in is not None else None
+        except UnsupportedModuleError as exc:
+            self.notes.append(f"{exc} (the layer stays float)")
+            apply_shift(module, spec.bias_shift, undo=True)  # float weights: no correction
+            return
+        self.built[path] = cast(IntegerModule, q)
+        for p in self.aliases(path):
+            self.kinds[p] = "weighted"
+            self.out_q[p] = out
+            if inp is not None:
+                self.has_input.add(p)
+                if spec.input_from is None:  # observed on this very value
+                    self.in_q[p] = inp
+
+    def settle(self, t: Trace) -> _Lowering:
+        """Place boundaries; a layer fed float with no input qparams to quantize it stays float."""
+        from qswap.bias_correction import apply_shift
+
+        foldable = {
+            p for fp, q in self.built.items() if type(q) in _WITH_RELU for p in self.aliases(fp)
+        }
         while True:
-            lowering = _analyse(t, kinds, out_q, in_q, relu_out_q, foldable)
-            stuck = sorted(p for p in lowering.float_fed if p not in has_input)
+            lowering = _analyse(t, self.kinds, self.out_q, self.in_q, self.relu_out_q, foldable)
+            stuck = sorted(p for p in lowering.float_fed if p not in self.has_input)
             if not stuck:
-                break
+                return lowering
             for p in stuck:  # fed float by the caller or float code, with nothing to quantize it
-                notes.append(
+                self.notes.append(
                     f"{p} stays float: its input comes from float code and it has no "
                     "calibrated input qparams"
                 )
-                owner = next(fp for fp in built if p in aliases(fp))
-                built.pop(owner)
-                apply_shift(modules[owner], layers[owner].bias_shift, undo=True)
-                for alias_path in aliases(owner):
-                    kinds.pop(alias_path, None)
-        swapped: dict[str, str] = {}
-        for path, q in built.items():
+                owner = next(fp for fp in self.built if p in self.aliases(fp))
+                self.built.pop(owner)
+                apply_shift(self.modules[owner], self.layers[owner].bias_shift, undo=True)
+                for alias_path in self.aliases(owner):
+                    self.kinds.pop(alias_path, None)
+
+    def _put(self, module: nn.Module, path: str, new: nn.Module) -> None:
+        for alias_path in self.paths_of.get(id(module), [path]):
+            if alias_path:
+                replace_module(self.model, (alias_path,), new)
+            else:  # the model itself is one layer
+                self.model = new
+
+    def swap(self, lowering: _Lowering) -> None:
+        """Put the int8 modules in place (a ReLU after one fused in), and the fast int8 paths."""
+        for path, q in self.built.items():
             fold = next(
-                (lowering.relu_folds[p] for p in aliases(path) if p in lowering.relu_folds), None
+                (lowering.relu_folds[p] for p in self.aliases(path) if p in lowering.relu_folds),
+                None,
             )
             if fold is not None:
                 fused_cls = _WITH_RELU[type(q)]
-                q = cast(IntegerModule, fused_cls.from_float(modules[path], layers[path]))
+                q = cast(IntegerModule, fused_cls.from_float(self.modules[path], self.layers[path]))
                 q.scale, q.zero_point = fold.scale, fold.zero_point
-                notes.append(f"{path}: the ReLU that follows runs fused ({fused_cls.__name__})")
-            _carry_hooks(modules[path], q)
-            for alias_path in aliases(path):
-                if alias_path:
-                    replace_module(model, (alias_path,), q)
-                else:  # the model itself is one layer
-                    model = q
-            swapped[path] = type(q).__name__
+                self.notes.append(
+                    f"{path}: the ReLU that follows runs fused ({fused_cls.__name__})"
+                )
+            _carry_hooks(self.modules[path], q)
+            self._put(self.modules[path], path, q)
+            self.swapped[path] = type(q).__name__
         for path in sorted(lowering.integer_relus):
-            relu = model.get_submodule(path) if path else model
-            if type(relu) is not nn.ReLU:
-                continue
-            fast = _IntegerReLU(inplace=relu.inplace)
-            _carry_hooks(relu, fast)
-            for alias_path in paths_of.get(id(relu), [path]):
-                if alias_path:
-                    replace_module(model, (alias_path,), fast)
+            relu = self.model.get_submodule(path) if path else self.model
+            if type(relu) is nn.ReLU and path:
+                fast = _IntegerReLU(inplace=relu.inplace)
+                _carry_hooks(relu, fast)
+                self._put(relu, path, fast)
         for path in sorted(lowering.integer_natives):
-            native = model.get_submodule(path) if path else model
+            native = self.model.get_submodule(path) if path else self.model
             fast_cls = _NATIVE_MODULES.get(type(native))
-            if fast_cls is None:
-                continue
-            fast_module = _retyped(native, fast_cls)
-            for alias_path in paths_of.get(id(native), [path]):
-                if alias_path:
-                    replace_module(model, (alias_path,), fast_module)
-    notes += lowering.notes
+            if fast_cls is not None and path:
+                self._put(native, path, _retyped(native, fast_cls))
 
-    runtime = _Runtime(lowering.integer_ops, float_dtype, notes, backend, swapped)
-    for path in sorted(lowering.dequantize_inputs):
+    def finish(self, lowering: _Lowering) -> nn.Module:
+        """The runtime: boundary hooks, the dispatch mode on the root and containers."""
+        model = self.model
+        self.notes += lowering.notes
+        runtime = _Runtime(
+            lowering.integer_ops, self.float_dtype, self.notes, self.backend, self.swapped
+        )
+        for path in sorted(lowering.dequantize_inputs):
+            target = self._find(path)
+            if target is not None:
+                target.register_forward_pre_hook(
+                    runtime.dequantize_inputs, with_kwargs=True, prepend=True
+                )
+        for path in sorted(lowering.dequantize_outputs):
+            target = self._find(path)
+            if target is not None:
+                target.register_forward_hook(runtime.dequantize_output, prepend=True)
+        # the root and every container of an int8 layer: a container called on its own gets
+        # the dispatch mode and hands its caller float outputs, as the whole model does
+        entries = {""} | {
+            ".".join(parts[:i])
+            for path in self.swapped
+            for parts in [path.split(".")]
+            for i in range(1, len(parts))
+        }
+        for path in sorted(entries):
+            entry = self._find(path)
+            if entry is not None:
+                entry.register_forward_pre_hook(runtime.enter, with_kwargs=True)
+                entry.register_forward_hook(
+                    runtime.exit, with_kwargs=True, prepend=True, always_call=True
+                )
+        object.__setattr__(model, "_qswap_int8", runtime)
+        _consume_qtensor_warning()
+        return model
+
+    def _find(self, path: str) -> nn.Module | None:
         try:
-            target = model.get_submodule(path)
+            return self.model.get_submodule(path) if path else self.model
         except AttributeError:
-            continue
-        target.register_forward_pre_hook(runtime.dequantize_inputs, with_kwargs=True, prepend=True)
-    for path in sorted(lowering.dequantize_outputs):
-        try:
-            target = model.get_submodule(path)
-        except AttributeError:
-            continue
-        target.register_forward_hook(runtime.dequantize_output, prepend=True)
-    # the root and every container of an int8 layer: a container called on its own gets the
-    # dispatch mode and hands its caller float outputs, as the whole model does
-    entries = {""} | {
-        ".".join(parts[:i])
-        for path in swapped
-        for parts in [path.split(".")]
-        for i in range(1, len(parts))
-    }
-    for path in sorted(entries):
-        try:
-            entry = model.get_submodule(path) if path else model
-        except AttributeError:
-            continue
-        entry.register_forward_pre_hook(runtime.enter, with_kwargs=True)
-        entry.register_forward_hook(runtime.exit, with_kwargs=True, prepend=True, always_call=True)
-    object.__setattr__(model, "_qswap_int8", runtime)
-    _consume_qtensor_warning()
-    return model
+            return None
 
 
 def lower_x86(

@@ -797,11 +797,8 @@ class _QDQGraph:
                 continue
             if n.op_type == "Gemm":
                 gemm = {a.name: a for a in n.attribute}
-                if (
-                    "transA" in gemm
-                    and gemm["transA"].i
-                    or "alpha" in gemm
-                    and gemm["alpha"].f != 1.0
+                if ("transA" in gemm and gemm["transA"].i) or (
+                    "alpha" in gemm and gemm["alpha"].f != 1.0
                 ):
                     continue
             dx = producers.get(n.input[0])

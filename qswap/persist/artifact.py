@@ -319,7 +319,7 @@ def structure_hash(the_plan: Plan) -> str:
 
 
 def _first_difference(saved: list[str], now: list[str]) -> str:
-    for i, (a, b) in enumerate(zip(saved, now)):
+    for i, (a, b) in enumerate(zip(saved, now, strict=False)):
         if a != b:
             pa, _, ta = a.rpartition(":")
             pb, _, tb = b.rpartition(":")
@@ -505,7 +505,7 @@ class Calibration:
         )
         lines = [head]
         for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         return "\n".join(lines)

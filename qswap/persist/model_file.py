@@ -390,7 +390,7 @@ def load(
             m.training = flag
     now = _decisions(the_plan)
     if saved_decisions and saved_decisions != now and len(saved_decisions) == len(now):
-        for before, after in zip(saved_decisions, now):
+        for before, after in zip(saved_decisions, now, strict=False):
             if list(before) != after:
                 raise PlanError(
                     f"{MODEL_FILE} {source!r}: module {after[0] or '(root)'!r} was "
