@@ -970,7 +970,7 @@ def test_pooling_and_flatten_on_int8_skip_the_dispatch_mode_and_keep_their_resul
     qmodel = ti.lower_x86(copy.deepcopy(model), calibrated_layers(model, batches), batches[0], None)
     assert type(qmodel[0]) is nn.MaxPool2d
     for i, base in ((3, nn.MaxPool2d), (4, nn.AdaptiveAvgPool2d), (5, nn.Flatten)):
-        assert isinstance(qmodel[i], ti._IntegerNative) and isinstance(qmodel[i], base)
+        assert isinstance(qmodel[i], ti.IntegerNative) and isinstance(qmodel[i], base)
         assert repr(qmodel[i]) == repr(model[i])
     plain = copy.deepcopy(qmodel)
     for i in (3, 4, 5):

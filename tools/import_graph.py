@@ -43,10 +43,13 @@ def imports(name: str, path: Path, known: set[str]) -> Iterator[tuple[str, str, 
     """(imported module, imported name or "", line) for every import in one module."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     is_package = path.name == "__init__.py"
+    bound: dict[str, str] = {}  # local names bound to qswap modules (`import ... as ti`)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == "qswap":
+                    if alias.asname:
+                        bound[alias.asname] = alias.name
                     yield alias.name, "", node.lineno
         elif isinstance(node, ast.ImportFrom):
             target = _resolve(node.module or "", node.level, name, is_package)
@@ -55,9 +58,18 @@ def imports(name: str, path: Path, known: set[str]) -> Iterator[tuple[str, str, 
             for alias in node.names:
                 sub = f"{target}.{alias.name}"
                 if sub in known:  # `from qswap.backends import fake`: the module itself
+                    bound[alias.asname or alias.name] = sub
                     yield sub, "", node.lineno
                 else:
                     yield target, alias.name, node.lineno
+    # a private name reached through a module (`ti._foo`) crosses modules as an import does
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+        ):
+            yield bound[node.value.id], node.attr, node.lineno
 
 
 def top(name: str) -> str:

@@ -44,8 +44,11 @@ if TYPE_CHECKING:
     from qswap.quantizers import QParams
 
 __all__ = [
+    "HOOK_DICTS",
     "IntegerModule",
+    "IntegerNative",
     "IntegerPassthrough",
+    "IntegerReLU",
     "QuantizedBNReLU2d",
     "QuantizedBNReLU3d",
     "QuantizedBatchNorm2d",
@@ -836,7 +839,7 @@ class IntegerPassthrough:
         return module
 
 
-class _IntegerReLU(nn.ReLU):
+class IntegerReLU(nn.ReLU):
     """``nn.ReLU`` on integer tensors without torch-function dispatch.
 
     A ``quint8`` tensor with zero point 0 holds no negative value (a ReLU fused into the
@@ -853,7 +856,7 @@ class _IntegerReLU(nn.ReLU):
         return "ReLU"
 
 
-class _IntegerNative:
+class IntegerNative:
     """Mixin: ``forward`` without torch-function dispatch, for a module that only sees int8.
 
     Pooling and flattening keep a quantized tensor's scale and zero point, so the lowered
@@ -868,47 +871,47 @@ class _IntegerNative:
         return type(self).__mro__[2].__name__
 
 
-class _IntegerMaxPool1d(_IntegerNative, nn.MaxPool1d):
+class _IntegerMaxPool1d(IntegerNative, nn.MaxPool1d):
     pass
 
 
-class _IntegerMaxPool2d(_IntegerNative, nn.MaxPool2d):
+class _IntegerMaxPool2d(IntegerNative, nn.MaxPool2d):
     pass
 
 
-class _IntegerMaxPool3d(_IntegerNative, nn.MaxPool3d):
+class _IntegerMaxPool3d(IntegerNative, nn.MaxPool3d):
     pass
 
 
-class _IntegerAvgPool1d(_IntegerNative, nn.AvgPool1d):
+class _IntegerAvgPool1d(IntegerNative, nn.AvgPool1d):
     pass
 
 
-class _IntegerAvgPool2d(_IntegerNative, nn.AvgPool2d):
+class _IntegerAvgPool2d(IntegerNative, nn.AvgPool2d):
     pass
 
 
-class _IntegerAvgPool3d(_IntegerNative, nn.AvgPool3d):
+class _IntegerAvgPool3d(IntegerNative, nn.AvgPool3d):
     pass
 
 
-class _IntegerAdaptiveAvgPool1d(_IntegerNative, nn.AdaptiveAvgPool1d):
+class _IntegerAdaptiveAvgPool1d(IntegerNative, nn.AdaptiveAvgPool1d):
     pass
 
 
-class _IntegerAdaptiveAvgPool2d(_IntegerNative, nn.AdaptiveAvgPool2d):
+class _IntegerAdaptiveAvgPool2d(IntegerNative, nn.AdaptiveAvgPool2d):
     pass
 
 
-class _IntegerAdaptiveAvgPool3d(_IntegerNative, nn.AdaptiveAvgPool3d):
+class _IntegerAdaptiveAvgPool3d(IntegerNative, nn.AdaptiveAvgPool3d):
     pass
 
 
-class _IntegerFlatten(_IntegerNative, nn.Flatten):
+class _IntegerFlatten(IntegerNative, nn.Flatten):
     pass
 
 
-# Exact module type -> its variant that skips the dispatch mode (see _IntegerNative).
+# Exact module type -> its variant that skips the dispatch mode (see IntegerNative).
 _NATIVE_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.MaxPool1d: _IntegerMaxPool1d,
     nn.MaxPool2d: _IntegerMaxPool2d,
@@ -1670,7 +1673,7 @@ def fbgemm_saturates() -> bool:
     return abs(got - exact) > exact / 100
 
 
-_HOOK_DICTS = (
+HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
@@ -1681,7 +1684,7 @@ _HOOK_DICTS = (
 
 def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """The user's forward (pre-)hooks on a swapped module move to its replacement."""
-    for name in _HOOK_DICTS:
+    for name in HOOK_DICTS:
         source = getattr(old, name, None)
         target = getattr(new, name, None)
         if source and target is not None:
@@ -1896,7 +1899,7 @@ class _Lowerer:
         for path in sorted(lowering.integer_relus):
             relu = self.model.get_submodule(path) if path else self.model
             if type(relu) is nn.ReLU and path:
-                fast = _IntegerReLU(inplace=relu.inplace)
+                fast = IntegerReLU(inplace=relu.inplace)
                 _carry_hooks(relu, fast)
                 self._put(relu, path, fast)
         for path in sorted(lowering.integer_natives):

@@ -454,13 +454,13 @@ def _int8_twin(model: nn.Module) -> nn.Module:
         replacement: nn.Module | None = None
         if isinstance(module, ti.IntegerModule):
             replacement = _QDQLayer(module)
-        elif isinstance(module, ti._IntegerReLU):
+        elif isinstance(module, ti.IntegerReLU):
             replacement = _QDQReLU(inplace=False)
-        elif isinstance(module, ti._IntegerNative):
+        elif isinstance(module, ti.IntegerNative):
             replacement = ti.float_native(cast(nn.Module, module))  # the mode sees it again
         if replacement is None:
             continue
-        for name in ti._HOOK_DICTS:
+        for name in ti.HOOK_DICTS:
             getattr(replacement, name).update(getattr(module, name))
         parent_path, _, attr = path.rpartition(".")
         parent = twin.get_submodule(parent_path) if parent_path else twin
