@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import gc
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -1333,27 +1332,93 @@ def _decide(
     groups: Sequence[_Group],
     redirected: Sequence[tuple[int, str, QuantSpecPatch]],
 ) -> tuple[Decision, bool]:
-    """The decision for a module object at its first path, and whether it is uncovered."""
+    """The decision for a module object at its first path, and whether it is uncovered.
+
+    The cascade: what encloses or fuses it (:func:`_placed`), then what a mapping of the
+    backend makes of it (:func:`_mapped`), else what the generic path makes of it
+    (:func:`_unmapped`).
+    """
     module = node.module
     mtype = _type_of(module)
     rules = tuple(sorted(node.rules))
-    cfg = w.cfg
-    bname = w.backend.name
-    aliases = tuple(node.paths[1:])
     base: dict[str, Any] = {"name": path, "module_type": mtype, "rules": rules}
+    gi = head.get(path)
+    placed = _placed(w, base, path, covering, member, groups, rules, gi)
+    if placed is not None:
+        return placed, False
+    qtype: type = mtype
+    note = ""
+    if gi is not None:
+        g = groups[gi]
+        qtype = g.fused_type
+        note = f"fused {' + '.join(t.__name__ for t in g.types)} -> {qtype.__name__}; "
+    site = _Site(
+        w, base, path, module, qtype, rules, tuple(redirected), tuple(node.paths[1:]), gi, note
+    )
+    entry = w.find(qtype, w.backend.name)
+    if entry is not None:
+        return _mapped(site, entry), False
+    return _unmapped(site)
 
+
+@dataclass(frozen=True)
+class _Site:
+    """What :func:`_decide` knows of one module once placement is ruled out."""
+
+    w: _Walker
+    base: dict[str, Any]
+    path: str
+    module: nn.Module
+    qtype: type
+    rules: tuple[int, ...]
+    red: tuple[tuple[int, str, QuantSpecPatch], ...]
+    aliases: tuple[str, ...]
+    gi: int | None
+    note: str
+
+    def fallback(self, why: str) -> Decision:
+        return _fallback(
+            self.w,
+            self.base,
+            self.path,
+            self.module,
+            self.qtype,
+            self.rules,
+            self.red,
+            self.aliases,
+            self.gi,
+            self.note,
+            why,
+        )
+
+    def passthrough(self, reason: str) -> Decision:
+        return Decision(**self.base, kind="passthrough", group=self.gi, reason=reason)
+
+
+def _placed(
+    w: _Walker,
+    base: dict[str, Any],
+    path: str,
+    covering: list[tuple[str, str, int | None]],
+    member: Mapping[str, int],
+    groups: Sequence[_Group],
+    rules: tuple[int, ...],
+    gi: int | None,
+) -> Decision | None:
+    """The decision where what encloses the module (or a fusion, or a skip rule) settles it."""
+    cfg = w.cfg
     if covering and covering[-1][1] == "parametrize":
         return Decision(
             **base,
             kind="passthrough",
             reason=f"torch.nn.utils.parametrize machinery of {covering[-1][0].rpartition('.')[0]!r}",
-        ), False
+        )
     if covering and covering[-1][1] == "mapped":
         return Decision(
             **base,
             kind="passthrough",
             reason=f"inside {covering[-1][0]!r}, which its counterpart quantizes as a whole",
-        ), False
+        )
     if path in member:
         g = groups[member[path]]
         return Decision(
@@ -1362,13 +1427,12 @@ def _decide(
             group=member[path],
             reason=f"fused into {g.paths[0]!r} (group {member[path]}: "
             f"{' + '.join(t.__name__ for t in g.types)} -> {g.fused_type.__name__})",
-        ), False
+        )
     skip_rule: int | None = None
     for i in rules:
         r = cfg.rules[i]
         if "skip" in r.model_fields_set:
             skip_rule = i if r.skip else None
-    gi = head.get(path)
     if skip_rule is not None:
         return Decision(
             **base,
@@ -1376,7 +1440,7 @@ def _decide(
             group=gi,
             reason=f"rules[{skip_rule}] skips it (match {_describe_match(cfg.rules[skip_rule])}); "
             "stays float",
-        ), False
+        )
     if covering and covering[-1][1] == "skipped":
         anc, _, rule_i = covering[-1]
         return Decision(
@@ -1384,100 +1448,83 @@ def _decide(
             kind="skip",
             group=gi,
             reason=f"inside {anc!r}, which rules[{rule_i}] skips; stays float",
-        ), False
+        )
+    return None
 
-    qtype: type = mtype
-    note = ""
-    if gi is not None:
-        g = groups[gi]
-        qtype = g.fused_type
-        note = f"fused {' + '.join(t.__name__ for t in g.types)} -> {qtype.__name__}; "
-    entry = w.find(qtype, bname)
-    red = tuple(redirected)
-    if entry is not None:
-        layer = w.layer_spec(path, module, qtype, entry, rules, red, bname, aliases)
-        if not layer.param_specs() and not layer.activation_specs():
-            kept = "its parameters are 1-d (biases, norm scales), which stay float; " * bool(
-                _float_params(module)
-            )
-            return Decision(
-                **base,
-                kind="passthrough",
-                group=gi,
-                reason=f"{note}{kept}nothing to quantize in mode {cfg.mode!r}; runs as it is",
-            ), False
-        problem = w.bits_problem(layer) or w.backend_problem(layer)
-        if problem is None:
-            layer = w.guard_pairs(layer)
-            if w.backend.integer:
-                w.redo[path] = functools.partial(
-                    _fallback, w, base, path, module, qtype, rules, red, aliases, gi, note
-                )
-            return Decision(
-                **base,
-                kind="quantize",
-                backend=bname,
-                counterpart=entry.counterpart,
-                group=gi,
-                layer=layer,
-                reason=_noted(
-                    f"{note}counterpart {entry.counterpart.__name__} on backend {bname!r}", layer
-                ),
-            ), False
-        return _fallback(
-            w, base, path, module, qtype, rules, red, aliases, gi, note, problem
-        ), False
-    has_float = bool(_float_params(module))
-    if not has_float:
+
+def _mapped(site: _Site, entry: Any) -> Decision:
+    """The decision for a module the backend has a mapping for."""
+    w, bname = site.w, site.w.backend.name
+    layer = w.layer_spec(
+        site.path, site.module, site.qtype, entry, site.rules, site.red, bname, site.aliases
+    )
+    if not layer.param_specs() and not layer.activation_specs():
+        kept = "its parameters are 1-d (biases, norm scales), which stay float; " * bool(
+            _float_params(site.module)
+        )
+        return site.passthrough(
+            f"{site.note}{kept}nothing to quantize in mode {w.cfg.mode!r}; runs as it is"
+        )
+    problem = w.bits_problem(layer) or w.backend_problem(layer)
+    if problem is not None:
+        return site.fallback(problem)
+    layer = w.guard_pairs(layer)
+    if w.backend.integer:
+        w.redo[site.path] = site.fallback
+    return Decision(
+        **site.base,
+        kind="quantize",
+        backend=bname,
+        counterpart=entry.counterpart,
+        group=site.gi,
+        layer=layer,
+        reason=_noted(
+            f"{site.note}counterpart {entry.counterpart.__name__} on backend {bname!r}", layer
+        ),
+    )
+
+
+def _unmapped(site: _Site) -> tuple[Decision, bool]:
+    """The decision for a module without a mapping on the backend, and whether it is uncovered."""
+    w, cfg, module, note = site.w, site.w.cfg, site.module, site.note
+    bname = w.backend.name
+    if not _float_params(module):
         if module._modules:
-            return Decision(
-                **base,
-                kind="passthrough",
-                group=gi,
-                reason="container; its children are decided one by one",
-            ), False
-        return Decision(
-            **base,
-            kind="passthrough",
-            group=gi,
-            reason=f"{note}no parameters and no mapping for backend {bname!r}; runs in float",
+            return site.passthrough("container; its children are decided one by one"), False
+        return site.passthrough(
+            f"{note}no parameters and no mapping for backend {bname!r}; runs in float"
         ), False
-    why = w.why_unmapped(qtype, bname)
-    requested = {s for i in rules for s in cfg.rules[i].slots} | {s for _, s, _ in red}
+    why = w.why_unmapped(site.qtype, bname)
+    requested = {s for i in site.rules for s in cfg.rules[i].slots} | {s for _, s, _ in site.red}
     weighty = [n for n in _float_params(module) if _param_ndim(module, n) >= 2 or n in requested]
     if not weighty and cfg.mode in ("weight_only", "dynamic"):
-        return Decision(
-            **base,
-            kind="passthrough",
-            group=gi,
-            reason=f"{note}its parameters are 1-d (biases, norm scales), which stay float, and "
-            f"mode {cfg.mode!r} quantizes no activations here",
+        return site.passthrough(
+            f"{note}its parameters are 1-d (biases, norm scales), which stay float, and "
+            f"mode {cfg.mode!r} quantizes no activations here"
         ), False
     if w.backend.integer:
-        fake = w.find(qtype, "fake")
-        if fake is None and cfg.strict:
+        if w.find(site.qtype, "fake") is None and cfg.strict:
             return Decision(
-                **base,
+                **site.base,
                 kind="skip",
-                group=gi,
+                group=site.gi,
                 reason=f"{note}{why}; stays float (strict: true; set strict: false to "
                 "fake-quantize it generically)",
             ), True
-        return _fallback(w, base, path, module, qtype, rules, red, aliases, gi, note, why), True
-    layer = w.layer_spec(path, module, qtype, None, rules, red, bname, aliases)
+        return site.fallback(why), True
+    layer = w.layer_spec(
+        site.path, module, site.qtype, None, site.rules, site.red, bname, site.aliases
+    )
     if not layer.param_specs() and not layer.activation_specs():
-        return Decision(
-            **base,
-            kind="passthrough",
-            group=gi,
-            reason=f"{note}{why}; its parameters are 1-d (biases, norm scales), which stay "
-            "float, and this mode quantizes no activations",
+        return site.passthrough(
+            f"{note}{why}; its parameters are 1-d (biases, norm scales), which stay "
+            "float, and this mode quantizes no activations"
         ), False
     return Decision(
-        **base,
+        **site.base,
         kind="wrap",
         backend=bname,
-        group=gi,
+        group=site.gi,
         layer=layer,
         reason=_noted(
             f"{note}{why}: generic fake-quant of "
