@@ -14,10 +14,12 @@ backend's ``lower``. ``quantize`` is plan + prepare + calibrate + convert in one
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from qswap.bias_correction import apply_shift
@@ -183,7 +185,10 @@ def quantize(
     """Plan, prepare, calibrate on ``calib_data`` and convert, in one call; ``model`` is untouched.
 
     Static and QAT modes calibrate activation ranges and need ``calib_data``; weight-only
-    and dynamic modes need none (unless bias correction measures inputs).
+    and dynamic modes need none (unless bias correction measures inputs). Without
+    ``example_inputs`` the first calibration batch is the example the plan traces (fusion
+    across the model's own ``forward``, inputs shared between layers); a one-shot iterable
+    still calibrates on every batch.
 
     >>> import torch, qswap
     >>> x = torch.randn(16, 4)
@@ -193,6 +198,10 @@ def quantize(
     >>> qswap.quantize(torch.nn.Linear(4, 2), "w4_per_group").weight.shape
     torch.Size([2, 4])
     """
+    if example_inputs is None and calib_data is not None:
+        # the first batch is the example: the plan traces it (fusion across the model's own
+        # forward, inputs shared between layers) as it would have with example_inputs=
+        example_inputs, calib_data = _peek(calib_data)
     prepared = prepare(model, config, example_inputs=example_inputs, registry=registry)
     if calib_data is None:
         cfg = state_of(prepared).plan.config  # type: ignore[union-attr]
@@ -210,3 +219,48 @@ def quantize(
         return convert(prepared, inplace=True)
     calibrate(prepared, calib_data, max_batches=max_batches, progress=progress)
     return convert(prepared, inplace=True)
+
+
+class _Resumed:
+    """An iterable of batches whose first one was already taken out, and put back."""
+
+    def __init__(self, first: Any, rest: Iterator[Any], size: int | None) -> None:
+        self._items: Iterator[Any] | None = itertools.chain([first], rest)
+        self._size = size
+
+    def __iter__(self) -> Iterator[Any]:
+        items, self._items = self._items, None
+        if items is None:  # a one-shot iterable stays one-shot
+            return iter(())
+        return items
+
+    def __len__(self) -> int:
+        if self._size is None:
+            raise TypeError("this iterable of batches has no length")
+        return self._size
+
+
+def _peek(calib_data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
+    """The first batch of ``calib_data`` (None if there is none) and batches that still hold it.
+
+    >>> _peek([1, 2])
+    (1, [1, 2])
+    >>> first, rest = _peek(iter([1, 2]))
+    >>> first, list(rest)
+    (1, [1, 2])
+    """
+    if isinstance(calib_data, torch.Tensor):
+        return calib_data, calib_data  # one batch (calibrate takes a tensor as one)
+    if isinstance(calib_data, Sequence) and not isinstance(calib_data, (str, bytes)):
+        return (calib_data[0] if len(calib_data) else None), calib_data
+    size: int | None
+    try:
+        size = len(calib_data)  # type: ignore[arg-type]
+    except TypeError:
+        size = None
+    it = iter(calib_data)
+    try:
+        first = next(it)
+    except StopIteration:
+        return None, []
+    return first, _Resumed(first, it, size)

@@ -537,3 +537,50 @@ def test_weight_only_needs_no_data_and_static_says_what_it_needs() -> None:
         match=r"quantize\(\) got no calib_data, but mode 'static' calibrates activation ranges",
     ):
         quantize(model, "w8a8_minmax", calib_data=None)
+
+
+# --------------------------------------------------------------------------- first batch as example
+
+
+def _calls(n: int, x: torch.Tensor) -> Any:
+    for _ in range(n):
+        yield x
+
+
+@pytest.mark.parametrize("kind", ["list", "generator", "loader"])
+def test_quantize_traces_the_first_batch_when_given_no_example(kind: str) -> None:
+    # ResNet's BasicBlock calls conv1 -> bn1 -> relu in forward(), not in a Sequential: only
+    # a trace finds those groups. quantize() traces its first calibration batch, so the
+    # one-call flow fuses what prepare(example_inputs=...) fuses, from any iterable of batches.
+    torch.manual_seed(0)
+    model = resnet18().eval()
+    x = torch.randn(4, 3, 32, 32)
+    batches: Any = {
+        "list": [x, x],
+        "generator": _calls(2, x),
+        "loader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2),
+    }[kind]
+    if kind == "loader":
+        batches = [b[0] for b in batches]
+    q = quantize(model, "w8a8_minmax", calib_data=batches, progress=False)
+    traced = plan(model, "w8a8_minmax", example_inputs=x)
+    assert state_of(q).plan.fusion_groups == traced.fusion_groups
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())  # all folded
+    assert len(traced.fusion_groups) > len(plan(model, "w8a8_minmax").fusion_groups)
+
+
+def test_quantize_calibrates_every_batch_of_a_one_shot_iterable() -> None:
+    # taking the first batch out to trace must not lose it for calibration: the range seen
+    # is that of both batches, the large one first
+    model = nn.Sequential(nn.Linear(4, 4))
+    big, small = torch.full((2, 4), 8.0), torch.full((2, 4), 1.0)
+    q = quantize(model, "w8a8_minmax", calib_data=iter([big, small]), progress=False)
+    slot = state_of(q).layers["0"]
+    assert slot.qparams is not None
+    in_scale = float(slot.qparams["input"].scale)
+    assert in_scale * 255 >= 8.0 - 1e-4  # the first batch's range was observed
+
+
+def test_quantize_with_an_empty_iterable_says_so() -> None:
+    with pytest.raises(qswap.CalibrationError, match="saw no batch"):
+        quantize(nn.Sequential(nn.Linear(4, 4)), "w8a8_minmax", calib_data=iter([]), progress=False)
