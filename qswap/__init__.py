@@ -12,6 +12,7 @@ first call of :func:`default_registry`.
 
 from __future__ import annotations
 
+from qswap.backends.ort import OrtModel
 from qswap.calibrate import calibrate
 from qswap.config import (
     ComponentRef,
@@ -77,6 +78,7 @@ __all__ = [
     "Match",
     "NotRegisteredError",
     "Observer",
+    "OrtModel",
     "Plan",
     "PlanError",
     "PluginError",

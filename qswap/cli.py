@@ -403,6 +403,8 @@ def _make_temp_folder(out: Path) -> Path:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from torch import nn
+
     import qswap
     from qswap.calibrate import calibrate
     from qswap.config import dump_config, load_config
@@ -442,7 +444,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         rep.to_json(tmp / "report.json")
         rep.to_csv(tmp / "report.csv")
         onnx_rows = None
-        if args.onnx:
+        # backend onnxruntime: the ONNX model is the quantized model; always written
+        want_onnx = args.onnx or isinstance(getattr(qmodel, "torch_twin", None), nn.Module)
+        if want_onnx:
             from qswap.export.onnx import compare_layers, export_onnx
 
             export_onnx(qmodel, example, tmp / "model.onnx")
@@ -459,7 +463,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise
     print(
         f"wrote {shown.rstrip(os.sep)}/: calibration.pt, model.pt, config.yaml, plan.txt, "
-        "report.txt/json/csv" + (", model.onnx, onnx_check.txt" if args.onnx else "")
+        "report.txt/json/csv" + (", model.onnx, onnx_check.txt" if want_onnx else "")
     )
     print(
         f"output SQNR {rep.output_sqnr_db:.1f} dB over {rep.batches} batch(es); "

@@ -605,6 +605,11 @@ class _Tally:
         ref_out = _first_float(float_model(*args, **kwargs))
         self.fused(*args, **kwargs)
         q_out = _first_float(self.quantized_model(*args, **kwargs))
+        twin = getattr(self.quantized_model, "torch_twin", None)
+        if isinstance(twin, nn.Module):
+            # a model run by another runtime (qswap.backends.ort): its layers are measured on
+            # the torch model it was made from, its output as that runtime computes it
+            twin(*args, **kwargs)
         if ref_out is None or q_out is None:
             raise PlanError("report() needs models whose output holds a float tensor")
         ref_out = ref_out.detach().clone()

@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("persist.artifact",),
     ("backends.torch_int8", "convert"),
     ("persist.model_file", "export.onnx", "report"),
+    ("backends.ort",),
     ("cli", "__main__", ""),
 ]
 #: the stages every backend shares: they reach backends only through the registry

@@ -38,6 +38,7 @@ def test_all_is_pinned() -> None:
         "Match",
         "NotRegisteredError",
         "Observer",
+        "OrtModel",
         "Plan",
         "PlanError",
         "PluginError",

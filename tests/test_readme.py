@@ -36,7 +36,7 @@ def test_every_python_block_runs_in_order_on_one_model(
     assert len(configs) == 1
     (tmp_path / "q.yaml").write_text(configs[0])
     blocks = [b for b in _blocks("python") if not any(c in b for c in CLUSTER)]
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     ns: dict[str, Any] = {}
     torch.manual_seed(0)
     for block in blocks:
@@ -48,6 +48,8 @@ def test_every_python_block_runs_in_order_on_one_model(
         "resnet_int8.qswap",
         "resnet-int8.onnx",
         "layers.csv",
+        "resnet-ort.onnx",
+        "resnet_ort.qswap",
     }
     assert ns["qlm"] is not None and "torch.Size([1, 12])" in out
 

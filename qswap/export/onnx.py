@@ -171,7 +171,10 @@ def _check_exportable(model: nn.Module) -> None:
                     f"{where}: per-group scales have no QDQ form in opset <= {MAX_OPSET}; "
                     "use granularity: per_channel (axis: 0) or per_tensor for this layer"
                 )
-            if (qp.quant_min, qp.quant_max) not in _ONNX_RANGES:
+            weights_fit = (
+                slot not in ("input", "output") and -128 <= qp.quant_min <= qp.quant_max <= 127
+            )
+            if (qp.quant_min, qp.quant_max) not in _ONNX_RANGES and not weights_fit:
                 raise UnsupportedModuleError(
                     f"{where}: integer range [{qp.quant_min}, {qp.quant_max}] has no QDQ form; "
                     "QuantizeLinear holds int8 [-128, 127] or uint8 [0, 255] (or [0, 127] "
@@ -536,6 +539,9 @@ def export_onnx(
     """
     _require("onnx")
     check_writable(Path(path))  # a folder or a path under a file: say so before exporting
+    twin = getattr(model, "torch_twin", None)
+    if isinstance(twin, nn.Module):  # a model another runtime runs: export what it was made from
+        model = twin
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise UnsupportedModuleError(
             f"opset must be an integer from {MIN_OPSET} (per-channel QuantizeLinear) to "
@@ -878,12 +884,12 @@ class _QDQGraph:
 
 
 def onnx_session(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | bytes,
     *,
     threads: int | None = None,
     optimization: Optimization = "extended",
 ) -> Any:
-    """An ONNX Runtime CPU session for ``path`` at ``optimization`` level (default ``extended``).
+    """An ONNX Runtime CPU session for ``path`` (or a serialized model) at ``optimization`` level.
 
     ONNX Runtime fuses Q/DQ pairs into integer kernels only at ``extended`` or ``all``.
     ``threads`` sets the intra-op thread count (default: ONNX Runtime's choice).
@@ -891,7 +897,8 @@ def onnx_session(
     >>> sess = onnx_session("model.onnx", threads=1)  # doctest: +SKIP
     >>> sess.run(None, {"input": x.numpy()})[0]  # doctest: +SKIP
     """
-    return _session(str(path), threads=threads, optimization=optimization)
+    source = path if isinstance(path, bytes) else str(path)
+    return _session(source, threads=threads, optimization=optimization)
 
 
 def _session(
@@ -1067,6 +1074,9 @@ def compare_layers(
 
     onnx = _require("onnx")
     _require("onnxruntime")
+    twin = getattr(model, "torch_twin", None)
+    if isinstance(twin, nn.Module):  # qswap.backends.ort: compare the file with its torch twin
+        model = twin
     state = state_of(model)
     if state is None or state.stage != "converted":
         raise UnsupportedModuleError(
