@@ -110,12 +110,21 @@ def own_registry() -> Registry:
 def test_presets_are_the_builtins_and_match_pytorch_defaults() -> None:
     """The presets load and carry the backend, observers and layouts the contract names."""
     assert list_presets() == [
+        "ort_int8",
         "qnnpack_int8",
         "w4_per_group",
         "w8a8_minmax",
         "x86_dynamic_int8",
         "x86_int8",
     ]
+    ort = load_config("ort_int8")
+    assert (ort.backend, ort.mode, ort.fallback, ort.vnni) == (
+        "onnxruntime",
+        "static",
+        "float",
+        "auto",
+    )
+    assert ort.activation.quant_range() == (0, 255) and ort.weight.quant_range() == (-128, 127)
     dynamic = load_config("x86_dynamic_int8")
     assert (dynamic.backend, dynamic.mode, dynamic.fallback) == ("x86", "dynamic", "float")
     assert dynamic.activation.quant_range() == (0, 255)
@@ -319,7 +328,7 @@ def test_unknown_preset_name_suggests_the_nearest() -> None:
     err = raises_config_error("x86_in8")
     assert str(err) == (
         "<string>: 'x86_in8' is not a preset, a config file or YAML text; did you mean "
-        "'x86_int8'? Presets: qnnpack_int8, w4_per_group, w8a8_minmax, x86_dynamic_int8, "
+        "'x86_int8'? Presets: ort_int8, qnnpack_int8, w4_per_group, w8a8_minmax, x86_dynamic_int8, "
         "x86_int8; or pass a path ending in .yaml"
     )
 

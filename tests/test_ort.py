@@ -215,3 +215,14 @@ def test_cli_writes_the_onnx_model(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     x = torch.rand(2, 3, 8, 8)
     assert session.run(None, {"input": x.numpy()})[0].shape == (2, 2)
     assert (tmp_path / "out" / "onnx_check.txt").read_text().strip()
+
+
+def test_seven_bit_weights_export_and_agree_everywhere(tmp_path: Path) -> None:
+    """vnni: false (a CPU without VNNI): 7-bit weights on int8 storage export and run, and
+    ORT agrees layer by layer on any CPU (no pair of products reaches 16 bits)."""
+    model = forum_model(resnet18)
+    cfg = {"extends": ["ort_int8"], "vnni": False}
+    q = qswap.quantize(model, cfg, calib_data=FORUM_CALIB, progress=False)
+    assert q._qswap.plan.narrowed  # type: ignore[union-attr]
+    rows = compare_layers(q, q.save_onnx(tmp_path / "r.onnx"), FORUM_X[32:40])
+    assert rows and all(row.ok for row in rows), "\n".join(map(str, rows))

@@ -171,10 +171,7 @@ def _check_exportable(model: nn.Module) -> None:
                     f"{where}: per-group scales have no QDQ form in opset <= {MAX_OPSET}; "
                     "use granularity: per_channel (axis: 0) or per_tensor for this layer"
                 )
-            weights_fit = (
-                slot not in ("input", "output") and -128 <= qp.quant_min <= qp.quant_max <= 127
-            )
-            if (qp.quant_min, qp.quant_max) not in _ONNX_RANGES and not weights_fit:
+            if (qp.quant_min, qp.quant_max) not in _ONNX_RANGES:
                 raise UnsupportedModuleError(
                     f"{where}: integer range [{qp.quant_min}, {qp.quant_max}] has no QDQ form; "
                     "QuantizeLinear holds int8 [-128, 127] or uint8 [0, 255] (or [0, 127] "
