@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("registry",),
     ("config", "decompose"),
     ("quantizers",),
+    ("observers",),
     ("methods",),
     ("fuse",),
     ("plan",),

@@ -557,7 +557,11 @@ class _NotAModule:
         ("quantizer", _BadOptions, "options_model must be a pydantic BaseModel subclass"),
         ("quantizer", _BadInit, "must be constructible as _BadInit(spec, options)"),
         ("quantizer", _NotAModule, "must be a torch.nn.Module subclass"),
-        ("observer", DuckQuantizer, "it lacks calculate_qparams, merge"),
+        (
+            "observer",
+            DuckQuantizer,
+            "it lacks calculate_qparams, merge; subclass qswap.observers.Observer",
+        ),
         ("observer", lambda x: x, "a plain function fn(x) -> x can be registered as a quantizer"),
     ],
 )
@@ -601,7 +605,8 @@ def test_duplicate_component_names_both_sites() -> None:
 
 def test_subclass_of_the_base_classes_must_implement_the_hooks() -> None:
     """A Quantizer/Observer subclass that leaves forward/observe unimplemented is refused."""
-    from qswap.quantizers import Observer, Quantizer
+    from qswap.observers import Observer
+    from qswap.quantizers import Quantizer
 
     class Lazy(Quantizer):
         pass
