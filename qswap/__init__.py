@@ -41,12 +41,13 @@ from qswap.exceptions import (
     UnsupportedModuleError,
 )
 from qswap.export.onnx import LayerAgreement, compare_layers, export_onnx
+from qswap.observers import Observer
 from qswap.persist.artifact import Calibration, load_calibration, save_calibration
 from qswap.persist.model_file import load, save
 from qswap.plan import Decision, LayerSpec, Plan, plan
 from qswap.prepare import prepare
 from qswap.qat import freeze_bn_stats
-from qswap.quantizers import Observer, QParams, Quantizer
+from qswap.quantizers import QParams, Quantizer
 from qswap.registry import (
     Backend,
     ComponentEntry,

@@ -29,7 +29,8 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from qswap.exceptions import CalibrationError
-from qswap.quantizers import Observer, add_buffer, set_buffer
+from qswap.observers import Observer
+from qswap.quantizers import add_buffer, set_buffer
 from qswap.slots import activation_owner
 
 if TYPE_CHECKING:

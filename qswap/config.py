@@ -21,7 +21,6 @@ import difflib
 import fnmatch
 import os
 import re
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,16 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
+from qswap._yaml import (
+    MAX_BYTES,
+    Mark,
+    Node,
+    NotRegularFileError,
+    YamlReader,
+    descend,
+    mark_at,
+    plain,
+)
 from qswap.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -69,7 +78,7 @@ __all__ = [
 ]
 
 #: Config files and YAML strings larger than this are refused before parsing.
-MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = MAX_BYTES
 
 _PRESET_DIR = Path(__file__).resolve().with_name("presets")
 _CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -77,8 +86,6 @@ _CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _TRUSTED = "qswap.components_checked"
 # The pydantic error type for every error raised by this module's validators.
 _ERR = "qswap_config"
-_MAX_NODES = 100_000
-_MAX_DEPTH = 64
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True)
 #: the longest a rule's regex may take on one module path: the `regex` engine (which also
 #: avoids most catastrophic backtracking) stops a pathological pattern after that long
@@ -952,353 +959,30 @@ def list_presets() -> list[str]:
 # --------------------------------------------------------------------------- YAML with positions
 
 
-@dataclass(frozen=True)
-class _Mark:
-    """Where a value came from: source name and 1-based line/column (None for dicts)."""
-
-    source: str
-    line: int | None = None
-    col: int | None = None
+def _yaml_problem(reason: str, at: Mark) -> ConfigError:
+    return ConfigError(reason, source=at.source, line=at.line, col=at.col)
 
 
-@dataclass
-class _Node:
-    """A plain value with its position; mappings and lists hold further nodes."""
-
-    value: Any
-    mark: _Mark
-    key_mark: _Mark | None = None
+_YAML = YamlReader("config", error=_yaml_problem, max_bytes=MAX_CONFIG_BYTES)
 
 
 @dataclass(frozen=True)
 class _Doc:
     """One config document before ``extends`` is resolved."""
 
-    root: _Node
+    root: Node
     shown: str
     ident: str
     base_dir: Path
     files: bool = True  # whether its extends may name files (a stored config: presets only)
 
 
-_MAP_TAG = "tag:yaml.org,2002:map"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_SCALAR_TAGS = frozenset(
-    tag
-    for tag in yaml.SafeLoader.yaml_constructors
-    if isinstance(tag, str)
-    and tag not in (_MAP_TAG, _SEQ_TAG)
-    and not tag.endswith((":omap", ":pairs", ":set"))
-)
-
-
-def _short_tag(tag: str) -> str:
-    return "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
-
-
-class _Marking:
-    """Loader methods that keep each node's position and build only plain YAML data."""
-
-    source: str
-    count: int
-    depth: int
-
-    if TYPE_CHECKING:  # from the YAML loader classes below
-
-        def peek_event(self) -> Any: ...
-        def construct_object(self, node: Any, deep: bool = False) -> Any: ...
-        def flatten_mapping(self, node: Any) -> None: ...
-        def get_single_node(self) -> Any: ...
-
-    def _setup(self, source: str) -> None:
-        self.source = source
-        self.count = 0
-        self.depth = 0
-
-    def mark(self, mark: Any) -> _Mark:
-        return _Mark(self.source, mark.line + 1, mark.column + 1)
-
-    def error(self, node: Any, message: str) -> ConfigError:
-        at = self.mark(node.start_mark)
-        return ConfigError(message, source=at.source, line=at.line, col=at.col)
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        # Refuse runaway nesting at the node where it happens, long before Python's stack ends.
-        self.depth += 1
-        try:
-            if self.depth > _MAX_DEPTH:
-                mark = self.mark(self.peek_event().start_mark)
-                raise ConfigError(
-                    f"the YAML is nested more than {_MAX_DEPTH} levels deep. A config needs only "
-                    "a few levels; check for runaway brackets or indentation",
-                    source=mark.source,
-                    line=mark.line,
-                    col=mark.col,
-                )
-            return super().compose_node(parent, index)  # type: ignore[misc]
-        finally:
-            self.depth -= 1
-
-    def locate(self) -> _Node | None:
-        node = self.get_single_node()
-        if node is None:
-            return None
-        sizes: dict[int, int] = {}
-        if self.expanded_size(node, sizes, set()) > _MAX_NODES:
-            # Report the node that fans out: the biggest child no longer exceeds the limit.
-            while True:
-                children = self.children(node)
-                biggest = max(children, key=lambda c: sizes[id(c)], default=None)
-                if biggest is None or sizes[id(biggest)] <= _MAX_NODES:
-                    break
-                node = biggest
-            raise self.error(
-                node,
-                f"the config holds more than {_MAX_NODES} values (each use of an alias "
-                "counted). A config needs a few hundred: check that this is the right file, and "
-                "do not nest repeated aliases",
-            )
-        return self.build(node, None, frozenset())
-
-    @staticmethod
-    def children(node: Any) -> list[Any]:
-        if isinstance(node, yaml.SequenceNode):
-            return list(node.value)
-        if isinstance(node, yaml.MappingNode):
-            return [part for pair in node.value for part in pair]
-        return []
-
-    def expanded_size(self, node: Any, sizes: dict[int, int], active: set[int]) -> int:
-        """How many values ``node`` becomes once every alias is expanded (each node counted once)."""
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in active:
-            raise self.error(
-                node, "an alias refers to a node that contains it. Remove the recursive alias"
-            )
-        active.add(key)
-        size = 1 + sum(self.expanded_size(child, sizes, active) for child in self.children(node))
-        active.discard(key)
-        sizes[key] = size
-        return size
-
-    def build(self, node: Any, key_mark: _Mark | None, active: frozenset[int]) -> _Node:
-        self.count += 1
-        if self.count > _MAX_NODES:
-            raise self.error(
-                node,
-                f"the config expands to more than {_MAX_NODES} values (nested aliases?). "
-                "Write the config without repeated anchors",
-            )
-        mark = self.mark(node.start_mark)
-        if isinstance(node, yaml.ScalarNode):
-            if node.tag not in _SCALAR_TAGS:
-                raise self._unsafe(node)
-            return _Node(self.construct_object(node, deep=True), mark, key_mark)
-        if id(node) in active:
-            raise self.error(
-                node, "an alias refers to a node that contains it. Remove the recursive alias"
-            )
-        active = active | {id(node)}
-        if isinstance(node, yaml.SequenceNode):
-            if node.tag != _SEQ_TAG:
-                raise self._unsafe(node)
-            return _Node([self.build(child, None, active) for child in node.value], mark, key_mark)
-        if node.tag != _MAP_TAG:
-            raise self._unsafe(node)
-        first: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG:
-                continue
-            key = self.key(key_node)
-            if key in first:
-                raise self.error(
-                    key_node,
-                    f"duplicate key {key!r} (first written at line {first[key].line + 1}). YAML "
-                    "would silently keep only the last one; remove or merge the duplicates",
-                )
-            first[key] = key_node.start_mark
-        self.flatten_mapping(node)
-        out: dict[Any, _Node] = {}
-        for key_node, value_node in node.value:
-            out[self.key(key_node)] = self.build(value_node, self.mark(key_node.start_mark), active)
-        return _Node(out, mark, key_mark)
-
-    def key(self, node: Any) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.error(node, "a mapping key must be a plain name, not a list or mapping")
-        if node.tag not in _SCALAR_TAGS:
-            raise self._unsafe(node)
-        return self.construct_object(node, deep=True)
-
-    def _unsafe(self, node: Any) -> ConfigError:
-        return self.error(
-            node,
-            f"the YAML tag {_short_tag(node.tag)} is not allowed: qswap reads configs with safe "
-            "loading and never builds Python objects from a file. Remove the tag and write plain "
-            "values",
-        )
-
-
-def _line_col(text: str, index: int) -> tuple[int, int]:
-    line = text.count("\n", 0, index) + 1
-    return line, index - (text.rfind("\n", 0, index) + 1) + 1
-
-
-_YAML_HINTS = (
-    (
-        "mapping values are not allowed",
-        (
-            "a ':' appears where no key can start. Fix the indentation or quote a value that "
-            "contains ': '"
-        ),
-    ),
-    (
-        "could not find expected ':'",
-        "a key is missing its ':' or a quote is not closed. Check this line",
-    ),
-    (
-        "expected <block end>",
-        (
-            "the indentation does not line up with the lines above. Indent each level by the same "
-            "number of spaces"
-        ),
-    ),
-    (
-        "found undefined alias",
-        (
-            "an *alias names no &anchor defined above it. Define the anchor first or write the "
-            "value out"
-        ),
-    ),
-    (
-        "expected a single document",
-        "the text holds several YAML documents (---). Keep one config per file",
-    ),
-    ("scanning a quoted scalar", "a quoted value is not closed. Add the closing quote"),
-    (
-        "parsing a flow sequence",
-        "a '[' list is not closed. Add the closing ']' or check the commas",
-    ),
-    (
-        "parsing a flow mapping",
-        "a '{' mapping is not closed. Add the closing '}' or check the commas",
-    ),
-)
-
-
-def _yaml_error(exc: yaml.YAMLError, text: str, source: str) -> ConfigError:
-    """Turn a PyYAML error into a ConfigError with line, column and a hint."""
-    if isinstance(exc, yaml.reader.ReaderError):
-        line, col = _line_col(text, exc.position)
-        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
-        return ConfigError(
-            f"the text holds the control character U+{ord(char):04X}, which YAML does not allow; "
-            "is this a binary file? Remove the character or save the config as plain UTF-8 text",
-            source=source,
-            line=line,
-            col=col,
-        )
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    line = mark.line + 1 if mark is not None else 1
-    col = mark.column + 1 if mark is not None else 1
-    problem = str(getattr(exc, "problem", None) or exc).strip()
-    line_text = text.splitlines()[line - 1] if 0 < line <= len(text.splitlines()) else ""
-    if "\t" in line_text[: max(col, 1)] or "'\\t'" in problem:
-        return ConfigError(
-            f"YAML syntax error: {problem}. This line is indented with a tab, which YAML does "
-            "not allow; indent with spaces (2 per level)",
-            source=source,
-            line=line,
-            col=col,
-        )
-    context = getattr(exc, "context", None)
-    both = f"{problem} {context or ''}"
-    hint = next(
-        (h for key, h in _YAML_HINTS if key in both),
-        "check the indentation, quotes and brackets here",
-    )
-    context_mark = getattr(exc, "context_mark", None)
-    started = ""
-    if context and context_mark is not None and context_mark.line + 1 != line:
-        started = f" ({context} at line {context_mark.line + 1})"
-    return ConfigError(
-        f"YAML syntax error: {problem}{started}. {hint[0].upper()}{hint[1:]}",
-        source=source,
-        line=line,
-        col=col,
-    )
-
-
-class _MarkedLoader(_Marking, yaml.SafeLoader):  # type: ignore[misc]
-    """The pure-Python loader: its error messages are the ones configs are tested against."""
-
-    def __init__(self, text: str, source: str) -> None:
-        yaml.SafeLoader.__init__(self, text)
-        self._setup(source)
-
-
-if yaml.__with_libyaml__:
-
-    class _FastMarkedLoader(
-        _Marking,
-        yaml.composer.Composer,  # type: ignore[misc]
-        yaml.cyaml.CParser,  # type: ignore[misc]
-        yaml.constructor.SafeConstructor,  # type: ignore[misc]
-        yaml.resolver.Resolver,  # type: ignore[misc]
-    ):
-        """libyaml's scanner and parser under the same composer and checks: 4x faster."""
-
-        def __init__(self, text: str, source: str) -> None:
-            yaml.cyaml.CParser.__init__(self, text)
-            yaml.constructor.SafeConstructor.__init__(self)
-            yaml.resolver.Resolver.__init__(self)
-            yaml.composer.Composer.__init__(self)
-            self._setup(source)
-
-    _LOADERS: tuple[type[_Marking], ...] = (_FastMarkedLoader, _MarkedLoader)
-else:
-    _LOADERS = (_MarkedLoader,)
-
-
-def _locate(text: str, source: str, loader_cls: type[_Marking]) -> _Node | None:
-    loader: Any = loader_cls(text, source)  # type: ignore[call-arg]
-    try:
-        found: _Node | None = loader.locate()
-        return found
-    except RecursionError:
-        raise ConfigError(
-            "the YAML is nested too deeply. A config needs only a few levels; check for "
-            "runaway brackets",
-            source=source,
-            line=1,
-            col=1,
-        ) from None
-    finally:
-        loader.dispose()
-
-
-def _parse(text: str, source: str, *, quote: bool = True) -> _Node:
+def _parse(text: str, source: str, *, quote: bool = True) -> Node:
     """Parse YAML text into a located mapping; every problem is a ConfigError.
 
     ``quote=False`` (a file another config names) never repeats the file's text in a message.
     """
-    if len(text) > MAX_CONFIG_BYTES // 4:  # only long text can exceed the limit in UTF-8
-        size = len(text.encode("utf-8", "replace"))
-        if size > MAX_CONFIG_BYTES:
-            raise _too_big(size, source)
-    try:
-        root = _locate(text, source, _LOADERS[0])
-    except yaml.YAMLError as exc:
-        if len(_LOADERS) == 1:
-            raise _yaml_error(exc, text, source) from None
-        try:  # libyaml words its errors otherwise: report the pure-Python parser's
-            root = _locate(text, source, _MarkedLoader)
-        except yaml.YAMLError as pure:
-            raise _yaml_error(pure, text, source) from None
-        raise _yaml_error(exc, text, source) from None
+    root = _YAML.parse(text, source)
     if root is None:
         raise ConfigError(
             "the config is empty. Write at least 'version: 1', or 'extends: [x86_int8]' to start "
@@ -1322,37 +1006,12 @@ def _parse(text: str, source: str, *, quote: bool = True) -> _Node:
     return root
 
 
-def _too_big(size: int, source: str) -> ConfigError:
-    return ConfigError(
-        f"the config is {size / (1 << 20):.1f} MiB; qswap reads configs of at most "
-        f"{MAX_CONFIG_BYTES // (1 << 20)} MiB. Check that this is the right file",
-        source=source,
-        line=1,
-        col=1,
-    )
-
-
-def _read(path: Path, shown: str, at: _Mark | None = None) -> str:
+def _read(path: Path, shown: str, at: Mark | None = None) -> str:
     """Read a config file as text, refusing big or binary files before parsing."""
     # A missing or unreadable file named by `extends` is reported at that entry.
     source, line, col = (at.source, at.line, at.col) if at is not None else (shown, None, None)
     try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError(shown)
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
-            raise ConfigError(
-                f"{shown!r} is not a regular file (a pipe, socket or device). Name a .yaml "
-                "config file",
-                source=source,
-                line=line,
-                col=col,
-            )
-        size = info.st_size
-        if size > MAX_CONFIG_BYTES:
-            raise _too_big(size, shown)
-        with path.open("rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
+        return _YAML.read(path, shown)
     except FileNotFoundError:
         start = "the current directory" if at is None else "the file that names it"
         raise ConfigError(
@@ -1365,47 +1024,17 @@ def _read(path: Path, shown: str, at: _Mark | None = None) -> str:
         raise ConfigError(
             f"{shown!r} is a directory. Name a .yaml config file", source=source, line=line, col=col
         ) from None
+    except NotRegularFileError:  # a FIFO or a device would block or never end
+        raise ConfigError(
+            f"{shown!r} is not a regular file (a pipe, socket or device). Name a .yaml config file",
+            source=source,
+            line=line,
+            col=col,
+        ) from None
     except OSError as exc:
         raise ConfigError(
             f"cannot read {shown!r}: {exc.strerror or exc}", source=source, line=line, col=col
         ) from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise _too_big(len(data), shown)
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise ConfigError(
-            f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-            "is it a binary file? Save the config as UTF-8 YAML",
-            source=shown,
-            line=line,
-            col=col,
-        ) from None
-
-
-def _from_plain(value: Any, mark: _Mark, depth: int = 0) -> _Node:
-    """Wrap dict/list data (no positions) into nodes; as deep as a YAML config may be."""
-    if depth > _MAX_DEPTH:
-        raise ConfigError(
-            f"the config is nested more than {_MAX_DEPTH} levels deep. A config needs only a "
-            "few levels; check the dict you passed",
-            source=mark.source,
-        )
-    if isinstance(value, Mapping):
-        return _Node({k: _from_plain(v, mark, depth + 1) for k, v in value.items()}, mark, mark)
-    if isinstance(value, (list, tuple)):
-        return _Node([_from_plain(v, mark, depth + 1) for v in value], mark, mark)
-    return _Node(value, mark, mark)
-
-
-def _plain(node: _Node) -> Any:
-    if isinstance(node.value, dict):
-        return {k: _plain(v) for k, v in node.value.items()}
-    if isinstance(node.value, list):
-        return [_plain(v) for v in node.value]
-    return node.value
 
 
 # --------------------------------------------------------------------------- extends
@@ -1416,13 +1045,13 @@ def _preset_doc(name: str) -> _Doc:
     return _Doc(_parse(_read(path, str(path)), str(path)), name, f"preset:{name}", path.parent)
 
 
-def _file_doc(path: Path, shown: str, at: _Mark | None = None) -> _Doc:
+def _file_doc(path: Path, shown: str, at: Mark | None = None) -> _Doc:
     # a file another config names is never quoted back: it may not be a config at all
     root = _parse(_read(path, shown, at), shown, quote=at is None)
     return _Doc(root, shown, str(path.resolve()), path.resolve().parent)
 
 
-def _parent_doc(item: _Node, doc: _Doc, index: int) -> _Doc:
+def _parent_doc(item: Node, doc: _Doc, index: int) -> _Doc:
     """Open one ``extends`` entry: a preset name, or a path relative to the extending file."""
     entry = item.value
     at = item.mark
@@ -1488,7 +1117,7 @@ def _parent_doc(item: _Node, doc: _Doc, index: int) -> _Doc:
     )
 
 
-def _resolve(doc: _Doc, chain: list[tuple[str, str]], done: dict[str, _Node]) -> _Node:
+def _resolve(doc: _Doc, chain: list[tuple[str, str]], done: dict[str, Node]) -> Node:
     """Merge ``extends`` parents depth-first underneath ``doc``; returns a node without extends.
 
     ``done`` holds every parent resolved so far in this load, by identity: a file that many
@@ -1497,7 +1126,7 @@ def _resolve(doc: _Doc, chain: list[tuple[str, str]], done: dict[str, _Node]) ->
     root = doc.root
     own = {k: v for k, v in root.value.items() if k != "extends"}
     ext = root.value.get("extends")
-    merged: _Node | None = None
+    merged: Node | None = None
     if ext is not None and ext.value is not None:
         if not isinstance(ext.value, list):
             raise ConfigError(
@@ -1527,20 +1156,20 @@ def _resolve(doc: _Doc, chain: list[tuple[str, str]], done: dict[str, _Node]) ->
                 resolved = _resolve(parent, [*chain, (parent.ident, parent.shown)], done)
                 done[parent.ident] = resolved
             merged = resolved if merged is None else _merge(merged, resolved)
-    own_node = _Node(own, root.mark, root.key_mark)
+    own_node = Node(own, root.mark, root.key_mark)
     return own_node if merged is None else _merge(merged, own_node)
 
 
-def _name_of(component: _Node) -> Any:
+def _name_of(component: Node) -> Any:
     name = component.value.get("name")
     return None if name is None else name.value
 
 
-def _merge(base: _Node, over: _Node, key: Any = None) -> _Node:
+def _merge(base: Node, over: Node, key: Any = None) -> Node:
     """Child over parent: mappings merge recursively, ``rules`` concatenate, the rest replaces."""
     if not (isinstance(base.value, dict) and isinstance(over.value, dict)):
         if key == "rules" and isinstance(base.value, list) and isinstance(over.value, list):
-            return _Node(base.value + over.value, over.mark, over.key_mark)
+            return Node(base.value + over.value, over.mark, over.key_mark)
         return over
     if key in ("observer", "quantizer") and _name_of(base) != _name_of(over):
         return over  # another component: its options do not mix with the parent's
@@ -1554,7 +1183,7 @@ def _merge(base: _Node, over: _Node, key: Any = None) -> _Node:
             out.pop("axis", None)
         if granularity != "per_group" and "group_size" not in over.value:
             out.pop("group_size", None)
-    return _Node(out, over.mark, over.key_mark)
+    return Node(out, over.mark, over.key_mark)
 
 
 # --------------------------------------------------------------------------- error mapping
@@ -1681,30 +1310,15 @@ def _describe(err: Mapping[str, Any], valid_keys: list[str] | None) -> str:
 class _Issue:
     message: str
     path: str
-    mark: _Mark
-
-    def where(self) -> str:
-        out = self.mark.source
-        if self.mark.line is not None:
-            out += f":{self.mark.line}:{self.mark.col}"
-        return out
+    mark: Mark
 
 
-def _issue(err: Mapping[str, Any], root: _Node) -> _Issue:
+def _issue(err: Mapping[str, Any], root: Node) -> _Issue:
     loc = _clean_loc(err)
-    node = root
-    depth = 0
-    for part in loc:
-        value = node.value
-        in_dict = isinstance(value, dict) and part in value
-        in_list = isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)
-        if not (in_dict or in_list):
-            break
-        node = value[part]
-        depth += 1
     kind = err.get("type")
+    _, depth = descend(root, loc)
     found = depth == len(loc)
-    mark = node.key_mark if kind == "extra_forbidden" and found and node.key_mark else node.mark
+    mark = mark_at(root, loc, key=kind == "extra_forbidden")
     shown = loc if kind in ("missing", "extra_forbidden") or found else loc[:depth]
     valid = None
     if kind == "extra_forbidden":
@@ -1713,7 +1327,7 @@ def _issue(err: Mapping[str, Any], root: _Node) -> _Issue:
     return _Issue(_describe({**err, "loc": loc}, valid), _format_path(shown), mark)
 
 
-def _config_error(exc: ValidationError, root: _Node) -> ConfigError:
+def _config_error(exc: ValidationError, root: Node) -> ConfigError:
     errors = exc.errors(include_url=False)
     # A mistyped key ("matc") also reports the required key as missing; the typo says more.
     typo_parents = {_clean_loc(e)[:-1] for e in errors if e["type"] == "extra_forbidden"}
@@ -1727,7 +1341,7 @@ def _config_error(exc: ValidationError, root: _Node) -> ConfigError:
     first = issues[0]
     message = first.message
     for more in issues[1:6]:
-        message += f"\n  also {more.where()}: {more.path + ': ' if more.path else ''}{more.message}"
+        message += f"\n  also {more.mark}: {more.path + ': ' if more.path else ''}{more.message}"
     if len(issues) > 6:
         message += f"\n  ... and {len(issues) - 6} more problems"
     return ConfigError(
@@ -1757,11 +1371,11 @@ def _source_doc(source: object) -> _Doc:
     if isinstance(source, QConfig):
         # Only the fields set explicitly override what `extends` brings in.
         explicit = {k: v for k, v in _plain_config(source).items() if k in source.model_fields_set}
-        mark = _Mark("<QConfig>")
-        return _Doc(_from_plain(explicit, mark), "<QConfig>", "<QConfig>", cwd)
+        mark = Mark("<QConfig>")
+        return _Doc(_YAML.wrap(explicit, mark), "<QConfig>", "<QConfig>", cwd)
     if isinstance(source, Mapping):
-        mark = _Mark("<dict>")
-        return _Doc(_from_plain(dict(source), mark), "<dict>", "<dict>", cwd)
+        mark = Mark("<dict>")
+        return _Doc(_YAML.wrap(dict(source), mark), "<dict>", "<dict>", cwd)
     if isinstance(source, os.PathLike):
         path = Path(os.fspath(source))
         return _file_doc(path, str(path))
@@ -1810,6 +1424,6 @@ def load_config(
         doc = dataclasses.replace(doc, files=False)
     merged = _resolve(doc, [(doc.ident, doc.shown)], {})
     try:
-        return QConfig.model_validate(_plain(merged), context={"registry": registry})
+        return QConfig.model_validate(plain(merged), context={"registry": registry})
     except ValidationError as exc:
         raise _config_error(exc, merged) from None

@@ -77,14 +77,15 @@ import torch
 from torch import Tensor, nn
 
 from qswap.exceptions import CalibrationError
-from qswap.quantizers import (
+from qswap.observers import (
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     Observer,
     PerChannelMinMaxObserver,
-    Quantizer,
+    rebin,
 )
+from qswap.quantizers import Quantizer
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -137,7 +138,7 @@ def reduction_of(observer: type | nn.Module) -> Reduction | Literal["custom"] | 
 
     ``"custom"`` means the class defines ``reduce_state(group)``.
 
-    >>> from qswap.quantizers import HistogramObserver
+    >>> from qswap.observers import HistogramObserver
     >>> reduction_of(HistogramObserver)
     'histogram'
     """
@@ -647,8 +648,6 @@ def _reduce_builtin(
 
 def _rebinned(hist: Tensor, span: tuple[float, ...], lo: float, hi: float, bins: int) -> Tensor:
     """``hist`` over ``span`` as ``bins`` float64 bins over ``[lo, hi]`` (a copy if unchanged)."""
-    from qswap.quantizers import rebin
-
     hist = hist.to(torch.float64)
     if (span[0], span[1]) == (lo, hi) and hist.numel() == bins:
         return hist

@@ -1,7 +1,8 @@
 """Registry packs: the YAML format that declares mappings, fusion patterns, components and backends.
 
 A pack names Python objects by dotted path, so loading one imports code: a pack is
-trusted code, like a plugin. The YAML itself is read with safe loading only.
+trusted code, like a plugin. The YAML itself is read as configs are (``qswap._yaml``): safe
+loading only, positions kept for messages, limits on size, nesting and aliases.
 ``Registry.load_pack`` resolves and registers what :func:`read_pack` validated here.
 """
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from qswap._yaml import Mark, Node, NotRegularFileError, YamlReader, mark_at, plain
 from qswap.exceptions import RegistrationError
 
 __all__ = [
@@ -208,74 +209,28 @@ def display_path(filename: str | os.PathLike[str]) -> str:
         return text
 
 
+def _pack_problem(reason: str, at: Mark) -> RegistrationError:
+    return RegistrationError(f"{at}: not a valid YAML registry pack: {reason}")
+
+
+_YAML = YamlReader("registry pack", error=_pack_problem)
+
+
 @dataclass(frozen=True)
 class PackDocument:
     """A validated pack with the YAML positions of its nodes, for messages."""
 
     pack: RegistryPack
     source: str
-    root: yaml.Node
+    root: Node
 
     def where(self, loc: Sequence[str | int]) -> str:
         """Return ``"file:line:col"`` of the node at ``loc`` (e.g. ``("mappings", 2)``)."""
-        node = _node_at(self.root, loc)
-        mark = node.start_mark
-        return f"{self.source}:{mark.line + 1}:{mark.column + 1}"
+        return str(mark_at(self.root, loc))
 
     def origin(self, loc: Sequence[str | int]) -> str:
         """Return ``"file:line"`` of the node at ``loc``, the origin recorded on entries."""
-        node = _node_at(self.root, loc)
-        return f"{self.source}:{node.start_mark.line + 1}"
-
-
-def _node_at(root: yaml.Node, loc: Sequence[str | int]) -> yaml.Node:
-    cur = root
-    for part in loc:
-        if isinstance(cur, yaml.MappingNode):
-            if part == "[key]":
-                break
-            for key, value in cur.value:
-                if key.value == str(part):
-                    cur = value
-                    break
-            else:
-                break
-        elif isinstance(cur, yaml.SequenceNode) and isinstance(part, int):
-            if 0 <= part < len(cur.value):
-                cur = cur.value[part]
-            else:
-                break
-        else:
-            break
-    return cur
-
-
-def _key_node(root: yaml.Node, loc: Sequence[str | int]) -> yaml.Node:
-    """The key node of the last element of ``loc`` when it is a mapping key, else the value."""
-    parent = _node_at(root, loc[:-1])
-    if isinstance(parent, yaml.MappingNode):
-        for key, _ in parent.value:
-            if key.value == str(loc[-1]):
-                return key
-    return _node_at(root, loc)
-
-
-def _check_duplicate_keys(node: yaml.Node, source: str) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode):
-                if key.value in seen:
-                    mark = key.start_mark
-                    raise RegistrationError(
-                        f"{source}:{mark.line + 1}:{mark.column + 1}: duplicate key "
-                        f"{key.value!r} (first at line {seen[key.value]}); remove one of them"
-                    )
-                seen[key.value] = key.start_mark.line + 1
-            _check_duplicate_keys(value, source)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _check_duplicate_keys(item, source)
+        return f"{self.source}:{mark_at(self.root, loc).line}"
 
 
 def _field_names() -> list[str]:
@@ -297,17 +252,14 @@ def _path_text(loc: Sequence[str | int]) -> str:
     return out
 
 
-def _validation_message(exc: ValidationError, root: yaml.Node, source: str) -> str:
+def _validation_message(exc: ValidationError, root: Node, source: str) -> str:
     lines = []
     for err in exc.errors():
         loc = [p for p in err["loc"] if isinstance(p, (str, int))]
-        node = (
-            _key_node(root, loc)
-            if err["type"] == "extra_forbidden" and loc
-            else _node_at(root, loc)
-        )
-        mark = node.start_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}"
+        if loc[-1:] == ["[key]"]:  # a bad mapping key: point at the key
+            where = mark_at(root, loc[:-1], key=True)
+        else:
+            where = mark_at(root, loc, key=err["type"] == "extra_forbidden")
         msg = err["msg"]
         hint = ""
         if err["type"] == "extra_forbidden" and loc:
@@ -323,48 +275,40 @@ def _validation_message(exc: ValidationError, root: yaml.Node, source: str) -> s
 def read_pack(path: str | os.PathLike[str]) -> PackDocument:
     """Read and validate a pack file (YAML, safe loading) without importing anything it names.
 
+    The YAML is read as configs are: safe tags only, no duplicate keys, and limits on size,
+    nesting and aliases.
+
     >>> from qswap.registry import registry_data_dir
     >>> read_pack(registry_data_dir() / "torch_nn.yaml").pack.version
     1
     """
     source = display_path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _YAML.read(Path(path), source)
     except FileNotFoundError:
         raise RegistrationError(
             f"{source}: registry pack not found; check the path (cwd is {Path.cwd()})"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RegistrationError(f"{source}: cannot read registry pack: {exc}") from None
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            raise RegistrationError(
-                f"{source}:1:1: registry pack is empty; expected a mapping with keys such as "
-                "version, mappings, fusions"
-            )
-        _check_duplicate_keys(root, source)
-        data = loader.construct_document(root)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        pos = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    except NotRegularFileError:
         raise RegistrationError(
-            f"{source}{pos}: not a valid YAML registry pack: {exc.problem or exc.context}"
-            " (packs are read with safe loading: no Python tags)"
+            f"{source}: cannot read registry pack: it is not a regular file (a pipe, socket or "
+            "device); name a .yaml pack file"
         ) from None
-    except yaml.YAMLError as exc:
-        raise RegistrationError(f"{source}: not a valid YAML registry pack: {exc}") from None
-    finally:
-        loader.dispose()
-    if not isinstance(data, dict):
-        mark = root.start_mark
+    except OSError as exc:
+        raise RegistrationError(f"{source}: cannot read registry pack: {exc}") from None
+    root = _YAML.parse(text, source)
+    if root is None:
         raise RegistrationError(
-            f"{source}:{mark.line + 1}:{mark.column + 1}: a registry pack is a mapping with keys "
-            f"such as version, mappings, fusions; got a {type(data).__name__}"
+            f"{source}:1:1: registry pack is empty; expected a mapping with keys such as "
+            "version, mappings, fusions"
+        )
+    if not isinstance(root.value, dict):
+        raise RegistrationError(
+            f"{root.mark}: a registry pack is a mapping with keys such as version, mappings, "
+            f"fusions; got a {type(root.value).__name__}"
         )
     try:
-        pack = RegistryPack.model_validate(data)
+        pack = RegistryPack.model_validate(plain(root))
     except ValidationError as exc:
         raise RegistrationError(_validation_message(exc, root, source)) from None
     return PackDocument(pack=pack, source=source, root=root)

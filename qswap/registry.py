@@ -462,7 +462,7 @@ _PROTOCOL_TEXT = {
 def _check_component(
     kind: ComponentKind, name: str, cls: object, origin: str
 ) -> tuple[type, type[BaseModel]]:
-    base = "qswap.quantizers.Quantizer" if kind == "quantizer" else "qswap.quantizers.Observer"
+    base = "qswap.quantizers.Quantizer" if kind == "quantizer" else "qswap.observers.Observer"
     label = getattr(cls, "__name__", repr(cls))
     head = f"{label} cannot be registered as {kind} {name!r} (at {origin})"
     fix = f"subclass {base} or implement {_PROTOCOL_TEXT[kind]}"
@@ -500,17 +500,19 @@ def _check_component(
     return cls, options_model
 
 
-_HOOKS = {"Quantizer": ("forward",), "Observer": ("observe", "calculate_qparams", "_merge_state")}
+#: (module, base class) -> the hooks its subclasses must override
+_HOOKS = {
+    ("qswap.quantizers", "Quantizer"): ("forward",),
+    ("qswap.observers", "Observer"): ("observe", "calculate_qparams", "_merge_state"),
+}
 
 
 def _unimplemented_hooks(cls: type) -> list[str]:
-    """Hooks a subclass of the ``qswap.quantizers`` base classes must override but did not."""
-    module = sys.modules.get("qswap.quantizers")
-    if module is None:
-        return []
+    """Hooks a subclass of qswap's Quantizer or Observer base class must override but did not."""
     out: list[str] = []
-    for base_name, hooks in _HOOKS.items():
-        base = getattr(module, base_name, None)
+    for (module_name, base_name), hooks in _HOOKS.items():
+        module = sys.modules.get(module_name)  # not imported: cls cannot subclass its base
+        base = getattr(module, base_name, None) if module is not None else None
         if isinstance(base, type) and issubclass(cls, base):
             out += [h for h in hooks if h in vars(base) and getattr(cls, h) is getattr(base, h)]
     return out
@@ -1096,7 +1098,7 @@ class Registry:
     ) -> _C | Callable[[_C], _C]:
         """Register an observer class under ``name``; a class decorator without ``cls``.
 
-        >>> from qswap.quantizers import MinMaxObserver
+        >>> from qswap.observers import MinMaxObserver
         >>> reg = Registry("doc")
         >>> reg.register_observer("mm", MinMaxObserver) is MinMaxObserver
         True

@@ -418,7 +418,7 @@ def test_user_parametrizations_are_kept() -> None:
 
 def test_child_registry_components_and_counterparts() -> None:
     """registry= carries a custom observer and a custom counterpart whose from_float returns a new module."""
-    from qswap.quantizers import MinMaxObserver
+    from qswap.observers import MinMaxObserver
 
     reg = Registry("mine", parent=default_registry())
     made: list[str] = []

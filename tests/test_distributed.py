@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 import qswap
 from qswap.distributed import check_reducible, reduction_of, sync_observers
 from qswap.exceptions import CalibrationError
-from qswap.quantizers import (
+from qswap.observers import (
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,

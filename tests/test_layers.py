@@ -20,11 +20,12 @@ _spec.loader.exec_module(import_graph)
 
 #: bottom to top; a module may import only modules of its own layer or below
 LAYERS: list[tuple[str, ...]] = [
-    ("exceptions", "cpu", "tree", "version"),
+    ("exceptions", "cpu", "tree", "version", "_yaml"),
     ("pack", "trace"),
     ("registry",),
     ("config", "decompose"),
     ("quantizers",),
+    ("observers",),
     ("methods",),
     ("fuse",),
     ("plan",),

@@ -13,9 +13,9 @@ from torch.nn.utils import parametrize
 import qswap
 from qswap.calibrate import calibrate
 from qswap.convert import convert
+from qswap.observers import Observer
 from qswap.plan import plan
 from qswap.prepare import prepare
-from qswap.quantizers import Observer
 from qswap.slots import ActivationSlot, WeightObserver
 from qswap.state import copy_model, state_of
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -556,7 +557,11 @@ class _NotAModule:
         ("quantizer", _BadOptions, "options_model must be a pydantic BaseModel subclass"),
         ("quantizer", _BadInit, "must be constructible as _BadInit(spec, options)"),
         ("quantizer", _NotAModule, "must be a torch.nn.Module subclass"),
-        ("observer", DuckQuantizer, "it lacks calculate_qparams, merge"),
+        (
+            "observer",
+            DuckQuantizer,
+            "it lacks calculate_qparams, merge; subclass qswap.observers.Observer",
+        ),
         ("observer", lambda x: x, "a plain function fn(x) -> x can be registered as a quantizer"),
     ],
 )
@@ -600,7 +605,8 @@ def test_duplicate_component_names_both_sites() -> None:
 
 def test_subclass_of_the_base_classes_must_implement_the_hooks() -> None:
     """A Quantizer/Observer subclass that leaves forward/observe unimplemented is refused."""
-    from qswap.quantizers import Observer, Quantizer
+    from qswap.observers import Observer
+    from qswap.quantizers import Quantizer
 
     class Lazy(Quantizer):
         pass
@@ -811,10 +817,31 @@ def test_pack_registers_everything_with_pack_origins(tmp_path: Path) -> None:
         ),
         ("fusions:\n  - {types: [torch.nn.Conv2d], fuser: x.y}\n", "fusions[0].types: List should"),
         ("mappings:\n  - {module: torch nn, counterpart: x}\n", "use a dotted path"),
-        ("version: 1\nversion: 1\n", "bad.yaml:2:1: duplicate key 'version' (first at line 1)"),
+        (
+            "version: 1\nversion: 1\n",
+            (
+                "bad.yaml:2:1: not a valid YAML registry pack: duplicate key 'version' (first "
+                "written at line 1). YAML would silently keep only the last one"
+            ),
+        ),
         (
             "x: !!python/object/apply:os.system [echo]\n",
-            "bad.yaml:1:4: not a valid YAML registry pack",
+            (
+                "bad.yaml:1:4: not a valid YAML registry pack: the YAML tag "
+                "!!python/object/apply:os.system is not allowed: qswap reads registry packs with "
+                "safe loading"
+            ),
+        ),
+        ("x: !!set {a}\n", "bad.yaml:1:4: not a valid YAML registry pack: the YAML tag !!set"),
+        ("a: &x [*x]\n", "bad.yaml:1:4: not a valid YAML registry pack: an alias refers to a node"),
+        (
+            "a: 1\n---\nb: 2\n",
+            "bad.yaml:2:1: not a valid YAML registry pack: YAML syntax error: but found another "
+            "document",
+        ),
+        (
+            "quantizers:\n  'bad key': x.Y\n",
+            "bad.yaml:2:3: quantizers.bad key: String should match pattern",
         ),
         ("- a\n- b\n", "bad.yaml:1:1: a registry pack is a mapping"),
         ("# only a comment\n", "bad.yaml:1:1: registry pack is empty"),
@@ -853,6 +880,50 @@ def test_missing_pack_file_is_a_clear_error(tmp_path: Path) -> None:
     """A pack path that does not exist says so."""
     with pytest.raises(RegistrationError, match="registry pack not found"):
         Registry("t").load_pack(tmp_path / "nope.yaml")
+
+
+def test_pack_yaml_has_the_limits_of_a_config(tmp_path: Path) -> None:
+    """A pack is refused when too big, not UTF-8, nested too deep or an alias bomb, at its line."""
+    path = tmp_path / "bad.yaml"
+    bomb = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcd", "bcde", strict=True)
+    )
+    cases = [
+        (
+            "version: 1\n" + "#" * (2 << 20),
+            "bad.yaml:1:1: not a valid YAML registry pack: the registry pack is 2.0 MiB; qswap "
+            "reads registry packs of at most 1 MiB",
+        ),
+        (
+            bomb + "f: [*e, *e]\n",
+            "bad.yaml:5:4: not a valid YAML registry pack: the registry pack holds more than "
+            "100000 values (each use of an alias counted)",
+        ),
+        (
+            "a: " + "[" * 100 + "]" * 100 + "\n",
+            "bad.yaml:1:67: not a valid YAML registry pack: the YAML is nested more than 64 "
+            "levels deep",
+        ),
+    ]
+    for body, expected in cases:
+        path.write_text(body)
+        with pytest.raises(RegistrationError) as info:
+            read_pack(path)
+        assert expected in str(info.value)
+    path.write_bytes(b"version: 1\n\xff\n")
+    with pytest.raises(RegistrationError, match=r"bad\.yaml:2:1: .*not UTF-8 text \(byte 0xff"):
+        read_pack(path)
+
+
+def test_a_pack_path_that_is_a_folder_or_a_pipe_is_refused(tmp_path: Path) -> None:
+    """A folder or a FIFO named as a pack is refused without blocking."""
+    with pytest.raises(RegistrationError, match="cannot read registry pack: .*Is a directory"):
+        read_pack(tmp_path)
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "q.yaml"
+        os.mkfifo(fifo)
+        with pytest.raises(RegistrationError, match="not a regular file"):
+            read_pack(fifo)
 
 
 def test_relative_dotted_paths_resolve_against_package(tmp_path: Path) -> None:
