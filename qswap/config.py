@@ -236,7 +236,7 @@ class ComponentRef(BaseModel):
 
 
 def _check_component(
-    ref: ComponentRef, kind: Literal["observer", "quantizer"], info: ValidationInfo
+    ref: ComponentRef, kind: Literal["observer", "quantizer", "method"], info: ValidationInfo
 ) -> ComponentRef:
     """Resolve a component name in the registry and validate its options with its own model."""
     if _trusted(info):
@@ -338,6 +338,13 @@ class _SpecChecks(BaseModel):
     ) -> ComponentRef | None:
         return None if value is None else _check_component(value, "quantizer", info)
 
+    @field_validator("method", check_fields=False)
+    @classmethod
+    def _method_registered(
+        cls, value: ComponentRef | None, info: ValidationInfo
+    ) -> ComponentRef | None:
+        return None if value is None else _check_component(value, "method", info)
+
 
 class QuantSpec(_SpecChecks):
     """How one tensor slot is quantized: bits, sign, scheme, granularity, observer, quantizer.
@@ -376,6 +383,14 @@ class QuantSpec(_SpecChecks):
     quantizer: ComponentRef = Field(
         default_factory=lambda: ComponentRef(name="affine"),
         description="Registered quantizer: a name or {name: ..., options...}.",
+    )
+    method: ComponentRef | None = Field(
+        default=None,
+        description=(
+            "Weights only: a registered weight method that rounds the weight from the layer's "
+            "calibration inputs (gptq, awq, or {name: gptq, act_order: true}); none: round to "
+            "nearest."
+        ),
     )
 
     @model_validator(mode="after")
@@ -431,6 +446,7 @@ class QuantSpecPatch(_SpecChecks):
     reduce_range: StrictBool | None = None
     observer: ComponentRef | None = None
     quantizer: ComponentRef | None = None
+    method: ComponentRef | None = None
 
     def apply_to(self, base: QuantSpec) -> QuantSpec:
         """Override ``base`` field by field with the fields this patch sets, and re-validate.
@@ -1171,7 +1187,7 @@ def _merge(base: Node, over: Node, key: Any = None) -> Node:
         if key == "rules" and isinstance(base.value, list) and isinstance(over.value, list):
             return Node(base.value + over.value, over.mark, over.key_mark)
         return over
-    if key in ("observer", "quantizer") and _name_of(base) != _name_of(over):
+    if key in ("observer", "quantizer", "method") and _name_of(base) != _name_of(over):
         return over  # another component: its options do not mix with the parent's
     out = dict(base.value)
     for k, v in over.value.items():

@@ -92,7 +92,11 @@ def convert(
         reused = calibrated_layers(prepared, the_plan, calibration)
     with gc_paused():
         model = prepared if inplace else copy_model(prepared, share=_observers(prepared, the_plan))
-        layers = reused if reused is not None else collect_qparams(model, the_plan, state.layers)
+        layers = (
+            reused
+            if reused is not None
+            else collect_qparams(model, the_plan, state.layers, round_weights=True)
+        )
         layers = chain_inputs(model, state, layers)
         registry = state.registry
         for name, layer in layers.items():
@@ -143,6 +147,9 @@ def _observers(model: nn.Module, the_plan: Plan) -> list[nn.Module]:
             slot_module = activation_slot(module, which)
             if slot_module is not None and slot_module.observer is not None:
                 found.append(slot_module.observer)
+            stats = None if slot_module is None else slot_module._modules.get("stats")
+            if stats is not None:  # a weight method's statistics (input Hessians...)
+                found.append(stats)
     return found
 
 

@@ -125,6 +125,11 @@ class BackendSpec(_PackModel):
         default=None,
         description="(layer) -> str | None: what it cannot run of a planned layer, or None.",
     )
+    float_outputs: StrictBool = Field(
+        default=False,
+        description="A layer whose output is only the model's output keeps it float (the "
+        "kernels dequantize inside); the plan drops that output quantizer and says so.",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> BackendSpec:
@@ -174,14 +179,18 @@ class RegistryPack(_PackModel):
     observers: dict[ComponentName, DottedPath] = Field(
         default_factory=dict, description="Observer name -> class."
     )
+    methods: dict[ComponentName, DottedPath] = Field(
+        default_factory=dict,
+        description="Weight method name -> class (how weights are rounded: gptq, awq...).",
+    )
 
     @model_validator(mode="after")
     def _deferred_holds_tables_only(self) -> RegistryPack:
-        if self.requires and (self.backends or self.quantizers or self.observers):
+        if self.requires and (self.backends or self.quantizers or self.observers or self.methods):
             raise ValueError(
                 "a pack with requires: declares mappings, fusions and decompositions only (they "
                 "are registered "
-                "when the library is imported); put backends, quantizers and observers in a "
+                "when the library is imported); put backends, quantizers, observers and methods in a "
                 "pack without requires"
             )
         return self

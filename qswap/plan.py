@@ -84,6 +84,9 @@ class LayerSpec:
     registry: Registry | None = field(default=None, repr=False, compare=False)
     #: after convert with ``bias_correction``: what was subtracted from the layer's bias
     bias_shift: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    #: after convert with a weight method that scales inputs (AWQ): what the layer's input
+    #: is multiplied by before its (rescaled, quantized) weight applies
+    input_scale: torch.Tensor | None = field(default=None, repr=False, compare=False)
     #: the layer whose quantized output is this layer's input (set by ``prepare`` from the
     #: trace): that tensor is observed once, there, and its qparams serve both layers
     input_from: str | None = None
@@ -465,7 +468,8 @@ def describe_spec(spec: QuantSpec) -> str:
     extra = " reduce_range" if spec.reduce_range else ""
     obs = _component(spec.observer)
     qz = _component(spec.quantizer)
-    return f"{kind} {spec.scheme} {gran}{extra} observer={obs} quantizer={qz}"
+    method = "" if spec.method is None else f" method={_component(spec.method)}"
+    return f"{kind} {spec.scheme} {gran}{extra} observer={obs} quantizer={qz}{method}"
 
 
 def _component(ref: Any) -> str:
@@ -1188,6 +1192,8 @@ def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inp
                 covering.append((prefix, "parametrize", None))
 
     _tie_weights(w, model, decisions, layers)
+    if backend.float_outputs and traced:
+        _float_model_outputs(traced[0].trace, groups, decisions, layers)
     _check_slots(w, cfg, layers, by_path)
     if w.saturating:
         shown = ", ".join(repr(n) for n in w.saturating[:3])
@@ -1220,6 +1226,35 @@ def _plan(model: nn.Module, cfg: QConfig, reg: Registry, w: _Walker, example_inp
         narrowing=w.narrowing_reason() if w.narrowed else None,
         notes=_axis_notes(w),
     )
+
+
+def _float_model_outputs(
+    tr: Trace,
+    groups: Sequence[_Group],
+    decisions: dict[str, Decision],
+    layers: dict[str, LayerSpec],
+) -> None:
+    """Drop the output quantizer of layers whose every output only leaves the model.
+
+    For a backend that declares ``float_outputs``: its kernels dequantize inside, so an
+    output nothing else reads stays float (a classifier's logits keep their precision).
+    """
+    last = {g.paths[0]: g.paths[-1] for g in groups}  # a fused layer's output is its last member's
+    note = "output stays float: only the model returns it (no 8-bit rounding of the result)"
+    for name, layer in list(layers.items()):
+        if layer.output is None or layer.backend != decisions[name].backend:
+            continue
+        calls = tr.calls_of(last.get(name, name))
+        outs = [v for c in calls for v in c.outputs]
+        if not calls or not outs or not all(tr.is_output(v) and not tr.consumers(v) for v in outs):
+            continue
+        layer = dataclasses.replace(layer, output=None, notes=(*layer.notes, note))
+        layers[name] = layer
+        d = decisions[name]
+        decisions[name] = dataclasses.replace(d, layer=layer, reason=f"{d.reason}; {note}")
+        for alias in layer.aliases:
+            if alias in decisions:
+                decisions[alias] = dataclasses.replace(decisions[alias], layer=layer)
 
 
 def _axis_notes(w: _Walker) -> list[str]:

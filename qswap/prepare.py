@@ -202,6 +202,41 @@ def _input_mean(module: nn.Module, layer: LayerSpec, spec: QuantSpec) -> InputMe
     return InputMeanObserver(spec, kind="linear" if isinstance(core, nn.Linear) else "conv")
 
 
+def _weight_method(
+    name: str, module: nn.Module, layer: LayerSpec, components: Components
+) -> nn.Module | None:
+    """The weight method (``weight: {method: ...}``) recording this layer's inputs, if any."""
+    spec = layer.weight
+    if spec is None or spec.method is None:
+        return None
+    method: Any = components.create("method", spec)
+    if not getattr(method, "records_inputs", True):
+        return None  # round to nearest: nothing to record
+    owner, pname = param_location(module, "weight")
+    weight = owner._parameters.get(pname)
+    if weight is None:
+        weight = getattr(owner, pname, None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = None if not isinstance(weight, torch.Tensor) else tuple(weight.shape)
+        raise PlanError(
+            f"layer {name!r} ({layer.module_type.__name__}): weight method "
+            f"{spec.method.name!r} rounds 2-D weights (Linear, Conv1D), this weight has shape "
+            f"{shape}. Round this layer to nearest with a rule: {{match: {{name: '{name}'}}, "
+            "weight: {method: rtn}}"
+        )
+    if getattr(method, "scales_inputs", False) and not getattr(
+        layer.counterpart, "accepts_input_scale", False
+    ):
+        counterpart = getattr(layer.counterpart, "__name__", "the generic counterpart")
+        raise PlanError(
+            f"layer {name!r}: weight method {spec.method.name!r} scales the layer's inputs, "
+            f"which its counterpart on backend {layer.backend!r} ({counterpart}) cannot apply. "
+            "Use a backend whose layers take an input scale (backend: packed, preset "
+            "w4_packed), or method: gptq"
+        )
+    return method  # type: ignore[no-any-return]
+
+
 def _attach_observers(
     model: nn.Module, the_plan: Plan, layers: Mapping[str, LayerSpec], components: Components
 ) -> None:
@@ -227,24 +262,27 @@ def _attach_observers(
                 if tensor is not None and type(observer) is WeightObserver:
                     tied[id(tensor)] = observer  # the plan gives tied slots one spec
             attach_parametrization(owner, pname, observer)
+        stats = _weight_method(name, module, layer, components)
         if mode not in ("static", "qat"):
             # weight_only: no activations; dynamic: quantized per batch at run time
             mean = _input_mean(module, layer, the_plan.config.activation) if correct_bias else None
-            if mean is not None:  # weight_only with bias correction: record the input mean only
-                _attach_slot(module, "input", ActivationSlot(), mean, _device_of(module))
+            if mean is not None or stats is not None:  # record the layer's inputs only
+                _attach_slot(module, "input", ActivationSlot(), mean, _device_of(module), stats)
             continue
         acts = layer.activation_specs()
-        if not acts:
+        if not acts or keeps_input_grid(layer):
+            # nothing to observe (a pooling layer on its chained input's grid): a weight
+            # method still records the inputs
+            if stats is not None:
+                _attach_slot(module, "input", ActivationSlot(), None, _device_of(module), stats)
             continue
-        if keeps_input_grid(layer):
-            continue  # a pooling (...) layer on its chained input's grid: nothing to observe
         device = _device_of(module)
         for which, spec in acts.items():
             if which == "input" and layer.input_from is not None:
                 # observed as the producer's output; bias correction still needs the mean here
                 mean = _input_mean(module, layer, spec) if correct_bias else None
-                if mean is not None:
-                    _attach_slot(module, "input", ActivationSlot(), mean, device)
+                if mean is not None or stats is not None:
+                    _attach_slot(module, "input", ActivationSlot(), mean, device, stats)
                 continue
             slot_module = ActivationSlot(
                 observer=components.create("observer", spec),
@@ -252,7 +290,11 @@ def _attach_observers(
                 requant=qat,
             )
             mean = _input_mean(module, layer, spec) if which == "input" and correct_bias else None
-            _attach_slot(module, which, slot_module, mean, device)
+            _attach_slot(
+                module, which, slot_module, mean, device, stats if which == "input" else None
+            )
+        if "input" not in acts and stats is not None:
+            _attach_slot(module, "input", ActivationSlot(), None, device, stats)
 
 
 def _attach_slot(
@@ -261,10 +303,16 @@ def _attach_slot(
     slot_module: ActivationSlot,
     mean: InputMeanObserver | None,
     device: torch.device | None,
+    stats: nn.Module | None = None,
 ) -> None:
-    """Hook ``slot_module`` (with bias correction's ``mean``, if any) on the module's device."""
+    """Hook ``slot_module`` on the module's device, with what records the layer's inputs.
+
+    ``mean``: bias correction's input mean; ``stats``: the weight method's statistics.
+    """
     if mean is not None:
         slot_module.add_module("mean", mean)
+    if stats is not None:
+        slot_module.add_module("stats", stats)
     if device is not None and device.type != "cpu":
         slot_module.to(device)
     attach_activation(module, which, slot_module)

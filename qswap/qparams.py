@@ -38,7 +38,11 @@ __all__ = ["chain_inputs", "collect_qparams"]
 
 
 def collect_qparams(
-    model: nn.Module, the_plan: Plan, layers: Mapping[str, LayerSpec]
+    model: nn.Module,
+    the_plan: Plan,
+    layers: Mapping[str, LayerSpec],
+    *,
+    round_weights: bool = False,
 ) -> dict[str, LayerSpec]:
     """Each layer's spec with the qparams its observers computed (unseen activations dropped).
 
@@ -49,6 +53,9 @@ def collect_qparams(
     their qparams (LSQ) give their learned ones. Every qparams is what the slot's quantizer
     actually uses (``pow2`` rounds scales to powers of two). An input observed at its
     producer (``LayerSpec.input_from``) is left to ``chain_inputs``.
+
+    With ``round_weights`` (convert, on its own copy of the model) a layer whose weight
+    spec names a method (``qswap.rounding``) gets its weight rounded by it, in place.
     """
     mode = the_plan.config.mode
     parts = Components(the_plan.registry)
@@ -81,7 +88,7 @@ def collect_qparams(
                 observer = copy.deepcopy(observer)  # may be shared with the prepared model
                 observer(original_of(owner, pname).detach())
             qparams[slot] = _effective(_qparams(observer, name, slot), spec, parts)
-        changes: dict[str, Any] = {}
+        changes = _apply_method(name, module, layer, qparams, parts, round_weights)
         shift = _bias_shift(module, layer, qparams.get("weight"), parts)
         if shift is not None:
             changes["bias_shift"] = shift
@@ -121,6 +128,83 @@ def collect_qparams(
                 qparams[which] = learned
         out[name] = dataclasses.replace(layer, qparams=qparams, **changes)
     return out
+
+
+def _apply_method(
+    name: str,
+    module: nn.Module,
+    layer: LayerSpec,
+    qparams: dict[str, QParams],
+    parts: Components,
+    round_weights: bool,
+) -> dict[str, Any]:
+    """Round the weight with the layer's weight method, if it has one: the LayerSpec changes.
+
+    An ``input_scale`` the method asks for is one of them. A layer whose inputs are not
+    float features (an embedding reads token ids) has nothing for a method to weigh errors
+    with: it is rounded to nearest, and a note says so.
+    """
+    stats = _method_of(module)
+    if stats is None or "weight" not in qparams:
+        return {}
+    slot = activation_slot(module, "input")
+    if not stats.seen and slot is not None and slot.calls and not slot.seen_float:
+        note = (
+            f"weight method {type(stats).__name__} not applied: the layer's input is not float "
+            "features (rounded to nearest)"
+        )
+        return {"notes": (*layer.notes, note)}
+    if not round_weights:
+        raise PlanError(
+            f"layer {name!r}: its weight method {type(stats).__name__} changes the weight "
+            "itself, which a calibration file (qparams only) cannot hold; convert the "
+            "calibrated model and save it with qswap.save instead"
+        )
+    try:
+        qparams["weight"], scale = _round_weight(module, layer, qparams["weight"], stats, parts)
+    except (CalibrationError, PlanError, ValueError, RuntimeError) as exc:
+        raise CalibrationError(
+            f"layer {name!r}: weight method {type(stats).__name__} failed: {exc}"
+        ) from exc
+    return {} if scale is None else {"input_scale": scale}
+
+
+def _method_of(module: nn.Module) -> Any:
+    """The weight method recording this layer's inputs (``qswap.rounding``), if any."""
+    slot = activation_slot(module, "input")
+    return None if slot is None else slot._modules.get("stats")
+
+
+def _round_weight(
+    module: nn.Module, layer: LayerSpec, qparams: QParams, method: Any, parts: Components
+) -> tuple[QParams, torch.Tensor | None]:
+    """Let ``method`` round the layer's float weight; write it back, return its qparams.
+
+    Methods see the weight as ``(output features, input features)``: a weight whose
+    channel axis is 1 (transformers' ``Conv1D``) is transposed for them and back.
+    """
+    assert layer.weight is not None  # a layer with weight qparams has a weight spec
+    spec = layer.weight
+    owner, pname = param_location(module, "weight")
+    weight = (
+        original_of(owner, pname) if parametrizations_of(owner, pname) else getattr(owner, pname)
+    )
+    flip = (qparams.axis or 0) == 1
+
+    def layout(w: torch.Tensor) -> torch.Tensor:
+        return w.t() if flip else w
+
+    def rtn(w: torch.Tensor) -> tuple[torch.Tensor, QParams]:
+        observer: Any = parts.create("observer", spec)
+        stored = layout(w).contiguous()
+        observer(stored)
+        found = _effective(_qparams(observer, layer.name, "weight"), spec, parts)
+        return layout(parts.quantizer(spec, found)(stored)), found
+
+    with torch.no_grad():
+        rounded = method.solve(layout(weight.detach().float()), qparams, rtn)
+        weight.copy_(layout(rounded.weight).to(weight.dtype))
+    return rounded.qparams, rounded.input_scale
 
 
 def _bias_shift(

@@ -69,7 +69,7 @@ __all__ = [
 _T = TypeVar("_T")
 _C = TypeVar("_C", bound=type)
 
-ComponentKind = Literal["quantizer", "observer"]
+ComponentKind = Literal["quantizer", "observer", "method"]
 _FUNCTION_QUANTIZER = "qswap.quantizers.function_quantizer"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _SLOT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -129,7 +129,7 @@ class FusionPattern:
 
 @dataclass(frozen=True)
 class ComponentEntry:
-    """A registered quantizer or observer class with its options model."""
+    """A registered quantizer, observer or weight method class with its options model."""
 
     kind: ComponentKind
     name: str
@@ -227,6 +227,10 @@ class Backend:
     #: ``None``: a weight granularity, an axis or a mode its kernels lack. The plan then
     #: falls back for that layer (``fallback`` in the config) instead of lowering failing
     check: Callable[[Any], str | None] | None = None
+    #: a layer whose output is only the model's output keeps that output float: the
+    #: backend's kernels dequantize inside (ONNX Runtime's QGemm, MatMulIntegerToFloat), so
+    #: rounding the model's result to 8 bits would only add error
+    float_outputs: bool = False
 
 
 @dataclass
@@ -450,19 +454,29 @@ def _check_slots(slots: Mapping[str, int] | None, origin: str) -> dict[str, int]
 _PROTOCOL: dict[str, tuple[str, ...]] = {
     "quantizer": ("set_qparams",),
     "observer": ("calculate_qparams", "merge"),
+    "method": ("merge", "solve"),
 }
 _PROTOCOL_TEXT = {
     "quantizer": "forward(x), set_qparams(qparams), __init__(spec, options) and options_model",
     "observer": (
         "forward(x), calculate_qparams(), merge(other), __init__(spec, options) and options_model"
     ),
+    "method": (
+        "forward(x) (records the layer's inputs), merge(other), solve(weight, qparams, "
+        "quantize), __init__(spec, options) and options_model"
+    ),
+}
+_BASES = {
+    "quantizer": "qswap.quantizers.Quantizer",
+    "observer": "qswap.observers.Observer",
+    "method": "qswap.rounding.WeightMethod",
 }
 
 
 def _check_component(
     kind: ComponentKind, name: str, cls: object, origin: str
 ) -> tuple[type, type[BaseModel]]:
-    base = "qswap.quantizers.Quantizer" if kind == "quantizer" else "qswap.observers.Observer"
+    base = _BASES[kind]
     label = getattr(cls, "__name__", repr(cls))
     head = f"{label} cannot be registered as {kind} {name!r} (at {origin})"
     fix = f"subclass {base} or implement {_PROTOCOL_TEXT[kind]}"
@@ -504,6 +518,7 @@ def _check_component(
 _HOOKS = {
     ("qswap.quantizers", "Quantizer"): ("forward",),
     ("qswap.observers", "Observer"): ("observe", "calculate_qparams", "_merge_state"),
+    ("qswap.rounding", "WeightMethod"): ("observe", "solve", "_merge_state"),
 }
 
 
@@ -625,6 +640,7 @@ class Registry:
         self._decompositions = {}
         self._components: dict[ComponentKind, dict[str, ComponentEntry]] = {
             "quantizer": {},
+            "method": {},
             "observer": {},
         }
         self._backends: dict[str, Backend] = {}
@@ -1114,6 +1130,37 @@ class Registry:
         self._add_component("observer", name, cls, replace, _caller_origin())
         return cls
 
+    @overload
+    def register_method(
+        self, name: str, cls: None = None, *, replace: bool = False
+    ) -> Callable[[_C], _C]: ...
+
+    @overload
+    def register_method(self, name: str, cls: _C, *, replace: bool = False) -> _C: ...
+
+    def register_method(
+        self, name: str, cls: _C | None = None, *, replace: bool = False
+    ) -> _C | Callable[[_C], _C]:
+        """Register a weight method (how weights are rounded: GPTQ, AWQ...) under ``name``.
+
+        A config picks it with ``weight: {method: name}``; see ``qswap.rounding.WeightMethod``.
+
+        >>> from qswap.rounding import GPTQ
+        >>> reg = Registry("doc")
+        >>> reg.register_method("mine", GPTQ) is GPTQ
+        True
+        """
+        if cls is None:
+            self._check_writable(f"register_method({name!r})")
+
+            def decorator(obj: _C) -> _C:
+                self._add_component("method", name, obj, replace, _caller_origin())
+                return obj
+
+            return decorator
+        self._add_component("method", name, cls, replace, _caller_origin())
+        return cls
+
     def _add_component(
         self, kind: ComponentKind, name: str, obj: object, replace: bool, origin: str
     ) -> None:
@@ -1176,6 +1223,14 @@ class Registry:
         """
         return self._component("observer", name)
 
+    def method(self, name: str) -> ComponentEntry:
+        """Return the weight method entry ``name``; ``NotRegisteredError`` otherwise.
+
+        >>> default_registry().method("gptq").kind
+        'method'
+        """
+        return self._component("method", name)
+
     # -- backends ---------------------------------------------------------------------
 
     def register_backend(self, backend: Backend | str, *, replace: bool = False) -> Backend:
@@ -1232,7 +1287,7 @@ class Registry:
     # -- discovery --------------------------------------------------------------------
 
     def names(self, kind: str) -> list[str]:
-        """Sorted names of the visible ``"quantizer"``, ``"observer"`` or ``"backend"`` entries.
+        """Sorted names of the visible ``"quantizer"``, ``"observer"``, ``"method"`` or ``"backend"`` entries.
 
         >>> "fake" in default_registry().names("backend")
         True
@@ -1242,11 +1297,11 @@ class Registry:
             with reg._lock:
                 if kind == "backend":
                     out.update(reg._backends)
-                elif kind in ("quantizer", "observer"):
+                elif kind in ("quantizer", "observer", "method"):
                     out.update(reg._components[kind])  # type: ignore[index]
                 else:
                     raise ValueError(
-                        f"unknown kind {kind!r}; use 'quantizer', 'observer' or 'backend'"
+                        f"unknown kind {kind!r}; use 'quantizer', 'observer', 'method' or 'backend'"
                     )
         return sorted(out)
 
@@ -1255,7 +1310,7 @@ class Registry:
         names += [
             "fusion:" + "+".join(qualified_name(t) for t in p.types) for p in self.fusion_patterns()
         ]
-        for kind in ("quantizer", "observer", "backend"):
+        for kind in ("quantizer", "observer", "method", "backend"):
             names += [f"{kind}:{n}" for n in self.names(kind)]
         return names
 
@@ -1378,6 +1433,7 @@ class Registry:
                 keeps_observers=b.keeps_observers,
                 saturates=hooks["saturates"],  # type: ignore[arg-type]
                 check=hooks["check"],  # type: ignore[arg-type]
+                float_outputs=b.float_outputs,
             )
             _check_backend(backend, backend.origin)
             actions.append(functools.partial(self._add_backend, backend, replace))
@@ -1418,6 +1474,7 @@ class Registry:
         sections: tuple[tuple[ComponentKind, dict[str, str]], ...] = (
             ("quantizer", pack.quantizers),
             ("observer", pack.observers),
+            ("method", pack.methods),
         )
         for kind, table in sections:
             section = kind + "s"

@@ -77,12 +77,21 @@ class Components:
         self.entries: dict[tuple[str, str], ComponentEntry] = {}
         self.options: dict[tuple[str, int], tuple[QuantSpec, BaseModel]] = {}
 
-    def create(self, kind: Literal["observer", "quantizer"], spec: QuantSpec) -> nn.Module:
-        """A new observer or quantizer for ``spec`` (its registered name and options)."""
-        ref = spec.observer if kind == "observer" else spec.quantizer
+    def create(
+        self, kind: Literal["observer", "quantizer", "method"], spec: QuantSpec
+    ) -> nn.Module:
+        """A new observer, quantizer or weight method for ``spec`` (its name and options)."""
+        found_ref = {"observer": spec.observer, "quantizer": spec.quantizer, "method": spec.method}
+        ref = found_ref[kind]
+        if ref is None:
+            raise PlanError(f"this spec names no {kind}")
         entry = self.entries.get((kind, ref.name))
         if entry is None:
-            lookup = self.registry.observer if kind == "observer" else self.registry.quantizer
+            lookup = {
+                "observer": self.registry.observer,
+                "quantizer": self.registry.quantizer,
+                "method": self.registry.method,
+            }[kind]
             entry = self.entries[(kind, ref.name)] = lookup(ref.name)
         key = (kind, id(spec))
         found = self.options.get(key)
@@ -133,8 +142,9 @@ class ActivationSlot(nn.Module):
     def use(self, *, observer: nn.Module | None, quantizer: nn.Module | None) -> None:
         """Replace the observer and quantizer (``None`` removes one).
 
-        Removing the observer also removes the input mean that bias correction records
-        beside it (``mean``, see ``qswap.bias_correction``).
+        Removing the observer also removes what records the layer's inputs beside it: bias
+        correction's mean (``mean``, see ``qswap.bias_correction``) and a weight method's
+        statistics (``stats``, see ``qswap.rounding``).
         """
         for name, module in (("observer", observer), ("quantizer", quantizer)):
             if module is None:
@@ -143,6 +153,7 @@ class ActivationSlot(nn.Module):
                 self._modules[name] = module
         if observer is None:
             self._modules.pop("mean", None)
+            self._modules.pop("stats", None)
 
     @property
     def observer(self) -> nn.Module | None:
@@ -168,6 +179,9 @@ class ActivationSlot(nn.Module):
         mean = self._modules.get("mean")  # bias correction's input mean (qswap.bias_correction)
         if mean is not None:
             mean(x)
+        stats = self._modules.get("stats")  # a weight method's statistics (qswap.rounding)
+        if stats is not None:
+            stats(x)
         if observer is not None:
             observer(x)
             if quantizer is None:

@@ -112,11 +112,25 @@ def test_presets_are_the_builtins_and_match_pytorch_defaults() -> None:
     assert list_presets() == [
         "ort_int8",
         "qnnpack_int8",
+        "w4_packed",
         "w4_per_group",
+        "w8_packed",
         "w8a8_minmax",
         "x86_dynamic_int8",
         "x86_int8",
     ]
+    w4, w8 = load_config("w4_packed"), load_config("w8_packed")
+    assert (w4.backend, w4.mode, w4.weight.group_size, w4.weight.quant_range()) == (
+        "packed",
+        "weight_only",
+        128,
+        (-8, 7),
+    )
+    assert (w8.weight.granularity, w8.weight.scheme, w8.weight.method) == (
+        "per_channel",
+        "symmetric",
+        None,
+    )
     ort = load_config("ort_int8")
     assert (ort.backend, ort.mode, ort.fallback, ort.vnni) == (
         "onnxruntime",

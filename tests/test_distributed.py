@@ -84,6 +84,11 @@ SKIP_LINEAR = {
     "extends": ["w8a8_minmax"],
     "rules": [{"match": {"name": "3"}, "skip": True}],
 }
+GPTQ = {  # a weight method: the Linear's input Hessian is summed over the ranks
+    "version": 1,
+    "extends": ["w8a8_minmax"],
+    "rules": [{"match": {"name": "3"}, "weight": {"method": "gptq"}}],
+}
 NO_REDUCTION = {"version": 1, "extends": ["w8a8_minmax"], "activation": {"observer": "clipped"}}
 QAT = {  # LSQ (learned steps) on the conv, observer-driven fake-quant on the Linear
     "version": 1,
@@ -232,7 +237,18 @@ def scenario_ok(rank: int, world: int, group: Any, out: Path) -> dict[str, Any]:
     except CalibrationError as exc:
         result["mismatch"] = str(exc)
     result["qat"] = qat_steps(rank, data, group)
+    result["gptq"] = hessian_of(calibrated(GPTQ, data, process_group=group))
     return result
+
+
+def hessian_of(prepared: nn.Module) -> tuple[torch.Tensor, int]:
+    """The input Hessian (and row count) GPTQ recorded for the Linear ``3``."""
+    from qswap.slots import activation_slot
+
+    slot = activation_slot(prepared.get_submodule("3"), "input")
+    assert slot is not None
+    stats: Any = slot._modules["stats"]
+    return stats.hessian.clone(), int(stats.rows)
 
 
 def qat_steps(rank: int, data: list[torch.Tensor], group: Any) -> dict[str, Any]:
@@ -359,6 +375,18 @@ def test_minmax_qparams_equal_one_process_bit_for_bit(ranks: Ranks, config: str)
     reference = qparams_of(calibrated(CONFIGS[config], batches()))
     for result in results:
         assert_same_qparams(result[config]["qparams"], reference)
+
+
+def test_gptq_hessians_add_up_over_the_ranks(ranks: Ranks) -> None:
+    """A weight method's statistics reduce like an observer's: each rank ends with the Hessian
+    of all the data (float sums in another order: equal to rounding), and converts alike."""
+    hessian, rows = hessian_of(calibrated(GPTQ, batches()))
+    alone, _ = hessian_of(calibrated(GPTQ, shard(batches(), 0, ranks.world)))
+    assert not torch.allclose(alone, hessian, rtol=1e-3)
+    for result in ranks.results:
+        got, got_rows = result["gptq"]
+        assert got_rows == rows
+        assert torch.allclose(got, hessian, rtol=1e-5, atol=1e-4)
 
 
 def test_every_rank_ends_with_identical_qparams(ranks: Ranks) -> None:

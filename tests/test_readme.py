@@ -36,7 +36,7 @@ def test_every_python_block_runs_in_order_on_one_model(
     assert len(configs) == 1
     (tmp_path / "q.yaml").write_text(configs[0])
     blocks = [b for b in _blocks("python") if not any(c in b for c in CLUSTER)]
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     ns: dict[str, Any] = {}
     torch.manual_seed(0)
     for block in blocks:
@@ -52,6 +52,7 @@ def test_every_python_block_runs_in_order_on_one_model(
         "resnet_ort.qswap",
     }
     assert ns["qlm"] is not None and "torch.Size([1, 12])" in out
+    assert "kernel=int4pack" in out and "torch.Size([1, 36])" in out  # packed int4 generates
 
 
 def test_the_config_block_plans_the_readme_model() -> None:

@@ -163,7 +163,11 @@ class OrtModel(nn.Module):
             None if t else leaf for leaf, t in zip(leaves, self._out_tensor, strict=True)
         ]
         with tempfile.TemporaryDirectory(prefix="qswap-ort-") as tmp:
-            path = export_onnx(twin, example, Path(tmp) / "model.onnx", opset=self.opset)
+            # int32 biases (as ORT's own quantizer stores them): a layer whose output stays
+            # float fuses into QGemm / QLinearConv only with one
+            path = export_onnx(
+                twin, example, Path(tmp) / "model.onnx", opset=self.opset, quantize_bias=True
+            )
             data = path.read_bytes()
         self._onnx = data
         self._session = None

@@ -836,7 +836,7 @@ class _QDQGraph:
                 np.zeros(bias.shape if scale.size != 1 else (), dtype="int32"),
                 n.input[2] + "_zero_point",
             )
-            out = n.input[2] + "_dequantized"
+            out = qname.replace("_int32", "_dequantized")  # unique: _add_init numbers reuses
             attrs = [self.onnx.helper.make_attribute("axis", 0)] if scale.size != 1 else []
             dq = self.onnx.helper.make_node(
                 "DequantizeLinear", [qname, sname, zname], [out], name=out + "_node"

@@ -1,0 +1,272 @@
+"""The ``packed`` backend: weight-only int8 / int4 layers that store their weights packed.
+
+``mode: weight_only`` on the fake backend simulates: the model keeps float weights. Here each
+``nn.Linear`` (and transformers' ``Conv1D``) becomes a :class:`PackedLinear` that holds its
+integer weights as they are stored in memory and on disk -- one byte per weight at 5-8 bits,
+two per byte at 2-4 bits -- with one scale (and zero point) per output channel or per group
+of input features, and computes with float activations:
+
+* ``int8pack``: 8-bit signed symmetric per-channel weights through ``torch._weight_int8pack_mm``;
+* ``int4pack``: 4-bit per-group weights (group size 32, 64, 128 or 256) through
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (its CPU-specific layout is built from the
+  stored nibbles when the layer first runs, and never saved);
+* ``dequant``: anything else (other bit widths, per-group int8): the weight is dequantized
+  for each call, then ``F.linear``.
+
+``PackedLinear.kernel`` names the one a layer uses (its ``repr`` and the plan say so).
+A layer also takes an ``input_scale`` (weight methods such as AWQ scale input channels).
+
+    >>> import torch, qswap
+    >>> q = qswap.quantize(torch.nn.Linear(256, 8), "w4_packed")
+    >>> q.kernel, q.qweight.dtype, tuple(q.qweight.shape)
+    ('int4pack', torch.uint8, (8, 128))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qswap.backends import fake
+from qswap.exceptions import PlanError
+from qswap.quantizers import QParams
+from qswap.tree import replace_module
+
+__all__ = ["PackedLinear", "check_layer", "lower", "pack_nibbles", "unpack_nibbles"]
+
+_INT4_GROUPS = (32, 64, 128, 256)
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """Two 4-bit codes (0..15) per byte along the last axis: the even one in the low nibble.
+
+    >>> pack_nibbles(torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)).tolist()
+    [[33, 15]]
+    """
+    if codes.shape[-1] % 2:
+        raise PlanError(f"packing 4-bit codes needs an even row length, got {codes.shape[-1]}")
+    u = codes.to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """The codes :func:`pack_nibbles` packed (uint8, twice as long on the last axis).
+
+    >>> unpack_nibbles(torch.tensor([[33, 15]], dtype=torch.uint8)).tolist()
+    [[1, 2, 15, 0]]
+    """
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def _per_group(qp: QParams, in_features: int) -> tuple[Tensor, Tensor, int]:
+    """Scales and zero points as ``(out, groups)`` and the group size (per channel: one group)."""
+    scale, zero = qp.scale.to(torch.float32), qp.zero_point.to(torch.int32)
+    if scale.dim() == 2:
+        assert qp.group_size is not None
+        return scale, zero, qp.group_size
+    if scale.dim() == 1 and scale.numel() > 1:
+        return scale[:, None], zero[:, None], in_features
+    return scale.reshape(1, 1), zero.reshape(1, 1), in_features
+
+
+class PackedLinear(nn.Module):
+    """A Linear with packed integer weights and float activations (the ``packed`` backend).
+
+    Buffers (all saved): ``qweight`` -- the codes ``q - quant_min`` as uint8, two per byte at
+    up to 4 bits (``(out, in / 2)``), one per byte above (``(out, in)``; int8 as they are for
+    signed 8-bit); ``scales`` and ``zero_points`` ``(out, groups)``; ``input_scale`` ``(in,)``
+    or empty. ``weight`` reads the dequantized float weight, as code written for
+    ``nn.Linear`` expects.
+    """
+
+    accepts_input_scale: ClassVar[bool] = True
+    qweight: Tensor
+    scales: Tensor
+    zero_points: Tensor
+    input_scale: Tensor
+
+    def __init__(
+        self,
+        codes: Tensor,
+        scales: Tensor,
+        zero_points: Tensor,
+        quant_range: tuple[int, int],
+        group_size: int,
+        bias: Tensor | None,
+        input_scale: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        out_features, in_features = codes.shape
+        qmin, qmax = quant_range
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.quant_min, self.quant_max, self.group_size = qmin, qmax, int(group_size)
+        self.bits = max(1, (qmax - qmin).bit_length())
+        if self.bits <= 4:
+            stored = pack_nibbles(codes - qmin)
+        elif (qmin, qmax) == (-128, 127):
+            stored = codes.to(torch.int8)
+        else:
+            stored = (codes - qmin).to(torch.uint8)
+        self.register_buffer("qweight", stored.contiguous())
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        self.register_buffer("zero_points", zero_points.to(torch.int32).contiguous())
+        empty = torch.zeros(0, dtype=torch.float32)
+        self.register_buffer("input_scale", empty if input_scale is None else input_scale.float())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+        self.kernel = self._pick_kernel()
+        self._int4: tuple[Tensor, Tensor] | None = None  # the int4 kernel's own layout, built once
+
+    def _pick_kernel(self) -> str:
+        symmetric = not bool(self.zero_points.any())
+        per_channel = self.scales.shape[1] == 1 and self.scales.shape[0] == self.out_features
+        if self.qweight.dtype == torch.int8 and symmetric and per_channel:
+            return "int8pack"
+        if (
+            self.bits == 4
+            and self.quant_max - self.quant_min == 15
+            and self.group_size in _INT4_GROUPS
+            and self.in_features % self.group_size == 0
+            and self.scales.shape == (self.out_features, self.in_features // self.group_size)
+        ):
+            return "int4pack"
+        return "dequant"
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: Any) -> PackedLinear:
+        """Round ``module``'s float weight onto the grid calibration chose (``spec.qparams``).
+
+        ``spec`` is the layer's ``LayerSpec``; an ``(in, out)`` weight (transformers'
+        ``Conv1D``, channel axis 1) is transposed.
+        """
+        qp: QParams = spec.qparams["weight"]
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise PlanError(
+                f"layer {spec.name!r}: backend 'packed' runs 2-D weights (Linear, Conv1D), got "
+                f"{type(module).__name__}"
+            )
+        w = weight.detach().to(torch.float32)
+        if (qp.axis or 0) == 1:
+            w = w.t()
+        scale, zero, group = _per_group(qp, w.shape[1])
+        full_scale = scale.repeat_interleave(group, dim=1)[:, : w.shape[1]]
+        full_zero = zero.repeat_interleave(group, dim=1)[:, : w.shape[1]]
+        # as torch's fake-quantize kernels round (times the inverse scale): the same codes
+        codes = torch.round(w * (1.0 / full_scale)) + full_zero
+        codes = codes.clamp(qp.quant_min, qp.quant_max).to(torch.int32)
+        bias = getattr(module, "bias", None)
+        return cls(
+            codes,
+            scale,
+            zero,
+            (qp.quant_min, qp.quant_max),
+            group,
+            bias if isinstance(bias, Tensor) else None,
+            getattr(spec, "input_scale", None),
+        )
+
+    def codes(self) -> Tensor:
+        """The integer weights ``q`` (int32, ``(out, in)``)."""
+        stored = self.qweight
+        if self.bits <= 4:
+            return unpack_nibbles(stored).to(torch.int32) + self.quant_min
+        if stored.dtype == torch.int8:
+            return stored.to(torch.int32)
+        return stored.to(torch.int32) + self.quant_min
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight ``(q - zero_point) * scale``, float32 ``(out, in)``."""
+        g = self.group_size
+        scale = self.scales.repeat_interleave(g, dim=1)[:, : self.in_features]
+        zero = self.zero_points.repeat_interleave(g, dim=1)[:, : self.in_features]
+        return (self.codes() - zero).to(torch.float32) * scale
+
+    def _int4_operands(self) -> tuple[Tensor, Tensor]:
+        if self._int4 is None or self._int4[0].device != self.qweight.device:
+            u = unpack_nibbles(self.qweight).to(torch.int32)  # q - quant_min, in 0..15
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+            # the kernel computes (u - 8) * s + z; we need (q - zp) * s with q = u + quant_min
+            zeros = (8 + self.quant_min - self.zero_points).to(torch.float32) * self.scales
+            sz = torch.stack([self.scales.t(), zeros.t()], dim=-1).contiguous()
+            self._int4 = (packed, sz)
+        return self._int4
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.float32)
+        if self.input_scale.numel():
+            flat = flat * self.input_scale
+        if self.kernel == "int8pack":
+            y = torch._weight_int8pack_mm(flat, self.qweight, self.scales[:, 0])
+        elif self.kernel == "int4pack":
+            packed, sz = self._int4_operands()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, sz)
+        else:
+            y = F.linear(flat, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        saved = state_dict.get(prefix + "input_scale")
+        if isinstance(saved, Tensor) and saved.shape != self.input_scale.shape:
+            # a layer rebuilt from its qparams has no input scale yet (AWQ stored one)
+            self.input_scale = torch.zeros_like(saved, dtype=torch.float32)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._int4 = None  # new bytes: the kernel layout is built again
+
+    def extra_repr(self) -> str:
+        bits = f"int{self.bits}" if self.quant_min < 0 else f"uint{self.bits}"
+        group = (
+            "per_channel"
+            if self.group_size >= self.in_features
+            else f"group_size={self.group_size}"
+        )
+        scaled = ", input_scale" if self.input_scale.numel() else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {bits} {group}, "
+            f"kernel={self.kernel}{scaled}"
+        )
+
+
+def check_layer(layer: Any) -> str | None:
+    """What the packed kernels cannot run of ``layer`` (None: they can)."""
+    if layer.mode != "weight_only":
+        return "backend 'packed' runs weight-only layers (activations stay float)"
+    if layer.slots:
+        return f"backend 'packed' quantizes only the weight, not {', '.join(layer.slots)}"
+    w = layer.weight
+    if w is None:
+        return "backend 'packed' needs a weight spec"
+    if w.granularity == "per_tensor":
+        return "backend 'packed' stores one scale per output channel or group, not per tensor"
+    return None
+
+
+def lower(
+    model: nn.Module,
+    layers: Mapping[str, Any],
+    example_args: tuple[Any, ...],
+    example_kwargs: Mapping[str, Any],
+) -> nn.Module:
+    """The packed backend's lowering (``qswap.registry.Lowering``): each layer packed in place.
+
+    A layer without a packed counterpart (the plan's generic fake-quant of a convolution,
+    an embedding) is simulated as on the fake backend.
+    """
+    generic = {n: layer for n, layer in layers.items() if layer.counterpart is not PackedLinear}
+    if generic:
+        model = fake.lower(model, generic, example_args, example_kwargs)
+    for name, layer in layers.items():
+        if name in generic:
+            continue
+        new = PackedLinear.from_float(model.get_submodule(name), layer)
+        model = replace_module(model, (name, *layer.aliases), new)
+    return model

@@ -1,0 +1,295 @@
+"""Weight methods: how a layer's weights are rounded onto their grid, from its calibration inputs.
+
+Round-to-nearest (RTN) rounds each weight on its own. A *weight method* looks at what the
+layer computes on real inputs and rounds to make the layer's output, not each weight, come
+out right: GPTQ spreads each rounding error over the weights not yet rounded (through the
+inputs' second moments), AWQ scales the input channels that carry large activations before
+rounding. A method is a registered component, like an observer, chosen in a config::
+
+    weight: {bits: 4, granularity: per_group, group_size: 128, method: gptq}
+    weight: {method: {name: gptq, act_order: true, damp: 0.01}}
+
+``prepare`` hangs one instance on each such layer's input (beside its observers);
+calibration feeds it the layer's inputs (:meth:`WeightMethod.observe`, statistics that add
+up across batches and across processes: ``reduction = "merge"``); ``convert`` calls
+:meth:`WeightMethod.solve` once with the float weight and the qparams the weight observer
+computed, and quantizes what it returns. A method of your own subclasses
+:class:`WeightMethod` and is registered with ``Registry.register_method`` or a pack's
+``methods:`` table, as the built-in ``gptq`` and ``awq`` are.
+
+Methods work on 2-D weights read as ``(output features, input features)``: ``nn.Linear``
+and layers mapped with the output axis elsewhere (transformers' ``Conv1D``, axis 1).
+
+    >>> import torch
+    >>> from qswap.config import QuantSpec
+    >>> g = GPTQ(QuantSpec(bits=4))
+    >>> _ = g(torch.randn(32, 8))
+    >>> tuple(g.hessian.shape), int(g.rows)
+    ((8, 8), 32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from qswap.exceptions import CalibrationError
+from qswap.observers import Observer
+from qswap.quantizers import QParams, add_buffer, set_buffer
+
+if TYPE_CHECKING:
+    from qswap.config import QuantSpec
+
+__all__ = [
+    "AWQ",
+    "GPTQ",
+    "RTN",
+    "AWQOptions",
+    "GPTQOptions",
+    "Rounded",
+    "WeightMethod",
+    "expand_qparams",
+]
+
+
+@dataclass(frozen=True)
+class Rounded:
+    """What a method returns: the weight to quantize, its qparams, and an input scale.
+
+    ``weight`` has the float weight's shape (``(out, in)``); ``qparams`` are the ones it is
+    quantized with (the observer's, or new ones for a rescaled weight); ``input_scale``
+    (``(in,)``), when set, multiplies the layer's input before the weight is applied (AWQ),
+    so the layer computes ``weight @ (input_scale * x)``.
+    """
+
+    weight: Tensor
+    qparams: QParams
+    input_scale: Tensor | None = None
+
+
+#: ``rtn(weight) -> (fake-quantized weight, its qparams)``: round to nearest with the spec's
+#: own observer and quantizer, for a method that tries weights of its own (AWQ)
+RoundToNearest = Callable[[Tensor], tuple[Tensor, QParams]]
+
+
+class WeightMethod(Observer):
+    """Base class and protocol of weight methods: record inputs, then round one weight.
+
+    Subclasses implement ``observe(x)`` (one batch of the layer's inputs, detached; the
+    last axis is the input features), ``_merge_state(other)`` (add another instance's
+    statistics) and ``solve(weight, qparams, rtn)``. ``spec`` is the layer's weight spec.
+    Being an :class:`qswap.observers.Observer`, a method counts its batches, merges and is
+    reduced across processes like one (``reduction = "merge"``).
+    """
+
+    reduction: ClassVar[str] = "merge"
+    #: whether ``prepare`` hangs the method on the layer's input to record calibration data
+    records_inputs: ClassVar[bool] = True
+    #: whether ``solve`` may return an ``input_scale`` (the backend must then apply it)
+    scales_inputs: ClassVar[bool] = False
+
+    def calculate_qparams(self) -> QParams:
+        raise CalibrationError(
+            f"{type(self).__name__} is a weight method: it rounds a weight in solve(), it has "
+            "no quantization parameters of its own"
+        )
+
+    def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
+        """Round ``weight`` (``(out, in)``, float) given the observer's ``qparams``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement solve(weight, ...)")
+
+    @staticmethod
+    def _features(x: Tensor) -> Tensor:
+        """``x`` as rows of input features, float32."""
+        return x.reshape(-1, x.shape[-1]).to(torch.float32)
+
+
+def expand_qparams(qparams: QParams, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """``(scale, zero_point)`` of a 2-D ``(out, in)`` weight's qparams, broadcast to ``shape``.
+
+    >>> qp = QParams(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2, dtype=torch.int32),
+    ...              -8, 7, axis=0, group_size=2)
+    >>> expand_qparams(qp, (1, 4))[0].tolist()
+    [[1.0, 1.0, 2.0, 2.0]]
+    """
+    scale, zero = qparams.scale.to(torch.float32), qparams.zero_point.to(torch.float32)
+    if qparams.group_size is not None and scale.dim() == 2:
+        scale = scale.repeat_interleave(qparams.group_size, dim=1)
+        zero = zero.repeat_interleave(qparams.group_size, dim=1)
+    elif scale.dim() == 1 and scale.numel() > 1:
+        scale, zero = scale[:, None], zero[:, None]
+    return scale.expand(shape).contiguous(), zero.expand(shape).contiguous()
+
+
+class RTN(WeightMethod):
+    """Round to nearest: what a weight spec without ``method`` does (for rules to restore it)."""
+
+    records_inputs: ClassVar[bool] = False
+
+    def observe(self, x: Tensor) -> None:
+        pass
+
+    def _merge_state(self, other: Any) -> None:
+        pass
+
+    def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
+        return Rounded(weight, qparams)
+
+
+class GPTQOptions(BaseModel):
+    """Options of ``gptq``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    damp: float = Field(
+        default=0.01,
+        gt=0,
+        le=1,
+        description="Fraction of the mean input power added to the diagonal (stability).",
+    )
+    act_order: bool = Field(
+        default=False,
+        description="Round the input features with the most power first (better at 3-4 bits).",
+    )
+    block_size: int = Field(default=128, ge=1, description="Columns updated together (speed only).")
+
+
+class GPTQ(WeightMethod):
+    """GPTQ (Frantar et al., 2022): round column by column, compensating on the rest.
+
+    Records ``H = sum x x^T`` over the calibration inputs and minimizes the layer-output
+    error ``tr((W - Q) H (W - Q)^T)`` greedily, with the qparams the weight observer chose
+    (static groups: each group's scale is the one RTN would use, so ``act_order`` and
+    groups combine freely and the result is exactly on the observer's grid).
+    """
+
+    options_model: ClassVar[type[BaseModel]] = GPTQOptions
+    options: GPTQOptions
+    hessian: Tensor
+    rows: Tensor
+
+    def __init__(
+        self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(spec, options)
+        add_buffer(self, "hessian", torch.zeros(0, 0, dtype=torch.float32))
+        add_buffer(self, "rows", torch.zeros((), dtype=torch.int64))
+
+    def observe(self, x: Tensor) -> None:
+        rows = self._features(x)
+        self._add(rows.T @ rows, rows.shape[0])
+
+    def _add(self, h: Tensor, rows: int) -> None:
+        if self.hessian.numel() == 0:
+            set_buffer(self, "hessian", h.clone())
+        elif self.hessian.shape != h.shape:
+            raise CalibrationError(
+                f"gptq saw inputs with {h.shape[0]} features after {self.hessian.shape[0]}; a "
+                "layer's input size must stay the same"
+            )
+        else:
+            self.hessian.add_(h.to(self.hessian.device))
+        self.rows.add_(rows)
+
+    def _merge_state(self, other: GPTQ) -> None:
+        self._add(other.hessian, int(other.rows))
+
+    def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
+        from qswap.weight_methods import gptq
+
+        self._require_seen()
+        if self.hessian.shape[0] != weight.shape[1]:
+            raise CalibrationError(
+                f"gptq recorded inputs with {self.hessian.shape[0]} features for a weight with "
+                f"{weight.shape[1]} input features"
+            )
+        scale, zero = expand_qparams(qparams, (weight.shape[0], weight.shape[1]))
+        opts = self.options
+        new = gptq(
+            weight,
+            self.hessian / max(int(self.rows), 1),
+            scale,
+            zero,
+            qparams.quant_min,
+            qparams.quant_max,
+            damp=opts.damp,
+            act_order=opts.act_order,
+            block_size=opts.block_size,
+        )
+        return Rounded(new, qparams)
+
+
+class AWQOptions(BaseModel):
+    """Options of ``awq``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    grid: int = Field(default=20, ge=1, le=200, description="Exponents tried in [0, 1).")
+    samples: int = Field(
+        default=512, ge=1, description="Input rows kept to score each exponent (reservoir)."
+    )
+
+
+class AWQ(WeightMethod):
+    """AWQ (Lin et al., 2023): scale up the input channels that carry large activations.
+
+    Records an evenly spread sample of at most ``samples`` input rows; ``solve`` tries ``s = mean|x| ** alpha`` for ``alpha`` on a grid, rounds ``W * s`` to
+    nearest and keeps the ``alpha`` whose output on the sample is closest to float. The
+    layer then computes ``round(W * s) @ (x / s)``: the backend applies ``input_scale``.
+    ``alpha = 0`` is plain RTN, so the result is never worse than RTN on the sample.
+    """
+
+    options_model: ClassVar[type[BaseModel]] = AWQOptions
+    options: AWQOptions
+    scales_inputs: ClassVar[bool] = True
+    rows: Tensor
+    sample: Tensor
+
+    def __init__(
+        self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(spec, options)
+        add_buffer(self, "rows", torch.zeros((), dtype=torch.int64))
+        add_buffer(self, "sample", torch.zeros(0, 0, dtype=torch.float32))
+
+    def observe(self, x: Tensor) -> None:
+        self._add(self._features(x))
+
+    def _add(self, rows: Tensor) -> None:
+        if self.sample.numel() and self.sample.shape[1] != rows.shape[1]:
+            raise CalibrationError(
+                f"awq saw inputs with {rows.shape[1]} features after {self.sample.shape[1]}; "
+                "a layer's input size must stay the same"
+            )
+        self.rows.add_(rows.shape[0])
+        # keep an evenly spread, deterministic sample of at most `samples` rows
+        keep = self.options.samples
+        joined = (
+            rows if self.sample.numel() == 0 else torch.cat([self.sample, rows.to(self.sample)])
+        )
+        if joined.shape[0] > keep:
+            joined = joined[torch.linspace(0, joined.shape[0] - 1, keep).round().long()]
+        set_buffer(self, "sample", joined.clone())
+
+    def _merge_state(self, other: AWQ) -> None:
+        self.rows.sub_(other.sample.shape[0])  # _add counts the sample's rows: count all of them
+        self._add(other.sample)
+        self.rows.add_(other.rows)
+
+    def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
+        from qswap.weight_methods import awq_scales
+
+        self._require_seen()
+        if self.sample.shape[1] != weight.shape[1]:
+            raise CalibrationError(
+                f"awq recorded inputs with {self.sample.shape[1]} features for a weight with "
+                f"{weight.shape[1]} input features"
+            )
+        sample = self.sample.to(weight)
+        scales, _alpha = awq_scales(weight, sample, lambda w: rtn(w)[0], grid=self.options.grid)
+        scaled = weight * scales
+        _, qp = rtn(scaled)
+        return Rounded(scaled, qp, input_scale=(1.0 / scales).to(torch.float32))

@@ -1,0 +1,259 @@
+"""Backend ``packed`` (weight-only int8/int4 stored packed) and weight methods (GPTQ, AWQ)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import qswap
+from qswap.backends.packed import PackedLinear, pack_nibbles, unpack_nibbles
+from qswap.quantizers import QParams
+from qswap.registry import Registry, default_registry
+from qswap.rounding import Rounded, RoundToNearest, WeightMethod
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 384), nn.GELU(), nn.Linear(384, 128)).eval()
+
+
+def _correlated(n: int, seed: int, loud: int = 0) -> Tensor:
+    """Inputs whose features are mixed (a Hessian far from diagonal), ``loud`` of them 20x."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(256, 256, generator=torch.Generator().manual_seed(99)) / 16
+    x = torch.randn(n, 256, generator=g) @ mix * 3
+    if loud:
+        x[:, :loud] *= 20
+    return x
+
+
+def _out_error(model: nn.Module, q: nn.Module, x: Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x) - q(x)).pow(2).mean())
+
+
+@pytest.mark.parametrize(
+    ("config", "kernel", "dtype", "width"),
+    [("w8_packed", "int8pack", torch.int8, 256), ("w4_packed", "int4pack", torch.uint8, 128)],
+)
+def test_packed_layers_store_integers_and_compute_what_fake_quant_simulates(
+    config: str, kernel: str, dtype: torch.dtype, width: int
+) -> None:
+    model = _mlp()
+    q = qswap.quantize(model, config)
+    fake = qswap.quantize(model, {"extends": [config], "backend": "fake"})
+    first = q[0]
+    assert isinstance(first, PackedLinear) and first.kernel == kernel
+    assert first.qweight.dtype == dtype and tuple(first.qweight.shape) == (384, width)
+    assert "weight" not in dict(q.named_parameters(recurse=True))  # no float weight left
+    # the same integers as the simulation: identical dequantized weights
+    assert torch.equal(first.weight, fake[0].weight.detach())
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        assert torch.allclose(q(x), fake(x), atol=1e-5)
+    assert f"kernel={kernel}" in repr(first)
+
+
+def test_packed_model_bytes() -> None:
+    """int8 ~0.25x and int4 g128 (with its fp32 scales and int32 zero points) <= 0.16x fp32."""
+    model = _mlp()
+    fp32 = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+    def size(config: str) -> int:
+        sd = qswap.quantize(model, config).state_dict()
+        return sum(t.numel() * t.element_size() for t in sd.values())
+
+    assert size("w8_packed") / fp32 < 0.27
+    assert size("w4_packed") / fp32 <= 0.16
+
+
+def test_nibbles_round_trip_exactly() -> None:
+    codes = torch.randint(0, 16, (7, 64), dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.shape == (7, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_nibbles(packed), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5])
+def test_other_widths_dequantize_then_matmul(bits: int) -> None:
+    model = _mlp()
+    cfg = {"extends": ["w4_packed"], "weight": {"bits": bits}}
+    q, fake = qswap.quantize(model, cfg), qswap.quantize(model, {**cfg, "backend": "fake"})
+    assert q[0].kernel == "dequant"
+    assert torch.equal(q[0].weight, fake[0].weight.detach())
+
+
+def test_what_packed_cannot_run_is_decided_in_the_plan() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 4))
+    p = qswap.plan(model, "w4_packed")
+    # no packed convolution: simulated (generic fake-quant), and the plan says so
+    assert p.layers["0"].counterpart is None and p.layers["2"].counterpart is PackedLinear
+    assert "no mapping for backend 'packed': generic fake-quant" in p.explain("0")
+    q = qswap.quantize(model, "w4_packed")
+    assert isinstance(q[2], PackedLinear) and not isinstance(q[0], PackedLinear)
+    assert q(torch.randn(1, 3, 4, 4)).shape == (1, 4)
+    cfg = {"extends": ["w8_packed"], "weight": {"granularity": "per_tensor", "axis": None}}
+    p = qswap.plan(nn.Linear(8, 8), cfg)
+    assert p.layers[""].backend == "fake"
+    assert "per tensor" in p.explain("")
+
+
+def test_save_and_load_keep_the_packed_bytes(tmp_path: Path) -> None:
+    model = _mlp()
+    calib = [_correlated(64, i) for i in range(4)]
+    cfg = {"extends": ["w4_packed"], "weight": {"method": "gptq"}}
+    q = qswap.quantize(model, cfg, calib_data=calib, progress=False)
+    path = qswap.save(q, tmp_path / "m.qswap")
+    back = qswap.load(path, _mlp(seed=5))  # other float weights: the file's bytes win
+    for name in ("0", "2"):
+        assert torch.equal(back.get_submodule(name).qweight, q.get_submodule(name).qweight)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+
+
+def test_gptq_reduces_the_layer_output_error_of_round_to_nearest() -> None:
+    """GPTQ minimizes ||X W^T - X Q^T|| on the calibration inputs: less than RTN's, on held-out
+    inputs from the same distribution too."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128).eval()
+    calib = [_correlated(256, i) for i in range(8)]
+    held = _correlated(512, 100)
+    rtn = qswap.quantize(layer, "w4_packed")
+    gptq = qswap.quantize(
+        layer, {"extends": ["w4_packed"], "weight": {"method": "gptq"}}, calib_data=calib
+    )
+    ordered = qswap.quantize(
+        layer,
+        {"extends": ["w4_packed"], "weight": {"method": {"name": "gptq", "act_order": True}}},
+        calib_data=calib,
+    )
+    err_rtn, err_gptq = _out_error(layer, rtn, held), _out_error(layer, gptq, held)
+    assert err_gptq < 0.8 * err_rtn
+    assert _out_error(layer, ordered, held) < err_rtn
+    assert gptq.kernel == "int4pack"  # still the packed int4 layer
+
+
+def test_awq_scales_loud_input_channels() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128).eval()
+    calib = [_correlated(128, i, loud=4) for i in range(4)]
+    held = _correlated(512, 100, loud=4)
+    rtn = qswap.quantize(layer, "w4_packed")
+    awq = qswap.quantize(
+        layer, {"extends": ["w4_packed"], "weight": {"method": "awq"}}, calib_data=calib
+    )
+    assert awq.input_scale.shape == (256,)
+    assert _out_error(layer, awq, held) < 0.8 * _out_error(layer, rtn, held)
+
+
+def test_methods_are_chosen_from_yaml_and_shown_in_the_plan(tmp_path: Path) -> None:
+    path = tmp_path / "q.yaml"
+    path.write_text(
+        "version: 1\nextends: [w4_packed]\nweight:\n  method: {name: gptq, damp: 0.05}\n"
+        "rules:\n  - match: {name: '2'}\n    weight: {method: rtn}\n"
+    )
+    cfg = qswap.load_config(path)
+    p = qswap.plan(_mlp(), cfg)
+    assert "method=gptq" in p.explain("0") and "damp" in p.explain("0")
+    assert "method=rtn" in p.explain("2")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nextends: [w4_packed]\nweight: {method: {name: gptq, dmp: 1}}\n")
+    with pytest.raises(qswap.ConfigError, match="dmp"):
+        qswap.load_config(bad)
+    bad.write_text("version: 1\nextends: [w4_packed]\nweight: {method: gtpq}\n")
+    with pytest.raises(qswap.ConfigError, match="gptq"):  # did you mean
+        qswap.load_config(bad)
+
+
+class HalfStep(WeightMethod):
+    """A user's own method: rounds every weight down (toward -inf) on the observer's grid."""
+
+    calls: ClassVar[list[int]] = []
+
+    def observe(self, x: Tensor) -> None:
+        HalfStep.calls.append(x.shape[-1])
+
+    def _merge_state(self, other: Any) -> None:
+        pass
+
+    def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
+        scale = qparams.scale.reshape(-1, 1) if qparams.scale.dim() == 1 else qparams.scale
+        floor = torch.floor(weight / scale).clamp(qparams.quant_min, qparams.quant_max) * scale
+        return Rounded(floor, qparams)
+
+
+def test_a_users_own_method_registers_like_the_built_ins() -> None:
+    reg = Registry("mine", parent=default_registry())
+    reg.register_method("floor", HalfStep)
+    model = nn.Linear(64, 8)
+    HalfStep.calls.clear()
+    cfg = {"extends": ["w8_packed"], "weight": {"method": "floor"}}
+    q = qswap.quantize(model, cfg, calib_data=[torch.randn(4, 64)], registry=reg)
+    assert HalfStep.calls == [64]  # it saw the layer's input during calibration
+    scale = q.scales  # (out, 1)
+    assert torch.equal(q.weight, torch.floor(model.weight.detach() / scale) * scale)
+    with pytest.raises(qswap.ConfigError, match="floor"):
+        qswap.load_config(cfg)  # not in the default registry
+
+
+def test_methods_refuse_what_they_cannot_do_before_calibration() -> None:
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3))
+    cfg = {"extends": ["w4_per_group"], "weight": {"group_size": 27, "method": "gptq"}}
+    with pytest.raises(qswap.PlanError, match=r"'0'.*2-D weights.*method: rtn"):
+        qswap.prepare(conv, cfg)
+    with pytest.raises(qswap.PlanError, match=r"awq.*scales the layer's inputs.*packed"):
+        qswap.prepare(nn.Linear(128, 8), {"extends": ["w4_per_group"], "weight": {"method": "awq"}})
+    prepared = qswap.prepare(
+        nn.Linear(256, 8), {"extends": ["w4_packed"], "weight": {"method": "gptq"}}
+    )
+    qswap.calibrate(prepared, [torch.randn(4, 256)])
+    with pytest.raises(qswap.PlanError, match="calibration file"):
+        qswap.save_calibration(prepared, Path("unused.qcal"))
+
+
+def test_generate_runs_on_a_packed_decoder() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (1, 16))
+    q = qswap.quantize(
+        model,
+        {"extends": ["w4_packed"], "weight": {"method": "gptq"}},
+        calib_data=[{"input_ids": ids}],
+        progress=False,
+    )
+    packed = [n for n, m in q.named_modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    out = q.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 24)
+
+
+def test_gpt2_conv1d_packs_its_transposed_weight() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=128, n_layer=1, n_head=4, vocab_size=256, n_positions=64
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    q = qswap.quantize(model, "w8_packed")
+    fake = qswap.quantize(model, {"extends": ["w8_packed"], "backend": "fake"})
+    attn = q.transformer.h[0].attn.c_attn
+    assert isinstance(attn, PackedLinear) and attn.kernel == "int8pack"
+    assert (attn.out_features, attn.in_features) == (384, 128)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(q(ids).logits, fake(ids).logits, atol=1e-4)
