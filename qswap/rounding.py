@@ -41,6 +41,7 @@ from torch import Tensor
 from qswap.exceptions import CalibrationError
 from qswap.observers import Observer
 from qswap.quantizers import QParams, add_buffer, set_buffer
+from qswap.weight_methods import awq_scales, gptq
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
@@ -199,8 +200,6 @@ class GPTQ(WeightMethod):
         self._add(other.hessian, int(other.rows))
 
     def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
-        from qswap.weight_methods import gptq
-
         self._require_seen()
         if self.hessian.shape[0] != weight.shape[1]:
             raise CalibrationError(
@@ -280,8 +279,6 @@ class AWQ(WeightMethod):
         self.rows.add_(other.rows)
 
     def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
-        from qswap.weight_methods import awq_scales
-
         self._require_seen()
         if self.sample.shape[1] != weight.shape[1]:
             raise CalibrationError(

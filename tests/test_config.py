@@ -342,7 +342,8 @@ def test_unknown_preset_name_suggests_the_nearest() -> None:
     err = raises_config_error("x86_in8")
     assert str(err) == (
         "<string>: 'x86_in8' is not a preset, a config file or YAML text; did you mean "
-        "'x86_int8'? Presets: ort_int8, qnnpack_int8, w4_per_group, w8a8_minmax, x86_dynamic_int8, "
+        "'x86_int8'? Presets: ort_int8, qnnpack_int8, w4_packed, w4_per_group, w8_packed, w8a8_minmax, "
+        "x86_dynamic_int8, "
         "x86_int8; or pass a path ending in .yaml"
     )
 
@@ -361,7 +362,7 @@ def test_pinned_message_unknown_key() -> None:
     err = raises_config_error("version: 1\nweight:\n  bitz: 4\n")
     assert str(err) == (
         "<string>:3:3: weight.bitz: unknown key 'bitz'; did you mean 'bits'? Remove or rename it "
-        "(valid keys here: axis, bits, granularity, group_size, observer, quantizer, "
+        "(valid keys here: axis, bits, granularity, group_size, method, observer, quantizer, "
         "reduce_range, scheme, signed)"
     )
 

@@ -90,16 +90,19 @@ def test_other_widths_dequantize_then_matmul(bits: int) -> None:
 def test_what_packed_cannot_run_is_decided_in_the_plan() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 4))
     p = qswap.plan(model, "w4_packed")
-    # no packed convolution: simulated (generic fake-quant), and the plan says so
-    assert p.layers["0"].counterpart is None and p.layers["2"].counterpart is PackedLinear
-    assert "no mapping for backend 'packed': generic fake-quant" in p.explain("0")
+    # no packed convolution: it stays float (the presets' fallback), and the plan says so
+    assert "0" not in p.layers and p.layers["2"].counterpart is PackedLinear
+    assert "no mapping for backend 'packed'; stays float (fallback: float)" in p.explain("0")
     q = qswap.quantize(model, "w4_packed")
-    assert isinstance(q[2], PackedLinear) and not isinstance(q[0], PackedLinear)
+    assert isinstance(q[2], PackedLinear) and type(q[0]) is nn.Conv2d
     assert q(torch.randn(1, 3, 4, 4)).shape == (1, 4)
+    # with fallback: fake it is simulated instead, as the plan says
+    p = qswap.plan(model, {"extends": ["w4_packed"], "fallback": "fake"})
+    assert p.layers["0"].backend == "fake"
     cfg = {"extends": ["w8_packed"], "weight": {"granularity": "per_tensor", "axis": None}}
     p = qswap.plan(nn.Linear(8, 8), cfg)
-    assert p.layers[""].backend == "fake"
-    assert "per tensor" in p.explain("")
+    assert p.decisions[""].kind == "skip" and "" not in p.layers
+    assert "not per tensor" in p.explain("")
 
 
 def test_save_and_load_keep_the_packed_bytes(tmp_path: Path) -> None:
@@ -250,7 +253,11 @@ def test_gpt2_conv1d_packs_its_transposed_weight() -> None:
     )
     model = transformers.GPT2LMHeadModel(config).eval()
     q = qswap.quantize(model, "w8_packed")
-    fake = qswap.quantize(model, {"extends": ["w8_packed"], "backend": "fake"})
+    # the same on the fake backend, where embeddings have a mapping: keep them float there too
+    embeddings = {"match": {"type": "Embedding"}, "skip": True}
+    fake = qswap.quantize(
+        model, {"extends": ["w8_packed"], "backend": "fake", "rules": [embeddings]}
+    )
     attn = q.transformer.h[0].attn.c_attn
     assert isinstance(attn, PackedLinear) and attn.kernel == "int8pack"
     assert (attn.out_features, attn.in_features) == (384, 128)

@@ -13,7 +13,10 @@ of input features, and computes with float activations:
 * ``dequant``: anything else (other bit widths, per-group int8): the weight is dequantized
   for each call, then ``F.linear``.
 
-``PackedLinear.kernel`` names the one a layer uses (its ``repr`` and the plan say so).
+``PackedLinear.kernel`` names torch's kernel a layer can use; on its first calls with few
+rows (decoding) and with many (prefill) the layer times it against dequantize-then-matmul and
+keeps the faster (``PackedLinear.chosen``, shown in its ``repr``): on some CPUs torch's
+weight-only kernels are many times slower than float.
 A layer also takes an ``input_scale`` (weight methods such as AWQ scale input channels).
 
     >>> import torch, qswap
@@ -24,6 +27,7 @@ A layer also takes an ``input_scale`` (weight methods such as AWQ scale input ch
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -39,6 +43,8 @@ from qswap.tree import replace_module
 __all__ = ["PackedLinear", "check_layer", "lower", "pack_nibbles", "unpack_nibbles"]
 
 _INT4_GROUPS = (32, 64, 128, 256)
+_FEW_ROWS = 8  # inputs of at most this many rows (decoding) time the kernels on their own
+_TIMED_RUNS = 3
 
 
 def pack_nibbles(codes: Tensor) -> Tensor:
@@ -118,7 +124,10 @@ class PackedLinear(nn.Module):
         empty = torch.zeros(0, dtype=torch.float32)
         self.register_buffer("input_scale", empty if input_scale is None else input_scale.float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+        #: torch's weight-only kernel that can run this layer, or "dequant" where none can
         self.kernel = self._pick_kernel()
+        #: what runs, measured on first use: for few rows ("few") and for more ("many")
+        self.chosen: dict[str, str] = {}
         self._int4: tuple[Tensor, Tensor] | None = None  # the int4 kernel's own layout, built once
 
     def _pick_kernel(self) -> str:
@@ -182,10 +191,22 @@ class PackedLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The dequantized weight ``(q - zero_point) * scale``, float32 ``(out, in)``."""
-        g = self.group_size
-        scale = self.scales.repeat_interleave(g, dim=1)[:, : self.in_features]
-        zero = self.zero_points.repeat_interleave(g, dim=1)[:, : self.in_features]
-        return (self.codes() - zero).to(torch.float32) * scale
+        stored = self.qweight
+        if self.bits <= 4:
+            w = unpack_nibbles(stored).to(torch.float32)  # q - quant_min
+            offset = self.zero_points - self.quant_min
+        else:
+            w = stored.to(torch.float32)  # q (int8), or q - quant_min (uint8)
+            offset = (
+                self.zero_points
+                if stored.dtype == torch.int8
+                else self.zero_points - self.quant_min
+            )
+        groups = self.scales.shape[1]
+        view = w.view(self.out_features, groups, self.in_features // groups)
+        # exact integer offsets, then one rounding: the fake-quant simulation's own values
+        view.sub_(offset.to(torch.float32).unsqueeze(-1)).mul_(self.scales.unsqueeze(-1))
+        return w
 
     def _int4_operands(self) -> tuple[Tensor, Tensor]:
         if self._int4 is None or self._int4[0].device != self.qweight.device:
@@ -197,17 +218,46 @@ class PackedLinear(nn.Module):
             self._int4 = (packed, sz)
         return self._int4
 
+    def _run(self, kernel: str, flat: Tensor) -> Tensor:
+        if kernel == "int8pack":
+            return torch._weight_int8pack_mm(flat, self.qweight, self.scales[:, 0])
+        if kernel == "int4pack":
+            packed, sz = self._int4_operands()
+            out: Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, packed, self.group_size, sz
+            )
+            return out
+        return F.linear(flat, self.weight)
+
+    def _choose(self, flat: Tensor) -> str:
+        """The faster of torch's kernel and dequantize-then-matmul here, for this many rows.
+
+        Measured once per layer for few rows (decoding, <= 8) and for more (prefill, batches):
+        on some CPUs torch's weight-only kernels are much slower than dequantizing the weight
+        (its bytes stay packed; a float copy lives only during the call).
+        """
+        if self.kernel == "dequant" or flat.device.type != "cpu":
+            return self.kernel
+        key = "few" if flat.shape[0] <= _FEW_ROWS else "many"
+        found = self.chosen.get(key)
+        if found is None:
+            times = {}
+            with torch.no_grad():
+                for kernel in (self.kernel, "dequant"):
+                    self._run(kernel, flat)  # warm up (builds the int4 layout once)
+                    start = time.perf_counter()
+                    for _ in range(_TIMED_RUNS):
+                        self._run(kernel, flat)
+                    times[kernel] = time.perf_counter() - start
+            found = min(times, key=lambda k: times[k])
+            self.chosen[key] = found
+        return found
+
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.float32)
         if self.input_scale.numel():
             flat = flat * self.input_scale
-        if self.kernel == "int8pack":
-            y = torch._weight_int8pack_mm(flat, self.qweight, self.scales[:, 0])
-        elif self.kernel == "int4pack":
-            packed, sz = self._int4_operands()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, sz)
-        else:
-            y = F.linear(flat, self.weight)
+        y = self._run(self._choose(flat), flat)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -230,9 +280,10 @@ class PackedLinear(nn.Module):
             else f"group_size={self.group_size}"
         )
         scaled = ", input_scale" if self.input_scale.numel() else ""
+        chosen = "".join(f", {key} rows: {k}" for key, k in sorted(self.chosen.items()))
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {bits} {group}, "
-            f"kernel={self.kernel}{scaled}"
+            f"kernel={self.kernel}{chosen}{scaled}"
         )
 
 
