@@ -82,7 +82,7 @@ def calibrate(
     group = distributed_context(process_group)
     if group is not None:
         check_reducible(prepared)  # every rank fails alike, before any batch runs
-    show = progress if progress is not None else _stderr_is_tty()
+    show = progress if progress is not None else stderr_is_tty()
     total: int | None = None
     try:
         total = len(batches)  # type: ignore[arg-type]
@@ -158,7 +158,8 @@ def _start_learned_quantizers(prepared: nn.Module) -> None:
             quantizer.set_qparams(observer.calculate_qparams())
 
 
-def _stderr_is_tty() -> bool:
+def stderr_is_tty() -> bool:
+    """Whether stderr is a terminal (progress bars show there by default)."""
     try:
         return bool(sys.stderr.isatty())
     except (AttributeError, ValueError):

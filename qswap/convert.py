@@ -48,6 +48,7 @@ def convert(
     backend: str | None = None,
     inplace: bool = False,
     calibration: str | os.PathLike[str] | Calibration | None = None,
+    progress: bool | None = None,
 ) -> nn.Module:
     """The quantized model for the plan's backend, from a prepared and calibrated model.
 
@@ -55,7 +56,9 @@ def convert(
     the backend the model was prepared for (observers differ per backend).
     ``calibration`` (a file from ``qswap.save_calibration``, or a loaded ``Calibration``)
     gives every layer's qparams instead of the observers, so ``prepared`` need not be
-    calibrated; an artifact made for another model or config is refused.
+    calibrated; an artifact made for another model or config is refused. Weight methods
+    (``weight: {method: gptq}``) round their layers here, with a progress bar on stderr
+    (``progress``; default: when stderr is a terminal).
 
     >>> import torch, qswap
     >>> prepared = qswap.prepare(torch.nn.Linear(4, 2), "w8a8_minmax")
@@ -95,7 +98,9 @@ def convert(
         layers = (
             reused
             if reused is not None
-            else collect_qparams(model, the_plan, state.layers, round_weights=True)
+            else collect_qparams(
+                model, the_plan, state.layers, round_weights=True, progress=progress
+            )
         )
         layers = chain_inputs(model, state, layers)
         registry = state.registry
@@ -223,9 +228,9 @@ def quantize(
                 f"quantize() got no calib_data, but {what} on data: pass calib_data=[batch, ...] "
                 "(tensors, tuples of arguments or dicts of keyword arguments)"
             )
-        return convert(prepared, inplace=True)
+        return convert(prepared, inplace=True, progress=progress)
     calibrate(prepared, calib_data, max_batches=max_batches, progress=progress)
-    return convert(prepared, inplace=True)
+    return convert(prepared, inplace=True, progress=progress)
 
 
 class _Resumed:

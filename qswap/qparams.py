@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from qswap.bias_correction import correctable, shift_of
+from qswap.calibrate import stderr_is_tty
 from qswap.dataflow import input_sources, keeps_input_grid
 from qswap.exceptions import CalibrationError, PlanError
 from qswap.methods import learns_qparams
@@ -43,6 +46,7 @@ def collect_qparams(
     layers: Mapping[str, LayerSpec],
     *,
     round_weights: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, LayerSpec]:
     """Each layer's spec with the qparams its observers computed (unseen activations dropped).
 
@@ -55,79 +59,120 @@ def collect_qparams(
     producer (``LayerSpec.input_from``) is left to ``chain_inputs``.
 
     With ``round_weights`` (convert, on its own copy of the model) a layer whose weight
-    spec names a method (``qswap.rounding``) gets its weight rounded by it, in place.
+    spec names a method (``qswap.rounding``) gets its weight rounded by it, in place,
+    with a progress bar over those layers (``progress``; default: when stderr is a terminal).
     """
-    mode = the_plan.config.mode
     parts = Components(the_plan.registry)
     out: dict[str, LayerSpec] = {}
-    for name, layer in layers.items():
-        module = model.get_submodule(name)
-        qparams: dict[str, QParams] = {}
-        read = False  # whether calibration read one of its parameters
-        for slot, spec in layer.param_specs().items():
-            owner, pname = param_location(module, slot)
-            found = parametrizations_of(owner, pname)
-            if not found:
-                raise PlanError(
-                    f"layer {name!r}: its {slot} observer is missing; was the prepared model "
-                    "modified after qswap.prepare()?"
-                )
-            observer: Any = found[-1]
-            read = read or bool(getattr(observer, "observer", observer).seen)
-            if mode == "qat":
-                with torch.no_grad():
-                    getattr(owner, pname)  # the parametrization observes the final weight
-            learned = _learned(getattr(observer, "quantizer", None))
-            if learned is not None:
-                qparams[slot] = learned
-                continue
-            if isinstance(observer, WeightObserver):
-                observer = observer.observer
-            if not observer.seen:
-                # a layer calibration never reached: its weight is known all the same
-                observer = copy.deepcopy(observer)  # may be shared with the prepared model
-                observer(original_of(owner, pname).detach())
-            qparams[slot] = _effective(_qparams(observer, name, slot), spec, parts)
-        changes = _apply_method(name, module, layer, qparams, parts, round_weights)
-        shift = _bias_shift(module, layer, qparams.get("weight"), parts)
-        if shift is not None:
-            changes["bias_shift"] = shift
-        if mode in ("static", "qat"):
-            for which, spec in layer.activation_specs().items():
-                if (which == "input" and layer.input_from is not None) or keeps_input_grid(layer):
-                    continue  # observed once, as its producer's output: chain_inputs fills it
-                slot_module = activation_slot(module, which)
-                if slot_module is not None and slot_module.follows is not None:
-                    continue  # QAT input tied to its producer's output: chain_inputs fills it
-                if slot_module is None or slot_module.observer is None:
-                    raise PlanError(
-                        f"layer {name!r}: its {which} observer is missing; was the prepared model "
-                        "modified after qswap.prepare()?"
-                    )
-                if slot_module.calls == 0 and (read or not layer.param_specs()):
-                    # never called, yet its parameters were read: another module's code uses
-                    # them (nn.MultiheadAttention reads out_proj.weight), so they are quantized
-                    # and there are no activations of its own to quantize. A layer with
-                    # nothing else to quantize (a Dropout SDPA attention never calls) is a
-                    # no-op: it stays as it is
-                    changes[which] = None
-                    continue
-                if slot_module.calls == 0:
-                    raise CalibrationError(
-                        f"layer {name!r} ({layer.module_type.__name__}) never ran during "
-                        f"calibration, so its {which} has no range. Make the calibration batches "
-                        f"reach it, or keep it float with a rule: "
-                        f"{{match: {{name: '{name}'}}, skip: true}}"
-                    )
-                if not slot_module.seen_float:
-                    changes[which] = None  # it never received a floating-point tensor there
-                    continue
-                learned = _learned(slot_module.quantizer)
-                if learned is None:
-                    learned = _effective(_qparams(slot_module.observer, name, which), spec, parts)
-                qparams[which] = learned
-        out[name] = dataclasses.replace(layer, qparams=qparams, **changes)
+    rounding = sum(_method_of(model.get_submodule(name)) is not None for name in layers)
+    show = (progress if progress is not None else stderr_is_tty()) and round_weights
+    bar = tqdm(
+        total=rounding,
+        disable=not (show and rounding),
+        desc="qswap weight methods",
+        unit="layer",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    try:
+        for name, layer in layers.items():
+            out[name] = _collect_layer(model, the_plan, name, layer, parts, round_weights)
+            if _method_of(model.get_submodule(name)) is not None:
+                bar.update()
+    finally:
+        bar.close()
     return out
+
+
+def _collect_layer(
+    model: nn.Module,
+    the_plan: Plan,
+    name: str,
+    layer: LayerSpec,
+    parts: Components,
+    round_weights: bool,
+) -> LayerSpec:
+    """One layer's spec with its qparams (see :func:`collect_qparams`)."""
+    mode = the_plan.config.mode
+    module = model.get_submodule(name)
+    qparams: dict[str, QParams] = {}
+    read = False  # whether calibration read one of its parameters
+    for slot, spec in layer.param_specs().items():
+        owner, pname = param_location(module, slot)
+        found = parametrizations_of(owner, pname)
+        if not found:
+            raise PlanError(
+                f"layer {name!r}: its {slot} observer is missing; was the prepared model "
+                "modified after qswap.prepare()?"
+            )
+        observer: Any = found[-1]
+        read = read or bool(getattr(observer, "observer", observer).seen)
+        if mode == "qat":
+            with torch.no_grad():
+                getattr(owner, pname)  # the parametrization observes the final weight
+        learned = _learned(getattr(observer, "quantizer", None))
+        if learned is not None:
+            qparams[slot] = learned
+            continue
+        if isinstance(observer, WeightObserver):
+            observer = observer.observer
+        if not observer.seen:
+            # a layer calibration never reached: its weight is known all the same
+            observer = copy.deepcopy(observer)  # may be shared with the prepared model
+            observer(original_of(owner, pname).detach())
+        qparams[slot] = _effective(_qparams(observer, name, slot), spec, parts)
+    changes = _apply_method(name, module, layer, qparams, parts, round_weights)
+    shift = _bias_shift(module, layer, qparams.get("weight"), parts)
+    if shift is not None:
+        changes["bias_shift"] = shift
+    if mode in ("static", "qat"):
+        _activation_qparams(module, name, layer, parts, qparams, changes, read)
+    return dataclasses.replace(layer, qparams=qparams, **changes)
+
+
+def _activation_qparams(
+    module: nn.Module,
+    name: str,
+    layer: LayerSpec,
+    parts: Components,
+    qparams: dict[str, QParams],
+    changes: dict[str, Any],
+    read: bool,
+) -> None:
+    """Static and QAT modes: the layer's activation qparams (into ``qparams``/``changes``)."""
+    for which, spec in layer.activation_specs().items():
+        if (which == "input" and layer.input_from is not None) or keeps_input_grid(layer):
+            continue  # observed once, as its producer's output: chain_inputs fills it
+        slot_module = activation_slot(module, which)
+        if slot_module is not None and slot_module.follows is not None:
+            continue  # QAT input tied to its producer's output: chain_inputs fills it
+        if slot_module is None or slot_module.observer is None:
+            raise PlanError(
+                f"layer {name!r}: its {which} observer is missing; was the prepared model "
+                "modified after qswap.prepare()?"
+            )
+        if slot_module.calls == 0 and (read or not layer.param_specs()):
+            # never called, yet its parameters were read: another module's code uses
+            # them (nn.MultiheadAttention reads out_proj.weight), so they are quantized
+            # and there are no activations of its own to quantize. A layer with
+            # nothing else to quantize (a Dropout SDPA attention never calls) is a
+            # no-op: it stays as it is
+            changes[which] = None
+            continue
+        if slot_module.calls == 0:
+            raise CalibrationError(
+                f"layer {name!r} ({layer.module_type.__name__}) never ran during "
+                f"calibration, so its {which} has no range. Make the calibration batches "
+                f"reach it, or keep it float with a rule: "
+                f"{{match: {{name: '{name}'}}, skip: true}}"
+            )
+        if not slot_module.seen_float:
+            changes[which] = None  # it never received a floating-point tensor there
+            continue
+        learned = _learned(slot_module.quantizer)
+        if learned is None:
+            learned = _effective(_qparams(slot_module.observer, name, which), spec, parts)
+        qparams[which] = learned
 
 
 def _apply_method(

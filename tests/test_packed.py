@@ -264,3 +264,14 @@ def test_gpt2_conv1d_packs_its_transposed_weight() -> None:
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         assert torch.allclose(q(ids).logits, fake(ids).logits, atol=1e-4)
+
+
+def test_weight_methods_show_progress_over_their_layers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = {"extends": ["w4_packed"], "weight": {"method": "gptq"}}
+    qswap.quantize(_mlp(), cfg, calib_data=[_correlated(64, 0)], progress=True)
+    err = capsys.readouterr().err
+    assert "qswap weight methods" in err and "2/2" in err
+    qswap.quantize(_mlp(), cfg, calib_data=[_correlated(64, 0)], progress=False)
+    assert "qswap weight methods" not in capsys.readouterr().err
