@@ -85,7 +85,8 @@ class PackedLinear(nn.Module):
 
     Buffers (all saved): ``qweight`` -- the codes ``q - quant_min`` as uint8, two per byte at
     up to 4 bits (``(out, in / 2)``), one per byte above (``(out, in)``; int8 as they are for
-    signed 8-bit); ``scales`` and ``zero_points`` ``(out, groups)``; ``input_scale`` ``(in,)``
+    signed 8-bit); ``scales`` (float32) and ``zero_points`` (the smallest integer type that holds
+    them: int8 on signed grids) ``(out, groups)``; ``input_scale`` ``(in,)``
     or empty. ``weight`` reads the dequantized float weight, as code written for
     ``nn.Linear`` expects.
     """
@@ -120,7 +121,14 @@ class PackedLinear(nn.Module):
             stored = (codes - qmin).to(torch.uint8)
         self.register_buffer("qweight", stored.contiguous())
         self.register_buffer("scales", scales.to(torch.float32).contiguous())
-        self.register_buffer("zero_points", zero_points.to(torch.int32).contiguous())
+        # the smallest integer type that holds the zero points (int8 for any signed grid)
+        lo, hi = (int(zero_points.min()), int(zero_points.max())) if zero_points.numel() else (0, 0)
+        zdtype = next(
+            t
+            for t in (torch.int8, torch.int16, torch.int32)
+            if torch.iinfo(t).min <= lo and hi <= torch.iinfo(t).max
+        )
+        self.register_buffer("zero_points", zero_points.to(zdtype).contiguous())
         empty = torch.zeros(0, dtype=torch.float32)
         self.register_buffer("input_scale", empty if input_scale is None else input_scale.float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
@@ -194,13 +202,13 @@ class PackedLinear(nn.Module):
         stored = self.qweight
         if self.bits <= 4:
             w = unpack_nibbles(stored).to(torch.float32)  # q - quant_min
-            offset = self.zero_points - self.quant_min
+            offset = self.zero_points.to(torch.int32) - self.quant_min
         else:
             w = stored.to(torch.float32)  # q (int8), or q - quant_min (uint8)
             offset = (
-                self.zero_points
+                self.zero_points.to(torch.int32)
                 if stored.dtype == torch.int8
-                else self.zero_points - self.quant_min
+                else self.zero_points.to(torch.int32) - self.quant_min
             )
         groups = self.scales.shape[1]
         view = w.view(self.out_features, groups, self.in_features // groups)
@@ -213,7 +221,8 @@ class PackedLinear(nn.Module):
             u = unpack_nibbles(self.qweight).to(torch.int32)  # q - quant_min, in 0..15
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
             # the kernel computes (u - 8) * s + z; we need (q - zp) * s with q = u + quant_min
-            zeros = (8 + self.quant_min - self.zero_points).to(torch.float32) * self.scales
+            zeros = (8 + self.quant_min - self.zero_points.to(torch.int32)).to(torch.float32)
+            zeros = zeros * self.scales
             sz = torch.stack([self.scales.t(), zeros.t()], dim=-1).contiguous()
             self._int4 = (packed, sz)
         return self._int4
