@@ -31,7 +31,13 @@ from qswap.prepare import prepare
 from qswap.qat import TrainableFusion
 from qswap.qparams import chain_inputs, collect_qparams
 from qswap.registry import Backend, Registry
-from qswap.slots import activation_slot, param_location, parametrizations_of, strip_slots
+from qswap.slots import (
+    activation_slot,
+    input_method,
+    param_location,
+    parametrizations_of,
+    strip_slots,
+)
 from qswap.state import STATE_ATTR, QSwapState, copy_model, state_of
 from qswap.trace import RecursionRoom
 from qswap.tree import replace_module
@@ -152,9 +158,9 @@ def _observers(model: nn.Module, the_plan: Plan) -> list[nn.Module]:
             slot_module = activation_slot(module, which)
             if slot_module is not None and slot_module.observer is not None:
                 found.append(slot_module.observer)
-            stats = None if slot_module is None else slot_module._modules.get("stats")
-            if stats is not None:  # a weight method's statistics (input Hessians...)
-                found.append(stats)
+        stats = input_method(module)
+        if stats is not None:  # a weight method's statistics (input Hessians...)
+            found.append(stats)
     return found
 
 

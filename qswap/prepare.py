@@ -38,6 +38,7 @@ from qswap.slots import (
     attach_activation,
     attach_parametrization,
     param_location,
+    unquantized,
 )
 from qswap.state import STATE_ATTR, QSwapState, copy_model, state_of
 
@@ -212,12 +213,10 @@ def _weight_method(
     method: Any = components.create("method", spec)
     if not getattr(method, "records_inputs", True):
         return None  # round to nearest: nothing to record
-    owner, pname = param_location(module, "weight")
-    weight = owner._parameters.get(pname)
-    if weight is None:
-        weight = getattr(owner, pname, None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        shape = None if not isinstance(weight, torch.Tensor) else tuple(weight.shape)
+    # as stored: reading the attribute would run the weight observer attached just before
+    weight = unquantized(*param_location(module, "weight"))
+    if weight.dim() != 2:
+        shape = tuple(weight.shape)
         raise PlanError(
             f"layer {name!r} ({layer.module_type.__name__}): weight method "
             f"{spec.method.name!r} rounds 2-D weights (Linear, Conv1D), this weight has shape "

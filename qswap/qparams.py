@@ -27,9 +27,11 @@ from qswap.slots import (
     Components,
     WeightObserver,
     activation_slot,
+    input_method,
     original_of,
     param_location,
     parametrizations_of,
+    unquantized,
 )
 
 if TYPE_CHECKING:
@@ -64,10 +66,10 @@ def collect_qparams(
     """
     parts = Components(the_plan.registry)
     out: dict[str, LayerSpec] = {}
-    rounding = sum(_method_of(model.get_submodule(name)) is not None for name in layers)
+    rounding = {name for name in layers if input_method(model.get_submodule(name)) is not None}
     show = (progress if progress is not None else stderr_is_tty()) and round_weights
     bar = tqdm(
-        total=rounding,
+        total=len(rounding),
         disable=not (show and rounding),
         desc="qswap weight methods",
         unit="layer",
@@ -77,7 +79,7 @@ def collect_qparams(
     try:
         for name, layer in layers.items():
             out[name] = _collect_layer(model, the_plan, name, layer, parts, round_weights)
-            if _method_of(model.get_submodule(name)) is not None:
+            if name in rounding:
                 bar.update()
     finally:
         bar.close()
@@ -189,7 +191,7 @@ def _apply_method(
     float features (an embedding reads token ids) has nothing for a method to weigh errors
     with: it is rounded to nearest, and a note says so.
     """
-    stats = _method_of(module)
+    stats: Any = input_method(module)
     if stats is None or "weight" not in qparams:
         return {}
     slot = activation_slot(module, "input")
@@ -214,12 +216,6 @@ def _apply_method(
     return {} if scale is None else {"input_scale": scale}
 
 
-def _method_of(module: nn.Module) -> Any:
-    """The weight method recording this layer's inputs (``qswap.rounding``), if any."""
-    slot = activation_slot(module, "input")
-    return None if slot is None else slot._modules.get("stats")
-
-
 def _round_weight(
     module: nn.Module, layer: LayerSpec, qparams: QParams, method: Any, parts: Components
 ) -> tuple[QParams, torch.Tensor | None]:
@@ -230,10 +226,7 @@ def _round_weight(
     """
     assert layer.weight is not None  # a layer with weight qparams has a weight spec
     spec = layer.weight
-    owner, pname = param_location(module, "weight")
-    weight = (
-        original_of(owner, pname) if parametrizations_of(owner, pname) else getattr(owner, pname)
-    )
+    weight = unquantized(*param_location(module, "weight"))
     flip = (qparams.axis or 0) == 1
 
     def layout(w: torch.Tensor) -> torch.Tensor:

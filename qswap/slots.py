@@ -47,12 +47,14 @@ __all__ = [
     "detach_activations",
     "detach_parametrizations",
     "has_slots",
+    "input_method",
     "is_qswap_slot",
     "original_of",
     "param_location",
     "parametrization_list",
     "parametrizations_of",
     "strip_slots",
+    "unquantized",
     "version_key",
 ]
 
@@ -81,18 +83,12 @@ class Components:
         self, kind: Literal["observer", "quantizer", "method"], spec: QuantSpec
     ) -> nn.Module:
         """A new observer, quantizer or weight method for ``spec`` (its name and options)."""
-        found_ref = {"observer": spec.observer, "quantizer": spec.quantizer, "method": spec.method}
-        ref = found_ref[kind]
+        ref = getattr(spec, kind)  # the spec's field and the registry's lookup share the name
         if ref is None:
             raise PlanError(f"this spec names no {kind}")
         entry = self.entries.get((kind, ref.name))
         if entry is None:
-            lookup = {
-                "observer": self.registry.observer,
-                "quantizer": self.registry.quantizer,
-                "method": self.registry.method,
-            }[kind]
-            entry = self.entries[(kind, ref.name)] = lookup(ref.name)
+            entry = self.entries[(kind, ref.name)] = getattr(self.registry, kind)(ref.name)
         key = (kind, id(spec))
         found = self.options.get(key)
         if found is None:
@@ -415,6 +411,20 @@ def original_of(owner: nn.Module, name: str) -> torch.Tensor:
             break
         value = entry(value)
     return value  # type: ignore[no-any-return]
+
+
+def unquantized(owner: nn.Module, name: str) -> torch.Tensor:
+    """``owner.<name>`` as qswap's parametrizations receive it (without running them)."""
+    if parametrizations_of(owner, name):
+        return original_of(owner, name)
+    value: torch.Tensor = getattr(owner, name)
+    return value
+
+
+def input_method(module: nn.Module) -> nn.Module | None:
+    """The weight method recording ``module``'s inputs (``stats`` in its input slot), if any."""
+    slot = activation_slot(module, "input")
+    return None if slot is None else slot._modules.get("stats")
 
 
 class WeightObserver(nn.Module):
