@@ -1090,16 +1090,7 @@ class Registry:
         >>> reg.quantizer("sign").wraps is sign
         True
         """
-        if cls is None:
-            self._check_writable(f"register_quantizer({name!r})")
-
-            def decorator(obj: _T) -> _T:
-                self._add_component("quantizer", name, obj, replace, _caller_origin())
-                return obj
-
-            return decorator
-        self._add_component("quantizer", name, cls, replace, _caller_origin())
-        return cls
+        return self._registrar("quantizer", name, cls, replace)
 
     @overload
     def register_observer(
@@ -1119,16 +1110,7 @@ class Registry:
         >>> reg.register_observer("mm", MinMaxObserver) is MinMaxObserver
         True
         """
-        if cls is None:
-            self._check_writable(f"register_observer({name!r})")
-
-            def decorator(obj: _C) -> _C:
-                self._add_component("observer", name, obj, replace, _caller_origin())
-                return obj
-
-            return decorator
-        self._add_component("observer", name, cls, replace, _caller_origin())
-        return cls
+        return self._registrar("observer", name, cls, replace)
 
     @overload
     def register_method(
@@ -1150,15 +1132,21 @@ class Registry:
         >>> reg.register_method("mine", GPTQ) is GPTQ
         True
         """
-        if cls is None:
-            self._check_writable(f"register_method({name!r})")
+        return self._registrar("method", name, cls, replace)
 
-            def decorator(obj: _C) -> _C:
-                self._add_component("method", name, obj, replace, _caller_origin())
+    def _registrar(
+        self, kind: ComponentKind, name: str, cls: _T | None, replace: bool
+    ) -> _T | Callable[[_T], _T]:
+        """``register_<kind>``'s body: register ``cls``, or return a decorator that will."""
+        if cls is None:
+            self._check_writable(f"register_{kind}({name!r})")
+
+            def decorator(obj: _T) -> _T:
+                self._add_component(kind, name, obj, replace, _caller_origin())
                 return obj
 
             return decorator
-        self._add_component("method", name, cls, replace, _caller_origin())
+        self._add_component(kind, name, cls, replace, _caller_origin())
         return cls
 
     def _add_component(

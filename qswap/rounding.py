@@ -255,15 +255,17 @@ class AWQ(WeightMethod):
         add_buffer(self, "sample", torch.zeros(0, 0, dtype=torch.float32))
 
     def observe(self, x: Tensor) -> None:
-        self._add(self._features(x))
+        rows = self._features(x)
+        self._add(rows, rows.shape[0])
 
-    def _add(self, rows: Tensor) -> None:
+    def _add(self, rows: Tensor, count: int) -> None:
+        """Count ``count`` more input rows, of which ``rows`` join the sample."""
         if self.sample.numel() and self.sample.shape[1] != rows.shape[1]:
             raise CalibrationError(
                 f"awq saw inputs with {rows.shape[1]} features after {self.sample.shape[1]}; "
                 "a layer's input size must stay the same"
             )
-        self.rows.add_(rows.shape[0])
+        self.rows.add_(count)
         # keep an evenly spread, deterministic sample of at most `samples` rows
         keep = self.options.samples
         joined = (
@@ -274,9 +276,7 @@ class AWQ(WeightMethod):
         set_buffer(self, "sample", joined.clone())
 
     def _merge_state(self, other: AWQ) -> None:
-        self.rows.sub_(other.sample.shape[0])  # _add counts the sample's rows: count all of them
-        self._add(other.sample)
-        self.rows.add_(other.rows)
+        self._add(other.sample, int(other.rows))
 
     def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
         self._require_seen()

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from qswap.backends import fake
 from qswap.exceptions import PlanError
 from qswap.quantizers import QParams
+from qswap.rounding import expand_qparams
 from qswap.tree import replace_module
 
 __all__ = ["PackedLinear", "check_layer", "lower", "pack_nibbles", "unpack_nibbles"]
@@ -171,8 +172,7 @@ class PackedLinear(nn.Module):
         if (qp.axis or 0) == 1:
             w = w.t()
         scale, zero, group = _per_group(qp, w.shape[1])
-        full_scale = scale.repeat_interleave(group, dim=1)[:, : w.shape[1]]
-        full_zero = zero.repeat_interleave(group, dim=1)[:, : w.shape[1]]
+        full_scale, full_zero = expand_qparams(qp, (w.shape[0], w.shape[1]))
         # as torch's fake-quantize kernels round (times the inverse scale): the same codes
         codes = torch.round(w * (1.0 / full_scale)) + full_zero
         codes = codes.clamp(qp.quant_min, qp.quant_max).to(torch.int32)
@@ -186,15 +186,6 @@ class PackedLinear(nn.Module):
             bias if isinstance(bias, Tensor) else None,
             getattr(spec, "input_scale", None),
         )
-
-    def codes(self) -> Tensor:
-        """The integer weights ``q`` (int32, ``(out, in)``)."""
-        stored = self.qweight
-        if self.bits <= 4:
-            return unpack_nibbles(stored).to(torch.int32) + self.quant_min
-        if stored.dtype == torch.int8:
-            return stored.to(torch.int32)
-        return stored.to(torch.int32) + self.quant_min
 
     @property
     def weight(self) -> Tensor:
