@@ -18,9 +18,12 @@ rows, each built from a copy of the same float model:
   ``matmul_nbits_quantizer``'s RTN and GPTQ (4-bit, block 128, symmetric; GPTQ calibrated on
   the calibration windows) -- perplexity and prefill only: the export has no KV cache, so no
   decode latency;
-* qswap: each ``(label, config)`` of ``QSWAP_ROWS``, as ``qswap.quantize(copy, config,
+* qswap: each ``(label, config)`` of ``QSWAP_ROWS`` (packed weight-only int8/int4 with RTN,
+  GPTQ and AWQ; dynamic w8a8 on x86 without and with SmoothQuant), as ``qswap.quantize(copy, config,
   calib_data=calib, progress=False)`` with 16 training windows (4 batches of 4 x 128 bytes) as
-  calibration data; a row whose config does not exist (yet) prints ``not available``.
+  calibration data; a row whose config does not exist (yet) prints ``not available``; the
+  packed RTN and GPTQ int4 models are also exported by ``qswap.export_onnx`` (``MatMulNBits``)
+  and run in ONNX Runtime (perplexity and prefill, as ORT's own rows).
 
 Per row: perplexity (``exp`` of the mean next-byte NLL) on held-out windows of 128 bytes, the
 model's bytes (its ``state_dict`` as stored: torch.ao's packed weights as their quantized
@@ -29,7 +32,8 @@ latency (batch 1, 128 tokens, no cache) and decode latency (batch 1: a 64-byte p
 greedy steps with the KV cache, ``past_key_values``, timed per token), median over interleaved
 rounds (ABBA order, the float model timed twice: the noise floor). It ends with a markdown
 table and the targets: the fraction of RTN int4's perplexity gap to float that GPTQ and AWQ
-close, the int4 bytes ratio against 0.16, the best decode ratio.
+close, the int4 bytes ratio against 0.16, each qswap int8 row against its torchao peer, the
+best decode ratio.
 
     python bench/bench_llm.py                 # about 4 min training (once), then about 6 min
     python bench/bench_llm.py --quick         # 60 s training if no checkpoint, fewer rounds
@@ -80,8 +84,20 @@ QSWAP_ROWS: list[tuple[str, str | dict[str, Any]]] = [
     ("qswap GPTQ int4 g128", {"extends": ["w4_packed"], "weight": {"method": "gptq"}}),
     ("qswap AWQ int4 g128", {"extends": ["w4_packed"], "weight": {"method": "awq"}}),
     ("qswap fake w4 g128 (simulation)", "w4_per_group"),
+    ("qswap dynamic w8a8 (x86_dynamic_int8)", "x86_dynamic_int8"),
+    (
+        "qswap SmoothQuant w8a8 dynamic",
+        {"extends": ["x86_dynamic_int8"], "weight": {"method": "smoothquant"}},
+    ),
 ]
 RTN4, GPTQ4, AWQ4 = (label for label, _ in QSWAP_ROWS[1:4])
+RTN8, DYN8, SMOOTH8 = QSWAP_ROWS[0][0], QSWAP_ROWS[5][0], QSWAP_ROWS[6][0]
+#: qswap's int8 rows and the torchao row each is held against (perplexity and latency)
+INT8_PEERS = (
+    (RTN8, "torchao Int8WeightOnly"),
+    (DYN8, "torchao Int8DynActInt8Weight"),
+    (SMOOTH8, "torchao Int8DynActInt8Weight"),
+)
 INT4_ROWS = (RTN4, GPTQ4, AWQ4)  # held against the 0.16 bytes target
 INT4_BYTES_TARGET = 0.16
 FLOAT, FLOAT_AGAIN = "float (fp32)", "float (fp32) again"
@@ -379,21 +395,23 @@ def torchao_rows(float_model: nn.Module) -> list[tuple[Row, nn.Module | None]]:
     return out
 
 
+class Logits(nn.Module):
+    """A causal LM's forward without cache: the logits of ``input_ids`` (what is exported)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # an explicit mask: without one transformers looks for packed sequences (aten::diff)
+        out: torch.Tensor = self.inner(
+            input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False
+        ).logits
+        return out
+
+
 def export_float(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     """The float model's forward without cache (logits of input_ids) as ONNX, TorchScript exporter."""
-
-    class Logits(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            # an explicit mask: without one transformers looks for packed sequences (aten::diff)
-            out: torch.Tensor = self.inner(
-                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False
-            ).logits
-            return out
-
     torch.onnx.export(
         Logits(model),
         (example,),
@@ -494,6 +512,35 @@ def ort_rows(
     return out
 
 
+def qswap_ort_rows(
+    built: list[tuple[Row, Any]], example: torch.Tensor, tmp: Path
+) -> list[tuple[Row, Path | None]]:
+    """qswap's packed int4 models exported by ``qswap.export_onnx`` (MatMulNBits), run in ORT."""
+    try:
+        with quiet():
+            import onnxruntime  # noqa: F401
+    except ImportError as err:
+        print(f"ONNX Runtime unavailable ({first_line(err)}): qswap's ONNX rows skipped")
+        return []
+    models = {r.label: m for r, m in built if m is not None}
+    out: list[tuple[Row, Path | None]] = []
+    for label in (RTN4, GPTQ4):
+        if label not in models:
+            continue
+        row = Row(f"{label} -> ORT", "ort", note="prefill only: the export has no KV cache")
+        path = tmp / f"qswap-{len(out)}.onnx"
+        export = functools.partial(
+            qswap.export_onnx,
+            Logits(models[label]),
+            example,
+            path,
+            input_names=["input_ids"],
+            output_names=["logits"],
+        )
+        out.append((row, timed_build(row, export)))
+    return out
+
+
 def qswap_rows(float_model: nn.Module, calib: list[torch.Tensor]) -> list[tuple[Row, Any]]:
     out: list[tuple[Row, Any]] = []
     for label, config in QSWAP_ROWS:
@@ -579,6 +626,22 @@ def targets(rows: list[Row], threads: int) -> list[str]:
         verdict = "n/a" if ratio is None else ("PASS" if ratio <= INT4_BYTES_TARGET else "MISS")
         out.append(
             f"{label}: bytes / fp32 {_f(ratio, '.3f')} (target <= {INT4_BYTES_TARGET}: {verdict})"
+        )
+    for mine, peer in INT8_PEERS:
+        if mine not in by or peer not in by:
+            out.append(f"{mine} vs {peer}: n/a (not available)")
+            continue
+        a, b = by[mine], by[peer]
+        ratios = (
+            _ratio(a.ppl, b.ppl),
+            _ratio(a.prefill_ms.get(threads), b.prefill_ms.get(threads)),
+            _ratio(a.decode_ms.get(threads), b.decode_ms.get(threads)),
+        )
+        verdict = "PASS" if all(r is not None and r <= 1 for r in ratios) else "MISS"
+        out.append(
+            f"{mine} / {peer}: perplexity {_f(ratios[0], '.4f')}, prefill "
+            f"{_f(ratios[1], '.3f')}, decode {_f(ratios[2], '.3f')} (target <= 1 each: "
+            f"{verdict}, within the noise floor printed above)"
         )
     fd = f.decode_ms.get(threads)
     decoded = [
@@ -768,7 +831,9 @@ def main(argv: list[str] | None = None) -> int:
     rows += torchao_rows(float_model)
     tmp = Path(tempfile.mkdtemp(prefix="qswap-bench-llm-"))
     rows += ort_rows(float_model, ids, calib, tmp)
-    rows += qswap_rows(float_model, calib)
+    built = qswap_rows(float_model, calib)
+    rows += built
+    rows += qswap_ort_rows(built, ids, tmp)
     print(f"built {len(rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)
     measure_quality(rows, float_model, windows)
     print(f"perplexity measured: {time.perf_counter() - start:.0f} s", flush=True)

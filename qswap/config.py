@@ -388,8 +388,8 @@ class QuantSpec(_SpecChecks):
         default=None,
         description=(
             "Weights only: a registered weight method that rounds the weight from the layer's "
-            "calibration inputs (gptq, awq, or {name: gptq, act_order: true}); none: round to "
-            "nearest."
+            "calibration inputs (gptq, awq, smoothquant, or {name: gptq, act_order: true}); none: "
+            "round to nearest."
         ),
     )
 

@@ -223,15 +223,15 @@ def _weight_method(
             f"{shape}. Round this layer to nearest with a rule: {{match: {{name: '{name}'}}, "
             "weight: {method: rtn}}"
         )
-    if getattr(method, "scales_inputs", False) and not getattr(
-        layer.counterpart, "accepts_input_scale", False
-    ):
+    modes = getattr(layer.counterpart, "input_scale_modes", frozenset())
+    if getattr(method, "scales_inputs", False) and layer.mode not in modes:
         counterpart = getattr(layer.counterpart, "__name__", "the generic counterpart")
         raise PlanError(
             f"layer {name!r}: weight method {spec.method.name!r} scales the layer's inputs, "
-            f"which its counterpart on backend {layer.backend!r} ({counterpart}) cannot apply. "
-            "Use a backend whose layers take an input scale (backend: packed, preset "
-            "w4_packed), or method: gptq"
+            f"which its counterpart on backend {layer.backend!r} ({counterpart}) cannot apply "
+            f"in mode {layer.mode!r}. Use a backend and mode whose layers take an input scale "
+            "(backend: packed, mode: weight_only, preset w4_packed; backend: x86, mode: "
+            "dynamic, preset x86_dynamic_int8), or method: gptq"
         )
     return method  # type: ignore[no-any-return]
 

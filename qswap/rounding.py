@@ -4,7 +4,8 @@ Round-to-nearest (RTN) rounds each weight on its own. A *weight method* looks at
 layer computes on real inputs and rounds to make the layer's output, not each weight, come
 out right: GPTQ spreads each rounding error over the weights not yet rounded (through the
 inputs' second moments), AWQ scales the input channels that carry large activations before
-rounding. A method is a registered component, like an observer, chosen in a config::
+rounding. SmoothQuant, for layers whose inputs are quantized too (``mode: dynamic``), moves
+the range of outlier input channels from the activations into the weights. A method is a registered component, like an observer, chosen in a config::
 
     weight: {bits: 4, granularity: per_group, group_size: 128, method: gptq}
     weight: {method: {name: gptq, act_order: true, damp: 0.01}}
@@ -53,6 +54,8 @@ __all__ = [
     "AWQOptions",
     "GPTQOptions",
     "Rounded",
+    "SmoothQuant",
+    "SmoothQuantOptions",
     "WeightMethod",
     "expand_qparams",
 ]
@@ -287,6 +290,83 @@ class AWQ(WeightMethod):
             )
         sample = self.sample.to(weight)
         scales, _alpha = awq_scales(weight, sample, lambda w: rtn(w)[0], grid=self.options.grid)
+        scaled = weight * scales
+        _, qp = rtn(scaled)
+        return Rounded(scaled, qp, input_scale=(1.0 / scales).to(torch.float32))
+
+
+class SmoothQuantOptions(BaseModel):
+    """Options of ``smoothquant``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    alpha: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description=(
+            "Migration strength: how much of each input channel's range moves into the weight "
+            "(0: none, 1: all). 0.5 suits most transformers; raise it for larger outliers."
+        ),
+    )
+
+
+class SmoothQuant(WeightMethod):
+    """SmoothQuant (Xiao et al., 2022): migrate activation outliers into the weights (w8a8).
+
+    Records each input channel's largest magnitude ``max|x_j|`` over the calibration inputs
+    (a maximum: reduced across batches and processes). ``solve`` sets
+    ``s_j = max|x_j| ** alpha / max|W_:,j| ** (1 - alpha)`` and rounds ``W * s`` to nearest;
+    the layer computes ``round(W * s) @ (x / s)``, so the input it quantizes at run time has
+    its outlier channels divided down (the backend applies ``input_scale``: on ``x86`` in
+    ``mode: dynamic``, on ``packed``). The float layer's output is unchanged before rounding.
+
+        >>> import torch
+        >>> from qswap.config import QuantSpec
+        >>> m = SmoothQuant(QuantSpec(bits=8))
+        >>> _ = m(torch.tensor([[1.0, -16.0], [2.0, 4.0]]))
+        >>> m.absmax.tolist()
+        [2.0, 16.0]
+    """
+
+    options_model: ClassVar[type[BaseModel]] = SmoothQuantOptions
+    options: SmoothQuantOptions
+    scales_inputs: ClassVar[bool] = True
+    absmax: Tensor
+
+    def __init__(
+        self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(spec, options)
+        add_buffer(self, "absmax", torch.zeros(0, dtype=torch.float32))
+
+    def observe(self, x: Tensor) -> None:
+        self._add(self._features(x).abs().amax(dim=0))
+
+    def _add(self, absmax: Tensor) -> None:
+        if self.absmax.numel() == 0:
+            set_buffer(self, "absmax", absmax.clone())
+        elif self.absmax.shape != absmax.shape:
+            raise CalibrationError(
+                f"smoothquant saw inputs with {absmax.numel()} features after "
+                f"{self.absmax.numel()}; a layer's input size must stay the same"
+            )
+        else:
+            torch.maximum(self.absmax, absmax.to(self.absmax), out=self.absmax)
+
+    def _merge_state(self, other: SmoothQuant) -> None:
+        self._add(other.absmax)
+
+    def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
+        self._require_seen()
+        if self.absmax.numel() != weight.shape[1]:
+            raise CalibrationError(
+                f"smoothquant recorded inputs with {self.absmax.numel()} features for a weight "
+                f"with {weight.shape[1]} input features"
+            )
+        alpha = self.options.alpha
+        x_max = self.absmax.to(weight).clamp(min=1e-5)
+        w_max = weight.abs().amax(dim=0).clamp(min=1e-5)
+        scales = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
         scaled = weight * scales
         _, qp = rtn(scaled)
         return Rounded(scaled, qp, input_scale=(1.0 / scales).to(torch.float32))

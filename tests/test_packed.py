@@ -1,4 +1,5 @@
-"""Backend ``packed`` (weight-only int8/int4 stored packed) and weight methods (GPTQ, AWQ)."""
+"""Backend ``packed`` (weight-only int8/int4 stored packed) and weight methods (GPTQ, AWQ,
+SmoothQuant)."""
 
 from __future__ import annotations
 
@@ -154,6 +155,46 @@ def test_awq_scales_loud_input_channels() -> None:
     assert _out_error(layer, awq, held) < 0.8 * _out_error(layer, rtn, held)
 
 
+SMOOTH = {"extends": ["x86_dynamic_int8"], "weight": {"method": "smoothquant"}}
+
+
+def test_smoothquant_moves_outliers_out_of_the_dynamic_int8_input(tmp_path: Path) -> None:
+    """SmoothQuant minimizes the error of quantizing the layer's input per tensor at run time
+    (w8a8 dynamic): with a few loud input channels it is far below plain dynamic int8's.
+    The int8 kernel's exact output depends on the CPU (VNNI or not); the ratio holds on both."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128).eval()
+    calib = [_correlated(128, i, loud=4) for i in range(4)]
+    held = _correlated(512, 100, loud=4)
+    plain = qswap.quantize(layer, "x86_dynamic_int8")
+    smooth = qswap.quantize(layer, SMOOTH, calib_data=calib, progress=False)
+    assert smooth.input_scale.shape == (256,) and "input_scale" in repr(smooth)
+    assert float(smooth.input_scale[:4].max()) < float(smooth.input_scale[4:].min())
+    assert _out_error(layer, smooth, held) < 0.5 * _out_error(layer, plain, held)
+    # the migration strength is an option; 0 moves nothing (the scales are then 1/max|W_j|)
+    cfg = {**SMOOTH, "weight": {"method": {"name": "smoothquant", "alpha": 0.0}}}
+    none = qswap.quantize(layer, cfg, calib_data=calib, progress=False)
+    expected = layer.weight.detach().abs().amax(0)
+    assert torch.allclose(none.input_scale, expected, rtol=1e-6)
+    path = qswap.save(smooth, tmp_path / "sq.qswap")
+    back = qswap.load(path, nn.Linear(256, 128))
+    with torch.no_grad():
+        assert torch.equal(back(held), smooth(held))
+
+
+def test_smoothquant_statistics_merge_as_maxima() -> None:
+    from qswap.config import QuantSpec
+    from qswap.rounding import SmoothQuant
+
+    a, b = SmoothQuant(QuantSpec()), SmoothQuant(QuantSpec())
+    a(torch.tensor([[1.0, -5.0], [3.0, 0.0]]))
+    b(torch.tensor([[-4.0, 2.0]]))
+    a.merge(b)
+    assert a.absmax.tolist() == [4.0, 5.0]
+    with pytest.raises(qswap.CalibrationError, match="3 features after 2"):
+        a(torch.zeros(1, 3))
+
+
 def test_methods_are_chosen_from_yaml_and_shown_in_the_plan(tmp_path: Path) -> None:
     path = tmp_path / "q.yaml"
     path.write_text(
@@ -211,6 +252,9 @@ def test_methods_refuse_what_they_cannot_do_before_calibration() -> None:
         qswap.prepare(conv, cfg)
     with pytest.raises(qswap.PlanError, match=r"awq.*scales the layer's inputs.*packed"):
         qswap.prepare(nn.Linear(128, 8), {"extends": ["w4_per_group"], "weight": {"method": "awq"}})
+    static = {"extends": ["x86_int8"], "weight": {"method": "smoothquant"}}
+    with pytest.raises(qswap.PlanError, match=r"mode 'static'.*mode: dynamic"):
+        qswap.prepare(nn.Sequential(nn.Linear(16, 8)), static, example_inputs=torch.randn(2, 16))
     prepared = qswap.prepare(
         nn.Linear(256, 8), {"extends": ["w4_packed"], "weight": {"method": "gptq"}}
     )
@@ -275,3 +319,46 @@ def test_weight_methods_show_progress_over_their_layers(
     assert "qswap weight methods" in err and "2/2" in err
     qswap.quantize(_mlp(), cfg, calib_data=[_correlated(64, 0)], progress=False)
     assert "qswap weight methods" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"extends": ["w4_packed"], "weight": {"method": "gptq"}},
+        {"extends": ["w4_packed"], "weight": {"group_size": 32, "method": "awq"}},
+        "w8_packed",
+        {"extends": ["w8_packed"], "weight": {"bits": 6, "scheme": "affine"}},
+    ],
+)
+def test_packed_models_export_to_matmulnbits_and_run_in_onnx_runtime(
+    tmp_path: Path, config: Any
+) -> None:
+    """Each packed layer becomes ONNX Runtime's MatMulNBits, its bytes as stored: ONNX Runtime
+    computes what qswap computes (float sums in another order: 1e-5), in a file of about the
+    packed model's size. 200 input features: a last block shorter than the others."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = nn.Sequential(nn.Linear(200, 640), nn.GELU(), nn.Linear(640, 96)).eval()
+    calib = [torch.randn(16, 200) for _ in range(2)]
+    q = qswap.quantize(model, config, calib_data=calib, progress=False)
+    path = qswap.export_onnx(q, calib[0], tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMulNBits") == 2 and "MatMul" not in ops and "Gemm" not in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(7, 200)
+    with torch.no_grad():
+        expected = q(x)
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    assert torch.allclose(got, expected, atol=1e-5)
+    # the packed bytes, blocks padded to whole blocks (200 -> 208..256 inputs), and the graph
+    stored = sum(t.numel() * t.element_size() for t in q.state_dict().values())
+    assert path.stat().st_size < 1.3 * stored < 0.4 * sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_groups_matmulnbits_cannot_hold_are_refused_by_name(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    model = nn.Sequential(nn.Linear(96, 8))
+    q = qswap.quantize(model, {"extends": ["w4_packed"], "weight": {"group_size": 48}})
+    with pytest.raises(qswap.UnsupportedModuleError, match=r"'0'.*groups of 48.*MatMulNBits"):
+        qswap.export_onnx(q, torch.randn(2, 96), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

@@ -92,7 +92,8 @@ class PackedLinear(nn.Module):
     ``nn.Linear`` expects.
     """
 
-    accepts_input_scale: ClassVar[bool] = True
+    #: the modes in which the layer applies a weight method's ``input_scale`` (AWQ)
+    input_scale_modes: ClassVar[frozenset[str]] = frozenset({"weight_only"})
     qweight: Tensor
     scales: Tensor
     zero_points: Tensor

@@ -22,7 +22,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -559,6 +559,9 @@ class _FloatReads:
 class QuantizedLinear(IntegerModule, _FloatReads, nnq.Linear):  # type: ignore[misc]
     """int8 ``nn.Linear`` (torch.ao.nn.quantized.Linear) that also accepts float input."""
 
+    #: in ``mode: dynamic`` its dynamic form applies a weight method's input scale (SmoothQuant)
+    input_scale_modes: ClassVar[frozenset[str]] = frozenset({"dynamic"})
+
     @classmethod
     def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
         """Build from a float ``nn.Linear`` and calibrated weight/input/output qparams."""
@@ -567,6 +570,8 @@ class QuantizedLinear(IntegerModule, _FloatReads, nnq.Linear):  # type: ignore[m
 
 class QuantizedLinearReLU(IntegerModule, _FloatReads, nniq.LinearReLU):  # type: ignore[misc]
     """int8 ``Linear`` + ``ReLU`` in one kernel (from ``torch.ao.nn.intrinsic.LinearReLU``)."""
+
+    input_scale_modes: ClassVar[frozenset[str]] = frozenset({"dynamic"})
 
     @classmethod
     def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
@@ -712,9 +717,26 @@ class QuantizedDynamicLinear(_FloatReads, nnqd.Linear):  # type: ignore[misc]
     Float in, float out (``torch.ops.quantized.linear_dynamic``), so it needs no calibration
     and no boundaries. The input uses the full 8 bits unless its spec says ``reduce_range``
     (the plan keeps weights to 7 bits where a CPU without VNNI would saturate them).
+    ``input_scale`` (``(in,)``, or empty): what a weight method that moved range from the
+    input into the weight (SmoothQuant) multiplies each input channel by before the input
+    is quantized.
     """
 
     reduce_range: bool = False
+    input_scale: Tensor
+
+    def _scaled(self, x: Tensor) -> Tensor:
+        x = x.to(torch.float32)
+        return x * self.input_scale if self.input_scale.numel() else x
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        saved = state_dict.get(prefix + "input_scale")
+        if isinstance(saved, Tensor) and saved.shape != self.input_scale.shape:
+            # a layer rebuilt from its qparams has no input scale yet (SmoothQuant stored one)
+            self.input_scale = torch.zeros_like(saved, dtype=torch.float32)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]
@@ -724,12 +746,13 @@ class QuantizedDynamicLinear(_FloatReads, nnqd.Linear):  # type: ignore[misc]
     def forward(self, x: Tensor) -> Tensor:
         with torch._C.DisableTorchFunction():
             y: Tensor = torch.ops.quantized.linear_dynamic(
-                x.to(torch.float32), self._packed_params._packed_params, self.reduce_range
+                self._scaled(x), self._packed_params._packed_params, self.reduce_range
             )
             return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, reduce_range={self.reduce_range}"
+        scaled = ", input_scale" if self.input_scale.numel() else ""
+        return f"{super().extra_repr()}, reduce_range={self.reduce_range}{scaled}"
 
 
 class QuantizedDynamicLinearReLU(QuantizedDynamicLinear):
@@ -738,7 +761,7 @@ class QuantizedDynamicLinearReLU(QuantizedDynamicLinear):
     def forward(self, x: Tensor) -> Tensor:
         with torch._C.DisableTorchFunction():
             y: Tensor = torch.ops.quantized.linear_relu_dynamic(
-                x.to(torch.float32), self._packed_params._packed_params, self.reduce_range
+                self._scaled(x), self._packed_params._packed_params, self.reduce_range
             )
             return y.to(x.dtype)
 
@@ -770,6 +793,10 @@ def _build_dynamic(
         q.training = False
         q.scale, q.zero_point = 1.0, 0  # torch.ao's state_dict keeps them (unused: float out)
     q.reduce_range = bool(spec.input is not None and spec.input.reduce_range)
+    scale = spec.input_scale
+    q.register_buffer(
+        "input_scale", torch.zeros(0) if scale is None else scale.detach().to(torch.float32)
+    )
     return cast(nn.Module, q)
 
 

@@ -9,6 +9,11 @@
   compute: one Q/DQ pair per integer tensor, the skip connections that run as quantized
   ``add``/``add_relu``/``cat`` as Q/DQ around ``Add``/``Concat``.
 
+A **packed** model (backend ``packed``: weight-only int4/int8, RTN, GPTQ or AWQ) is exported
+with each :class:`qswap.backends.packed.PackedLinear` as ONNX Runtime's ``MatMulNBits``
+(domain ``com.microsoft``): its bytes as stored (two 4-bit codes per byte, one 5-8-bit code
+per byte), one scale and zero point per block of input features, activations float.
+
 Weights are stored as int8 initializers behind a DequantizeLinear and biases as float, so
 the graph computes exactly what qswap computes; at ``ORT_ENABLE_EXTENDED`` or above ONNX
 Runtime fuses it into ``QLinearConv``, ``QGemm``, ``QLinearAdd``... (rounding biases to
@@ -164,6 +169,8 @@ def _check_exportable(model: nn.Module) -> None:
             "per batch at run time, which a QDQ graph cannot hold; use mode: static"
         )
     for name, layer in state.layers.items():
+        if layer.backend == "packed":
+            continue  # MatMulNBits holds its groups and bit widths; _nbits_twin checks each
         for slot, qp in layer.qparams.items():
             where = f"layer {name or '(root)'!r} ({layer.module_type.__name__}), slot {slot!r}"
             if qp.granularity == "per_group":
@@ -468,6 +475,148 @@ def _int8_twin(model: nn.Module) -> nn.Module:
     return _Emulated(twin, runtime)
 
 
+# --------------------------------------------------------------------------- MatMulNBits
+
+_NBITS_BLOCKS = (16, 32, 64, 128, 256)  # block sizes ONNX Runtime's MatMulNBits runs
+
+
+class _MatMulNBits(torch.autograd.Function):
+    """``x @ W^T`` where ``W`` is stored as ``MatMulNBits`` stores it; exported as that op."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        b: Tensor,
+        scales: Tensor,
+        zero_points: Tensor,
+        k: int,
+        n: int,
+        bits: int,
+        block: int,
+    ) -> Tensor:
+        del ctx
+        blocks = b.shape[1]
+        if bits == 4:
+            codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(n, blocks, block)
+            zeros = torch.stack([zero_points & 0xF, zero_points >> 4], dim=-1).reshape(n, -1)
+        else:
+            codes, zeros = b, zero_points.reshape(n, blocks)
+        w = (codes.float() - zeros[:, :blocks, None].float()) * scales.reshape(n, blocks, 1)
+        return x @ w.reshape(n, -1)[:, :k].t()
+
+    @staticmethod
+    def symbolic(
+        g: Any,
+        x: Any,
+        b: Any,
+        scales: Any,
+        zero_points: Any,
+        k: int,
+        n: int,
+        bits: int,
+        block: int,
+    ) -> Any:
+        out = g.op(
+            "com.microsoft::MatMulNBits",
+            x,
+            b,
+            scales,
+            zero_points,
+            K_i=k,
+            N_i=n,
+            bits_i=bits,
+            block_size_i=block,
+        )
+        sizes = x.type().varyingSizes() if x.type().kind() == "TensorType" else None
+        if sizes:
+            out.setType(x.type().with_sizes([*sizes[:-1], n]))
+        return out
+
+
+class _NBitsLinear(nn.Module):
+    """Export-only stand-in of a ``PackedLinear``: its codes in ``MatMulNBits``'s layout.
+
+    ``B`` is ``(N, blocks, block * bits / 8)`` uint8 (4-bit: two codes per byte, the first in
+    the low nibble, as ``PackedLinear`` stores them), ``scales`` ``(N * blocks,)`` and
+    ``zero_points`` uint8 (4-bit: two per byte), all on the codes ``q - quant_min``; a
+    per-channel layer repeats its scale over every block of its row.
+    """
+
+    def __init__(self, layer: Any, name: str) -> None:
+        super().__init__()
+        n, k = layer.out_features, layer.in_features
+        bits = 4 if layer.bits <= 4 else 8
+        group = layer.group_size
+        if group >= k:  # per channel: any block size (the same scale in each): the fewest bytes
+            block = min(_NBITS_BLOCKS, key=lambda b: -(-k // b) * (b * bits / 8 + 4.5))
+        elif group in _NBITS_BLOCKS:
+            block = group
+        else:
+            raise UnsupportedModuleError(
+                f"layer {name!r}: groups of {group} input features have no MatMulNBits form "
+                f"(its block size is one of {', '.join(map(str, _NBITS_BLOCKS))}); quantize "
+                "this layer with one of those group sizes"
+            )
+        blocks = -(-k // block)
+        codes = unpack_codes(layer)  # (n, k): q - quant_min
+        zeros = (layer.zero_points.to(torch.int32) - layer.quant_min).to(torch.uint8)
+        scales = layer.scales
+        if group >= k:
+            scales, zeros = scales.expand(n, blocks), zeros.expand(n, blocks)
+        padded = F.pad(codes, (0, blocks * block - k))
+        if bits == 4:
+            stored = padded[:, 0::2] | (padded[:, 1::2] << 4)
+            zeros = F.pad(zeros, (0, blocks % 2))
+            zeros = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
+        else:
+            stored = padded
+        self.k, self.n, self.nbits, self.block = k, n, bits, block
+        self.register_buffer("B", stored.reshape(n, blocks, -1).contiguous())
+        self.register_buffer("scales", scales.reshape(-1).to(torch.float32).contiguous())
+        self.register_buffer("zero_points", zeros.reshape(-1).contiguous())
+        self.register_buffer("input_scale", layer.input_scale.clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(torch.float32)
+        if self.input_scale.numel():
+            x = x * self.input_scale
+        y: Tensor = _MatMulNBits.apply(
+            x, self.B, self.scales, self.zero_points, self.k, self.n, self.nbits, self.block
+        )
+        return y if self.bias is None else y + self.bias
+
+
+def unpack_codes(layer: Any) -> Tensor:
+    """A ``PackedLinear``'s codes ``q - quant_min`` as ``(out, in)`` uint8."""
+    from qswap.backends.packed import unpack_nibbles
+
+    stored = layer.qweight
+    if layer.bits <= 4:
+        return cast(Tensor, unpack_nibbles(stored))
+    if stored.dtype == torch.int8:  # q as it is, on [-128, 127]
+        return (stored.to(torch.int16) - layer.quant_min).to(torch.uint8)
+    return cast(Tensor, stored)
+
+
+def _nbits_twin(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` with every ``PackedLinear`` as :class:`_NBitsLinear` (None: none)."""
+    from qswap.backends.packed import PackedLinear
+
+    if not any(isinstance(m, PackedLinear) for m in model.modules()):
+        return None
+    twin = copy.deepcopy(model)
+    if isinstance(twin, PackedLinear):
+        return _NBitsLinear(twin, "")
+    for path, module in list(twin.named_modules(remove_duplicate=False)):
+        if path and isinstance(module, PackedLinear):
+            parent_path, _, attr = path.rpartition(".")
+            parent = twin.get_submodule(parent_path) if parent_path else twin
+            parent._modules[attr] = _NBitsLinear(module, path)
+    return twin
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -547,7 +696,7 @@ def export_onnx(
     _check_exportable(model)
     args, kwargs = _split(example_inputs)
     runtime = getattr(model, "_qswap_int8", None)
-    target = _int8_twin(model) if runtime is not None else model
+    target = _int8_twin(model) if runtime is not None else (_nbits_twin(model) or model)
     flags = [(m, m.training) for m in target.modules()]
     target.train(False)
     n_in = len(args) + len(kwargs)
@@ -581,6 +730,7 @@ def export_onnx(
                 output_names=names_out,
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
+                custom_opsets={"com.microsoft": 1},
             )
     except torch.onnx.errors.OnnxExporterError as exc:
         raise UnsupportedModuleError(
