@@ -228,6 +228,8 @@ class PackedLinear(nn.Module):
                 flat, packed, self.group_size, sz
             )
             return out
+        if self.kernel == "int8pack":  # one scale per row, no zero point: scale after the matmul
+            return F.linear(flat, self.qweight.to(flat.dtype)) * self.scales[:, 0]
         return F.linear(flat, self.weight)
 
     def _choose(self, flat: Tensor) -> str:
@@ -255,13 +257,16 @@ class PackedLinear(nn.Module):
         return found
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.float32)
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.float32:
+            flat = flat.to(torch.float32)
         if self.input_scale.numel():
             flat = flat * self.input_scale
         y = self._run(self._choose(flat), flat)
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            y.add_(self.bias)  # y is this call's own new tensor
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
