@@ -23,7 +23,9 @@ rows, each built from a copy of the same float model:
   calib_data=calib, progress=False)`` with 16 training windows (4 batches of 4 x 128 bytes) as
   calibration data; a row whose config does not exist (yet) prints ``not available``; the
   packed RTN and GPTQ int4 models are also exported by ``qswap.export_onnx`` (``MatMulNBits``)
-  and run in ONNX Runtime (perplexity and prefill, as ORT's own rows).
+  and run in ONNX Runtime (perplexity and prefill, as ORT's own rows); GPTQ int4 is also built
+  with ``sequential=True`` (block by block): the most GPTQ statistics alive at once, against
+  whole-model calibration, and whether the weights come out the same.
 
 Per row: perplexity (``exp`` of the mean next-byte NLL) on held-out windows of 128 bytes, the
 model's bytes (its ``state_dict`` as stored: torch.ao's packed weights as their quantized
@@ -541,6 +543,42 @@ def qswap_ort_rows(
     return out
 
 
+def sequential_memory(float_model: nn.Module, calib: list[torch.Tensor]) -> dict[str, Any]:
+    """GPTQ int4 calibrated on the whole model and block by block (``sequential=True``): the
+    most bytes of GPTQ statistics (Hessians) alive when a layer is solved, build time, and
+    whether the packed weights are the same."""
+    import gc
+
+    from qswap.rounding import GPTQ
+
+    config = dict(QSWAP_ROWS[2][1])  # type: ignore[arg-type]
+    solve = GPTQ.solve
+    out: dict[str, Any] = {}
+    models = {}
+    for sequential in (False, True):
+        peak = [0]
+
+        def watched(self: GPTQ, *args: Any, peak: list[int] = peak) -> Any:
+            live = [o for o in gc.get_objects() if isinstance(o, GPTQ) and o.hessian.numel()]
+            peak[0] = max(peak[0], sum(o.hessian.numel() * o.hessian.element_size() for o in live))
+            return solve(self, *args)
+
+        GPTQ.solve = watched  # type: ignore[method-assign]
+        try:
+            start = time.perf_counter()
+            with quiet():
+                models[sequential] = qswap.quantize(
+                    float_model, config, calib_data=calib, progress=False, sequential=sequential
+                )
+            seconds = time.perf_counter() - start
+        finally:
+            GPTQ.solve = solve  # type: ignore[method-assign]
+        out["sequential" if sequential else "whole"] = {"peak_bytes": peak[0], "build_s": seconds}
+    a, b = (m.state_dict() for m in (models[False], models[True]))
+    out["identical"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return out
+
+
 def qswap_rows(float_model: nn.Module, calib: list[torch.Tensor]) -> list[tuple[Row, Any]]:
     out: list[tuple[Row, Any]] = []
     for label, config in QSWAP_ROWS:
@@ -833,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += ort_rows(float_model, ids, calib, tmp)
     built = qswap_rows(float_model, calib)
     rows += built
+    memory = sequential_memory(float_model, calib)
     rows += qswap_ort_rows(built, ids, tmp)
     print(f"built {len(rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)
     measure_quality(rows, float_model, windows)
@@ -857,6 +896,14 @@ def main(argv: list[str] | None = None) -> int:
         print(table(shown, threads))
         print("\ntargets (printed, never asserted):")
         print("\n".join(f"  {line}" for line in targets(shown, threads)))
+    whole, blockwise = memory["whole"], memory["sequential"]
+    print(
+        f"\nGPTQ statistics alive at once (most, when a layer is solved): whole-model "
+        f"calibration {whole['peak_bytes'] / 1e6:.2f} MB ({whole['build_s']:.2f} s), "
+        f"sequential=True {blockwise['peak_bytes'] / 1e6:.2f} MB ({blockwise['build_s']:.2f} s): "
+        f"{blockwise['peak_bytes'] / max(whole['peak_bytes'], 1):.3f}x; same packed weights: "
+        f"{memory['identical']}"
+    )
     unavailable = [r for r in shown if r.error]
     if unavailable:
         print("\nnot available:")
@@ -876,6 +923,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train": meta,
             },
             "rows": {r.label: asdict(r) for r, _ in rows},
+            "sequential": memory,
             "targets": {str(t): targets(shown, t) for t in args.threads},
         },
     )

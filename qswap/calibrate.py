@@ -12,7 +12,6 @@ observers are reduced across the ranks afterwards (``qswap.distributed``).
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,8 @@ from torch import nn
 from qswap.exceptions import CalibrationError
 from qswap.methods import learns_qparams
 from qswap.plan import set_eval, split_inputs
+from qswap.progress import bar as progress_bar
+from qswap.progress import stderr_is_tty
 from qswap.slots import ActivationSlot, WeightObserver
 from qswap.state import state_of
 from qswap.trace import nesting_depth, recursion_room
@@ -39,6 +40,7 @@ def calibrate(
     max_batches: int | None = None,
     progress: bool | None = None,
     process_group: ProcessGroup | None = None,
+    sequential: bool = False,
 ) -> nn.Module:
     """Run ``batches`` through a prepared model (eval mode, no grad) so its observers see data.
 
@@ -53,6 +55,12 @@ def calibrate(
     world), so every rank ends with the same observers and ``convert`` gives the same
     qparams everywhere (see ``qswap.distributed``). A rank that raises here makes the
     others raise a ``CalibrationError`` naming it. With one process nothing changes.
+
+    ``sequential=True`` bounds the memory weight methods (``weight: {method: gptq}``) take:
+    the model's repeated blocks are calibrated one at a time and each block's methods are
+    solved as soon as it has seen every batch, so only one block's statistics are held (see
+    ``qswap.sequential``; the prepared model's method layers then hold their rounded weights).
+    It needs every batch at once (they are kept), one process, and not QAT.
 
     >>> import torch, qswap
     >>> prepared = qswap.prepare(torch.nn.Linear(4, 4), "w8a8_minmax")
@@ -80,6 +88,12 @@ def calibrate(
     from qswap.distributed import check_reducible, distributed_context, report_failure
 
     group = distributed_context(process_group)
+    if sequential and (group is not None or state.plan.config.mode == "qat"):
+        where = "under torch.distributed" if group is not None else "in QAT"
+        raise CalibrationError(
+            f"sequential calibration solves weight methods block by block in one process; it "
+            f"does not run {where}. Calibrate with sequential=False"
+        )
     if group is not None:
         check_reducible(prepared)  # every rank fails alike, before any batch runs
     show = progress if progress is not None else stderr_is_tty()
@@ -91,25 +105,19 @@ def calibrate(
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
         batches = itertools.islice(batches, max_batches)
-    from tqdm import tqdm
-
     flags = set_eval(prepared)  # restored as they were when calibration ends
     seen = 0
     first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     try:
         with torch.no_grad():
-            bar = tqdm(
-                batches,
-                total=total,
-                disable=not show,
-                desc="qswap calibrate",
-                unit="batch",
-                file=sys.stderr,
-                dynamic_ncols=True,
+            bar = progress_bar(
+                batches, total=total, desc="qswap calibrate", unit="batch", show=show
             )
             try:
                 depth = nesting_depth(prepared)
-                for batch in bar:
+                if sequential:
+                    first, seen = _sequential(prepared, bar, depth, show)
+                for batch in () if sequential else bar:
                     args, kwargs = _batch_inputs(batch, seen)
                     with recursion_room(depth):
                         _run(prepared, batch, args, kwargs, seen)
@@ -158,14 +166,6 @@ def _start_learned_quantizers(prepared: nn.Module) -> None:
             quantizer.set_qparams(observer.calculate_qparams())
 
 
-def stderr_is_tty() -> bool:
-    """Whether stderr is a terminal (progress bars show there by default)."""
-    try:
-        return bool(sys.stderr.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
 def _batch_inputs(batch: Any, index: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
     split = split_inputs(batch)
     if split is None:
@@ -174,6 +174,28 @@ def _batch_inputs(batch: Any, index: int) -> tuple[tuple[Any, ...], dict[str, An
             "positional arguments or a dict of keyword arguments"
         )
     return split
+
+
+def _sequential(
+    prepared: nn.Module, batches: Iterable[Any], depth: int, show: bool
+) -> tuple[tuple[tuple[Any, ...], dict[str, Any]] | None, int]:
+    """Calibrate block by block (``qswap.sequential``): the first batch's inputs, the count."""
+    from qswap.qparams import solve_methods
+    from qswap.sequential import calibrate_blocks
+
+    state = state_of(prepared)
+    assert state is not None
+    pairs = [_batch_inputs(batch, i) for i, batch in enumerate(batches)]
+    if not pairs:
+        return None, 0
+    with recursion_room(depth):
+        seen = calibrate_blocks(
+            prepared,
+            pairs,
+            lambda names: solve_methods(prepared, state.plan, state.layers, names),
+            show=show,
+        )
+    return pairs[0], seen
 
 
 def _run(

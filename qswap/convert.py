@@ -199,6 +199,7 @@ def quantize(
     registry: Registry | None = None,
     max_batches: int | None = None,
     progress: bool | None = None,
+    sequential: bool = False,
 ) -> nn.Module:
     """Plan, prepare, calibrate on ``calib_data`` and convert, in one call; ``model`` is untouched.
 
@@ -206,7 +207,8 @@ def quantize(
     and dynamic modes need none (unless bias correction measures inputs). Without
     ``example_inputs`` the first calibration batch is the example the plan traces (fusion
     across the model's own ``forward``, inputs shared between layers); a one-shot iterable
-    still calibrates on every batch.
+    still calibrates on every batch. ``sequential=True`` calibrates block by block, solving
+    weight methods in bounded memory (``qswap.calibrate``'s option of that name).
 
     >>> import torch, qswap
     >>> x = torch.randn(16, 4)
@@ -235,7 +237,9 @@ def quantize(
                 "(tensors, tuples of arguments or dicts of keyword arguments)"
             )
         return convert(prepared, inplace=True, progress=progress)
-    calibrate(prepared, calib_data, max_batches=max_batches, progress=progress)
+    calibrate(
+        prepared, calib_data, max_batches=max_batches, progress=progress, sequential=sequential
+    )
     return convert(prepared, inplace=True, progress=progress)
 
 

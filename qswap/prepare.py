@@ -223,7 +223,7 @@ def _weight_method(
             f"{shape}. Round this layer to nearest with a rule: {{match: {{name: '{name}'}}, "
             "weight: {method: rtn}}"
         )
-    modes = getattr(layer.counterpart, "input_scale_modes", frozenset())
+    modes: frozenset[str] = getattr(layer.counterpart, "input_scale_modes", frozenset())
     if getattr(method, "scales_inputs", False) and layer.mode not in modes:
         counterpart = getattr(layer.counterpart, "__name__", "the generic counterpart")
         raise PlanError(

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from qswap.bias_correction import correctable, shift_of
-from qswap.calibrate import stderr_is_tty
 from qswap.dataflow import input_sources, keeps_input_grid
 from qswap.exceptions import CalibrationError, PlanError
 from qswap.methods import learns_qparams
+from qswap.progress import bar as progress_bar
+from qswap.progress import stderr_is_tty
 from qswap.quantizers import AffineQuantizer, QParams
+from qswap.rounding import Rounded, Solved
 from qswap.slots import (
     Components,
     WeightObserver,
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from qswap.plan import LayerSpec, Plan
     from qswap.state import QSwapState
 
-__all__ = ["chain_inputs", "collect_qparams"]
+__all__ = ["chain_inputs", "collect_qparams", "solve_methods"]
 
 
 def collect_qparams(
@@ -68,13 +68,12 @@ def collect_qparams(
     out: dict[str, LayerSpec] = {}
     rounding = {name for name in layers if input_method(model.get_submodule(name)) is not None}
     show = (progress if progress is not None else stderr_is_tty()) and round_weights
-    bar = tqdm(
+    bar = progress_bar(
+        None,
         total=len(rounding),
-        disable=not (show and rounding),
         desc="qswap weight methods",
         unit="layer",
-        file=sys.stderr,
-        dynamic_ncols=True,
+        show=bool(show and rounding),
     )
     try:
         for name, layer in layers.items():
@@ -175,6 +174,29 @@ def _activation_qparams(
         if learned is None:
             learned = _effective(_qparams(slot_module.observer, name, which), spec, parts)
         qparams[which] = learned
+
+
+def solve_methods(
+    model: nn.Module, the_plan: Plan, layers: Mapping[str, LayerSpec], names: Iterable[str]
+) -> None:
+    """Solve the weight methods of the layers ``names`` now, in ``model``, freeing their statistics.
+
+    Each rounded weight is written into ``model``; a :class:`qswap.rounding.Solved` takes the
+    method's place and gives ``convert`` its qparams and input scale. A method that saw no
+    float input is left to ``convert`` (which rounds that layer to nearest, with a note).
+    """
+    parts = Components(the_plan.registry)
+    for name in names:
+        layer = layers.get(name)
+        module = model.get_submodule(name)
+        method: Any = input_method(module)
+        if layer is None or method is None or isinstance(method, Solved) or not method.seen:
+            continue
+        done = _collect_layer(model, the_plan, name, layer, parts, round_weights=True)
+        slot = activation_slot(module, "input")
+        assert slot is not None  # the method lives in it
+        solved = Solved(method, Rounded(torch.empty(0), done.qparams["weight"], done.input_scale))
+        slot._modules["stats"] = solved
 
 
 def _apply_method(

@@ -56,6 +56,7 @@ __all__ = [
     "Rounded",
     "SmoothQuant",
     "SmoothQuantOptions",
+    "Solved",
     "WeightMethod",
     "expand_qparams",
 ]
@@ -111,6 +112,43 @@ class WeightMethod(Observer):
     def _features(x: Tensor) -> Tensor:
         """``x`` as rows of input features, float32."""
         return x.reshape(-1, x.shape[-1]).to(torch.float32)
+
+
+class Solved(WeightMethod):
+    """A method that has rounded its layer already (sequential calibration); statistics freed.
+
+    ``qswap.calibrate(..., sequential=True)`` solves each block's methods as soon as the block
+    has seen every batch, writes the rounded weight into the prepared model and leaves this
+    in the method's place: what ``solve`` returned (``qparams``, ``input_scale``) and the
+    method's name, without the statistics (a GPTQ Hessian is ``in x in`` floats per layer).
+    """
+
+    records_inputs: ClassVar[bool] = False
+    input_scale: Tensor
+
+    def __init__(self, method: WeightMethod, rounded: Rounded) -> None:
+        super().__init__(method.spec, None)
+        self.method = type(method).__name__
+        self.qparams = rounded.qparams
+        scale = rounded.input_scale
+        add_buffer(self, "input_scale", torch.zeros(0) if scale is None else scale.clone())
+        self.num_batches.copy_(method.num_batches)
+
+    def observe(self, x: Tensor) -> None:
+        raise CalibrationError(
+            f"this layer's {self.method} has rounded its weight already (sequential "
+            "calibration); calibrate a freshly prepared model to see more data"
+        )
+
+    def _merge_state(self, other: Any) -> None:
+        self.observe(torch.zeros(0))
+
+    def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
+        scale = self.input_scale if self.input_scale.numel() else None
+        return Rounded(weight, self.qparams, scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.method}, solved"
 
 
 def expand_qparams(qparams: QParams, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,9 @@ backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -53,6 +55,7 @@ __all__ = [
     "param_location",
     "parametrization_list",
     "parametrizations_of",
+    "paused",
     "strip_slots",
     "unquantized",
     "version_key",
@@ -62,6 +65,27 @@ __all__ = [
 INPUT_SLOT = "qswap_input"
 OUTPUT_SLOT = "qswap_output"
 _MARK = "_qswap_slot"  # set on parametrization modules qswap installed
+#: inside :func:`paused`: slots fake-quantize as usual but record nothing
+_PAUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("qswap_paused", default=False)
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Run a prepared model without its observers recording (this thread only).
+
+    >>> import torch, qswap
+    >>> prepared = qswap.prepare(torch.nn.Linear(2, 2), "w8a8_minmax")
+    >>> with paused():
+    ...     _ = prepared(torch.ones(1, 2))
+    >>> activation_slot(prepared, "input").calls
+    0
+    """
+    token = _PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _PAUSED.reset(token)
+
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -162,8 +186,7 @@ class ActivationSlot(nn.Module):
         return self._modules.get("quantizer")
 
     def process(self, x: torch.Tensor) -> torch.Tensor:
-        """Observe and/or fake-quantize one tensor."""
-        self.seen_float = True
+        """Observe and/or fake-quantize one tensor (only fake-quantize under :func:`paused`)."""
         observer: Any = self.observer
         quantizer: Any = self.quantizer
         if self.dynamic and observer is not None and quantizer is not None:
@@ -172,6 +195,9 @@ class ActivationSlot(nn.Module):
             fresh(x)
             quantizer.set_qparams(fresh.calculate_qparams())
             return quantizer(x)  # type: ignore[no-any-return]
+        if _PAUSED.get():
+            return x if quantizer is None else quantizer(x)
+        self.seen_float = True
         mean = self._modules.get("mean")  # bias correction's input mean (qswap.bias_correction)
         if mean is not None:
             mean(x)
@@ -192,7 +218,7 @@ class ActivationSlot(nn.Module):
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Forward pre-hook (with kwargs): the first float tensor among the inputs."""
-        self.calls += 1
+        self.calls += not _PAUSED.get()
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor) and a.is_floating_point():
                 y = self.process(a)
@@ -209,7 +235,7 @@ class ActivationSlot(nn.Module):
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook: the output tensor, or the first float tensor of a tuple/list/dict output."""
-        self.calls += 1
+        self.calls += not _PAUSED.get()
         return _map_first_float(output, self.process)
 
     def extra_repr(self) -> str:
@@ -442,6 +468,8 @@ class WeightObserver(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Record the weight's statistics; in QAT return it fake-quantized (straight-through)."""
+        if self.quantizer is None and _PAUSED.get():
+            return weight
         changed = self._observe(weight, version_key(weight))
         if self.quantizer is None:
             return weight

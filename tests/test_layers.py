@@ -20,7 +20,7 @@ _spec.loader.exec_module(import_graph)
 
 #: bottom to top; a module may import only modules of its own layer or below
 LAYERS: list[tuple[str, ...]] = [
-    ("exceptions", "cpu", "tree", "version", "_yaml"),
+    ("exceptions", "cpu", "tree", "version", "_yaml", "progress"),
     ("pack", "trace"),
     ("registry",),
     ("config", "decompose"),
@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("plan",),
     ("state", "dataflow", "slots"),
     ("bias_correction", "qat", "distributed", "backends.fake"),
-    ("prepare", "calibrate", "qparams"),
+    ("prepare", "calibrate", "qparams", "sequential"),
     ("persist.artifact",),
     ("backends.torch_int8", "backends.packed", "convert"),
     ("persist.model_file", "export.onnx", "report"),

@@ -264,18 +264,11 @@ def test_methods_refuse_what_they_cannot_do_before_calibration() -> None:
 
 
 def test_generate_runs_on_a_packed_decoder() -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from zoo_models import tiny_llama
+
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab=256, hidden=128, intermediate=256)
     ids = torch.randint(0, 256, (1, 16))
     q = qswap.quantize(
         model,

@@ -50,9 +50,12 @@ def test_every_python_block_runs_in_order_on_one_model(
         "layers.csv",
         "resnet-ort.onnx",
         "resnet_ort.qswap",
+        "mlp-int4.onnx",
     }
     assert ns["qlm"] is not None and "torch.Size([1, 12])" in out
     assert "kernel=int4pack" in out and "torch.Size([1, 36])" in out  # packed int4 generates
+    assert ns["q8"].model.layers[0].mlp.up_proj.input_scale.numel() == 128  # SmoothQuant's
+    assert (tmp_path / "mlp-int4.onnx").stat().st_size < 0.2 * 4 * (256 * 512 + 512 * 64)
 
 
 def test_the_config_block_plans_the_readme_model() -> None:

@@ -26,7 +26,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -229,21 +229,28 @@ def hf_distilbert() -> ZooModel:
     return _hf("hf_distilbert", DistilBertForSequenceClassification(cfg), _text_batches())
 
 
-def hf_llama() -> ZooModel:
+def tiny_llama(
+    *, vocab: int = VOCAB, hidden: int = 64, layers: int = 2, intermediate: int = 128
+) -> nn.Module:
+    """A randomly initialized ``LlamaForCausalLM`` (4 heads, 2 key/value heads), in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = _config(
         LlamaConfig,
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=128,
+        intermediate_size=intermediate,
         max_position_embeddings=64,
         **_SPECIAL,
     )
-    return _hf("hf_llama", LlamaForCausalLM(cfg), _text_batches(), generate=True)
+    return cast(nn.Module, LlamaForCausalLM(cfg).eval())
+
+
+def hf_llama() -> ZooModel:
+    return _hf("hf_llama", tiny_llama(), _text_batches(), generate=True)
 
 
 def hf_t5() -> ZooModel:

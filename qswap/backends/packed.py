@@ -20,9 +20,9 @@ weight-only kernels are many times slower than float.
 A layer also takes an ``input_scale`` (weight methods such as AWQ scale input channels).
 
     >>> import torch, qswap
-    >>> q = qswap.quantize(torch.nn.Linear(256, 8), "w4_packed")
+    >>> q = qswap.quantize(torch.nn.Linear(256, 16), "w4_packed")
     >>> q.kernel, q.qweight.dtype, tuple(q.qweight.shape)
-    ('int4pack', torch.uint8, (8, 128))
+    ('int4pack', torch.uint8, (16, 128))
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ class PackedLinear(nn.Module):
             and self.quant_max - self.quant_min == 15
             and self.group_size in _INT4_GROUPS
             and self.in_features % self.group_size == 0
+            and self.out_features % 16 == 0  # torch's int4 layout packs rows in sixteens
             and self.scales.shape == (self.out_features, self.in_features // self.group_size)
         ):
             return "int4pack"

@@ -736,7 +736,7 @@ class QuantizedDynamicLinear(_FloatReads, nnqd.Linear):  # type: ignore[misc]
         if isinstance(saved, Tensor) and saved.shape != self.input_scale.shape:
             # a layer rebuilt from its qparams has no input scale yet (SmoothQuant stored one)
             self.input_scale = torch.zeros_like(saved, dtype=torch.float32)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[no-untyped-call]
 
     @classmethod
     def from_float(cls, module: nn.Module, spec: LayerSpec) -> nn.Module:  # type: ignore[override]

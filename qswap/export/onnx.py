@@ -484,7 +484,7 @@ class _MatMulNBits(torch.autograd.Function):
     """``x @ W^T`` where ``W`` is stored as ``MatMulNBits`` stores it; exported as that op."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         b: Tensor,
@@ -576,14 +576,19 @@ class _NBitsLinear(nn.Module):
         self.register_buffer("scales", scales.reshape(-1).to(torch.float32).contiguous())
         self.register_buffer("zero_points", zeros.reshape(-1).contiguous())
         self.register_buffer("input_scale", layer.input_scale.clone())
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(torch.float32)
-        if self.input_scale.numel():
-            x = x * self.input_scale
-        y: Tensor = _MatMulNBits.apply(
-            x, self.B, self.scales, self.zero_points, self.k, self.n, self.nbits, self.block
+        scale = cast(Tensor, self.input_scale)
+        if scale.numel():
+            x = x * scale
+        y = cast(
+            Tensor,
+            _MatMulNBits.apply(  # type: ignore[no-untyped-call]
+                x, self.B, self.scales, self.zero_points, self.k, self.n, self.nbits, self.block
+            ),
         )
         return y if self.bias is None else y + self.bias
 
@@ -592,12 +597,12 @@ def unpack_codes(layer: Any) -> Tensor:
     """A ``PackedLinear``'s codes ``q - quant_min`` as ``(out, in)`` uint8."""
     from qswap.backends.packed import unpack_nibbles
 
-    stored = layer.qweight
+    stored: Tensor = layer.qweight
     if layer.bits <= 4:
-        return cast(Tensor, unpack_nibbles(stored))
+        return unpack_nibbles(stored)
     if stored.dtype == torch.int8:  # q as it is, on [-128, 127]
-        return (stored.to(torch.int16) - layer.quant_min).to(torch.uint8)
-    return cast(Tensor, stored)
+        return (stored.to(torch.int16) - int(layer.quant_min)).to(torch.uint8)
+    return stored
 
 
 def _nbits_twin(model: nn.Module) -> nn.Module | None:
