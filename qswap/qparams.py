@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from qswap.slots import (
     input_method,
     original_of,
     param_location,
+    parametrization_list,
     parametrizations_of,
     unquantized,
 )
@@ -122,7 +124,7 @@ def _collect_layer(
             observer = copy.deepcopy(observer)  # may be shared with the prepared model
             observer(original_of(owner, pname).detach())
         qparams[slot] = _effective(_qparams(observer, name, slot), spec, parts)
-    changes = _apply_method(name, module, layer, qparams, parts, round_weights)
+    changes = _apply_method(model, name, module, layer, qparams, parts, round_weights)
     shift = _bias_shift(module, layer, qparams.get("weight"), parts)
     if shift is not None:
         changes["bias_shift"] = shift
@@ -195,11 +197,13 @@ def solve_methods(
         done = _collect_layer(model, the_plan, name, layer, parts, round_weights=True)
         slot = activation_slot(module, "input")
         assert slot is not None  # the method lives in it
-        solved = Solved(method, Rounded(torch.empty(0), done.qparams["weight"], done.input_scale))
-        slot._modules["stats"] = solved
+        rounded = Rounded(torch.empty(0), done.qparams["weight"], done.input_scale)
+        added = done.notes[len(layer.notes) :]
+        slot._modules["stats"] = Solved(method, rounded, notes=added)
 
 
 def _apply_method(
+    model: nn.Module,
     name: str,
     module: nn.Module,
     layer: LayerSpec,
@@ -211,7 +215,9 @@ def _apply_method(
 
     An ``input_scale`` the method asks for is one of them. A layer whose inputs are not
     float features (an embedding reads token ids) has nothing for a method to weigh errors
-    with: it is rounded to nearest, and a note says so.
+    with: it is rounded to nearest, and a note says so. A weight the layer shares with
+    another module (a language model's ``lm_head`` tied to its embedding) is untied first:
+    the method rounds this layer's own copy, the other module keeps the float weight.
     """
     stats: Any = input_method(module)
     if stats is None or "weight" not in qparams:
@@ -229,13 +235,46 @@ def _apply_method(
             "itself, which a calibration file (qparams only) cannot hold; convert the "
             "calibrated model and save it with qswap.save instead"
         )
+    changes: dict[str, Any] = {}
+    other = _untie(model, name, module)
+    notes = list(getattr(stats, "notes", ()))  # what a method solved earlier noted (Solved)
+    if other is not None:
+        notes.append(
+            f"weight untied from {other!r}: weight method {type(stats).__name__} rounds this "
+            "layer's own copy"
+        )
+    if notes:
+        changes["notes"] = (*layer.notes, *notes)
     try:
         qparams["weight"], scale = _round_weight(module, layer, qparams["weight"], stats, parts)
     except (CalibrationError, PlanError, ValueError, RuntimeError) as exc:
         raise CalibrationError(
             f"layer {name!r}: weight method {type(stats).__name__} failed: {exc}"
         ) from exc
-    return {} if scale is None else {"input_scale": scale}
+    if scale is not None:
+        changes["input_scale"] = scale
+    return changes
+
+
+def _untie(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """Give the layer its own copy of a weight another module shares; that module's path."""
+    owner, pname = param_location(module, "weight")
+    plist = parametrization_list(owner, pname)
+    holder: nn.Module = plist if plist is not None and hasattr(plist, "original") else owner
+    attr = "original" if holder is plist else pname
+    weight = holder._parameters.get(attr)
+    if weight is None:
+        return None
+    prefix = f"{name}." if name else ""
+    others = [
+        path
+        for path, p in model.named_parameters(remove_duplicate=False)
+        if p is weight and not path.startswith(prefix)
+    ]
+    if not others:
+        return None
+    holder._parameters[attr] = nn.Parameter(weight.detach().clone(), weight.requires_grad)
+    return re.sub(r"\.parametrizations\.(\w+)\.original$", r".\1", others[0])
 
 
 def _round_weight(

@@ -119,16 +119,18 @@ class Solved(WeightMethod):
 
     ``qswap.calibrate(..., sequential=True)`` solves each block's methods as soon as the block
     has seen every batch, writes the rounded weight into the prepared model and leaves this
-    in the method's place: what ``solve`` returned (``qparams``, ``input_scale``) and the
-    method's name, without the statistics (a GPTQ Hessian is ``in x in`` floats per layer).
+    in the method's place: what ``solve`` returned (``qparams``, ``input_scale``), the
+    method's name and its plan notes, without the statistics (a GPTQ Hessian is ``in x in`` floats per layer).
     """
 
     records_inputs: ClassVar[bool] = False
     input_scale: Tensor
 
-    def __init__(self, method: WeightMethod, rounded: Rounded) -> None:
+    def __init__(self, method: WeightMethod, rounded: Rounded, notes: tuple[str, ...] = ()) -> None:
         super().__init__(method.spec, None)
         self.method = type(method).__name__
+        #: what solving it noted for the plan (an untied weight), shown again by convert
+        self.notes = tuple(notes)
         self.qparams = rounded.qparams
         scale = rounded.input_scale
         add_buffer(self, "input_scale", torch.zeros(0) if scale is None else scale.clone())

@@ -152,3 +152,31 @@ def test_sequential_refuses_blocks_that_do_not_chain_and_changes_nothing() -> No
     qswap.calibrate(solved, _batches(), sequential=True, progress=False)
     with pytest.raises(qswap.CalibrationError, match="rounded its weight already"):
         qswap.calibrate(solved, _batches(), progress=False)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_method_on_a_tied_lm_head_leaves_the_embedding_alone(sequential: bool) -> None:
+    """lm_head and the embedding share one weight in many language models: AWQ writes W * s
+    and GPTQ its rounded W into the layer, which must not reach the embedding. The layer is
+    untied (its own copy), and the plan says so."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    float_embedding = model.model.embed_tokens.weight.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 16), generator=g)} for _ in range(2)]
+    q = qswap.quantize(model, AWQ4, calib_data=batches, progress=False, sequential=sequential)
+    assert torch.equal(q.model.embed_tokens.weight, float_embedding)
+    assert torch.equal(model.model.embed_tokens.weight, float_embedding)  # the user's too
+    notes = q._qswap.layers["lm_head"].notes  # type: ignore[union-attr]
+    assert any("untied from 'model.embed_tokens.weight'" in n for n in notes), notes
+    assert q.lm_head.input_scale.numel() == 64  # AWQ's scales live in the layer
