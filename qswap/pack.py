@@ -130,6 +130,11 @@ class BackendSpec(_PackModel):
         description="A layer whose output is only the model's output keeps it float (the "
         "kernels dequantize inside); the plan drops that output quantizer and says so.",
     )
+    shares_ties: StrictBool = Field(
+        default=False,
+        description="Its lowering stores a parameter several layers share (a tied embedding and "
+        "lm_head) once, so the plan keeps tied layers on it instead of falling back.",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> BackendSpec:

@@ -55,6 +55,8 @@ __all__ = [
 DecisionKind = Literal["fuse", "quantize", "wrap", "passthrough", "skip"]
 _KINDS: tuple[DecisionKind, ...] = ("quantize", "wrap", "fuse", "skip", "passthrough")
 _SPEC_FIELDS = tuple(QuantSpec.model_fields)
+#: layers that read weight rows by index: a weight method fitting inputs has none to fit
+_LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
 
 
 # --------------------------------------------------------------------------- data
@@ -948,6 +950,13 @@ class _Walker:
                     slots[name] = spec
             if kept and (weight is not None or slots):
                 notes.append(f"{', '.join(kept)} stay float (1-d; a rule's slots: can name them)")
+        if weight is not None and self._fits_inputs(weight) and isinstance(module, _LOOKUPS):
+            assert weight.method is not None  # _fits_inputs said it has one
+            notes.append(
+                f"weight method {weight.method.name!r} fits a weight to the features a layer "
+                "multiplies it with; an embedding reads its rows by index: rounded to nearest"
+            )
+            weight = weight.model_copy(update={"method": None})
         inp: QuantSpec | None = None
         out: QuantSpec | None = None
         if mode in ("static", "qat"):
@@ -969,6 +978,12 @@ class _Walker:
             registry=self.registry,
             notes=tuple(notes),
         )
+
+    def _fits_inputs(self, spec: QuantSpec) -> bool:
+        """Whether ``spec``'s weight method records the layer's inputs (GPTQ, AWQ...; not RTN)."""
+        if spec.method is None:
+            return False
+        return bool(getattr(self.registry.method(spec.method.name).cls, "records_inputs", True))
 
     def backend_problem(self, layer: LayerSpec) -> str | None:
         """What the backend cannot run of this layer as planned (its ``check``), or None."""
@@ -1661,7 +1676,8 @@ def _tie_weights(
             continue
         first, first_slot = group[0]
         tie = f"{first}.{first_slot}" if first else first_slot
-        if len({layers[path].backend for path, _ in group}) > 1 or w.backend.integer:
+        separate = w.backend.integer and not w.backend.shares_ties
+        if len({layers[path].backend for path, _ in group}) > 1 or separate:
             for path, slot in group:
                 redo = w.redo.get(path)
                 if redo is None or layers[path].backend != w.backend.name:
@@ -1671,6 +1687,36 @@ def _tie_weights(
                     f"backend {w.backend.name!r} would hold as separate copies"
                 )
                 _set_decision(decisions, layers, path, redo(why))
+            group = [(path, slot) for path, slot in group if path in layers]
+        # a layer whose weight method fits its own weight (GPTQ on a tied lm_head) gets its
+        # own copy at calibration; the others still share one rounding
+        fitted = [
+            (path, slot) for path, slot in group if w._fits_inputs(layers[path].param_specs()[slot])
+        ]
+        if fitted and len(fitted) < len(group):
+            for path, slot in fitted:
+                method = layers[path].param_specs()[slot].method
+                assert method is not None
+                note = (
+                    f"{slot} untied from {tie}: weight method {method.name!r} fits this layer's "
+                    "own copy, the other layers share the plain rounding"
+                )
+                layer = layers[path]
+                _set_decision(
+                    decisions,
+                    layers,
+                    path,
+                    dataclasses.replace(
+                        decisions[path],
+                        layer=dataclasses.replace(layer, notes=(*layer.notes, note)),
+                        reason=f"{decisions[path].reason}; {note}",
+                    ),
+                )
+            group = [member for member in group if member not in fitted]
+        if len({path for path, _ in group}) < 2:
+            continue
+        first, first_slot = group[0]
+        tie = f"{first}.{first_slot}" if first else first_slot
         spec = layers[first].param_specs()[first_slot]
         for path, slot in group[1:]:
             layer = layers[path]

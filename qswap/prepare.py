@@ -243,13 +243,15 @@ def _attach_observers(
     mode = the_plan.config.mode
     qat = mode == "qat"
     correct_bias = the_plan.config.bias_correction and mode in ("static", "weight_only")
-    tied: dict[int, WeightObserver] = {}  # a tensor several layers share: one observer
+    # a tensor several layers share with one spec (the plan's ties): one observer. A layer
+    # the plan untied (a weight method fits its own copy) has its own spec and observer
+    tied: dict[tuple[int, QuantSpec], WeightObserver] = {}
     for name, layer in layers.items():
         module = model.get_submodule(name)
         for slot, spec in layer.param_specs().items():
             owner, pname = param_location(module, slot)
             tensor = owner._parameters.get(pname)  # else parametrized by the user already
-            observer = tied.get(id(tensor)) if tensor is not None else None
+            observer = tied.get((id(tensor), spec)) if tensor is not None else None
             if observer is None:
                 quantizer = components.create("quantizer", spec) if qat else None
                 observer = _weight_observer(
@@ -259,7 +261,7 @@ def _attach_observers(
                 if device is not None and device.type != "cpu":
                     observer.to(device)
                 if tensor is not None and type(observer) is WeightObserver:
-                    tied[id(tensor)] = observer  # the plan gives tied slots one spec
+                    tied[(id(tensor), spec)] = observer
             attach_parametrization(owner, pname, observer)
         stats = _weight_method(name, module, layer, components)
         if mode not in ("static", "qat"):

@@ -231,6 +231,10 @@ class Backend:
     #: backend's kernels dequantize inside (ONNX Runtime's QGemm, MatMulIntegerToFloat), so
     #: rounding the model's result to 8 bits would only add error
     float_outputs: bool = False
+    #: its lowering keeps a parameter that several layers share as one stored tensor (the
+    #: packed backend: a tied embedding and lm_head share their packed bytes), so the plan
+    #: does not move tied layers off it
+    shares_ties: bool = False
 
 
 @dataclass
@@ -1422,6 +1426,7 @@ class Registry:
                 saturates=hooks["saturates"],  # type: ignore[arg-type]
                 check=hooks["check"],  # type: ignore[arg-type]
                 float_outputs=b.float_outputs,
+                shares_ties=b.shares_ties,
             )
             _check_backend(backend, backend.origin)
             actions.append(functools.partial(self._add_backend, backend, replace))

@@ -11,7 +11,12 @@ import torch
 from torch import Tensor, nn
 
 import qswap
-from qswap.backends.packed import PackedLinear, pack_nibbles, unpack_nibbles
+from qswap.backends.packed import (
+    PackedEmbedding,
+    PackedLinear,
+    pack_nibbles,
+    unpack_nibbles,
+)
 from qswap.quantizers import QParams
 from qswap.registry import Registry, default_registry
 from qswap.rounding import Rounded, RoundToNearest, WeightMethod
@@ -30,6 +35,14 @@ def _correlated(n: int, seed: int, loud: int = 0) -> Tensor:
     if loud:
         x[:, :loud] *= 20
     return x
+
+
+def _same_kernels(src: nn.Module, dst: nn.Module) -> None:
+    """``dst``'s packed layers use the kernels ``src``'s chose when it ran (a timing decides
+    between a kernel and dequantize-then-matmul, whose float sums differ in the last bits)."""
+    for name, module in src.named_modules():
+        if isinstance(module, PackedLinear):
+            dst.get_submodule(name).chosen = dict(module.chosen)
 
 
 def _out_error(model: nn.Module, q: nn.Module, x: Tensor) -> float:
@@ -117,7 +130,9 @@ def test_save_and_load_keep_the_packed_bytes(tmp_path: Path) -> None:
         assert torch.equal(back.get_submodule(name).qweight, q.get_submodule(name).qweight)
     x = torch.randn(4, 256)
     with torch.no_grad():
-        assert torch.equal(back(x), q(x))
+        expected = q(x)
+        _same_kernels(q, back)
+        assert torch.equal(back(x), expected)
 
 
 def test_gptq_reduces_the_layer_output_error_of_round_to_nearest() -> None:
@@ -282,6 +297,60 @@ def test_generate_runs_on_a_packed_decoder() -> None:
     assert out.shape == (1, 24)
 
 
+@pytest.mark.parametrize(("config", "width"), [("w8_packed", 128), ("w4_packed", 64)])
+def test_embeddings_pack_and_a_tied_lm_head_shares_their_bytes(
+    config: str, width: int, tmp_path: Path
+) -> None:
+    pytest.importorskip("transformers")
+    from zoo_models import tiny_llama
+
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    sizes = {}
+    for tied in (True, False):
+        torch.manual_seed(0)
+        model = tiny_llama(vocab=256, hidden=128, intermediate=256, tie=tied)
+        q = qswap.quantize(model, config)
+        fake = qswap.quantize(model, {"extends": [config], "backend": "fake"})
+        embed = q.model.embed_tokens
+        assert isinstance(embed, PackedEmbedding) and embed.qweight.shape == (256, width)
+        assert "weight" not in dict(q.named_parameters())  # no float embedding left
+        # the same integers as the simulation, gathered row by row
+        with torch.no_grad():
+            assert torch.equal(embed(ids), fake.model.embed_tokens(ids))
+            assert torch.allclose(q(ids).logits, fake(ids).logits, atol=1e-4)
+        # a tied head holds the embedding's bytes, not a copy; an untied one its own
+        assert (q.lm_head.qweight is embed.qweight) is tied
+        assert (q.lm_head.scales is embed.scales) is tied
+        path = qswap.save(q, tmp_path / f"{tied}.qswap")
+        sizes[tied] = path.stat().st_size
+        back = qswap.load(path, tiny_llama(vocab=256, hidden=128, intermediate=256, tie=tied))
+        assert (back.lm_head.qweight is back.model.embed_tokens.qweight) is tied
+        with torch.no_grad():
+            expected = q(ids).logits
+            _same_kernels(q, back)
+            assert torch.equal(back(ids).logits, expected)
+    # the shared bytes are written once: the tied file is smaller by about one packed matrix
+    assert sizes[False] - sizes[True] >= 256 * width
+
+
+def test_packed_embedding_reads_rows_as_nn_embedding_does() -> None:
+    """padding_idx and max_norm behave as in nn.Embedding, on the rounded rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(32, 16, padding_idx=3, max_norm=2.5), nn.Linear(16, 16))
+    ids = torch.tensor([[3, 1, 7, 1], [0, 31, 3, 5]])
+    q = qswap.quantize(model, {"extends": ["w4_packed"], "weight": {"group_size": 8}})
+    assert isinstance(q[0], PackedEmbedding) and q[0].group_size == 8
+    assert "padding_idx=3, max_norm=2.5" in repr(q[0])
+    rounded = q[0].weight.clone()  # the dequantized rows
+    before = q[0].qweight.clone()
+    with torch.no_grad():
+        got = q[0](ids)
+        want = nn.functional.embedding(ids, rounded.clone(), 3, 2.5)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert bool((got.norm(dim=-1) <= 2.5 + 1e-5).all())
+    assert torch.equal(q[0].qweight, before)  # reading never rewrites the packed rows
+
+
 def test_gpt2_conv1d_packs_its_transposed_weight() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -290,11 +359,7 @@ def test_gpt2_conv1d_packs_its_transposed_weight() -> None:
     )
     model = transformers.GPT2LMHeadModel(config).eval()
     q = qswap.quantize(model, "w8_packed")
-    # the same on the fake backend, where embeddings have a mapping: keep them float there too
-    embeddings = {"match": {"type": "Embedding"}, "skip": True}
-    fake = qswap.quantize(
-        model, {"extends": ["w8_packed"], "backend": "fake", "rules": [embeddings]}
-    )
+    fake = qswap.quantize(model, {"extends": ["w8_packed"], "backend": "fake"})
     attn = q.transformer.h[0].attn.c_attn
     assert isinstance(attn, PackedLinear) and attn.kernel == "int8pack"
     assert (attn.out_features, attn.in_features) == (384, 128)

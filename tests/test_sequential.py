@@ -175,8 +175,14 @@ def test_a_method_on_a_tied_lm_head_leaves_the_embedding_alone(sequential: bool)
     g = torch.Generator().manual_seed(3)
     batches = [{"input_ids": torch.randint(0, 128, (2, 16), generator=g)} for _ in range(2)]
     q = qswap.quantize(model, AWQ4, calib_data=batches, progress=False, sequential=sequential)
-    assert torch.equal(q.model.embed_tokens.weight, float_embedding)
-    assert torch.equal(model.model.embed_tokens.weight, float_embedding)  # the user's too
-    notes = q._qswap.layers["lm_head"].notes  # type: ignore[union-attr]
+    # the embedding holds the float embedding rounded to nearest, as without a method
+    plain = qswap.quantize(model, "w4_packed")
+    assert torch.equal(q.model.embed_tokens.qweight, plain.model.embed_tokens.qweight)
+    assert torch.equal(model.model.embed_tokens.weight, float_embedding)  # the user's unchanged
+    assert q.lm_head.qweight is not q.model.embed_tokens.qweight  # AWQ's own copy
+    layers = q._qswap.layers  # type: ignore[union-attr]
+    notes = layers["lm_head"].notes
     assert any("untied from 'model.embed_tokens.weight'" in n for n in notes), notes
+    assert any("untied from model.embed_tokens.weight: weight method 'awq'" in n for n in notes)
+    assert any("rounded to nearest" in n for n in layers["model.embed_tokens"].notes)
     assert q.lm_head.input_scale.numel() == 64  # AWQ's scales live in the layer

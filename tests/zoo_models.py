@@ -230,9 +230,17 @@ def hf_distilbert() -> ZooModel:
 
 
 def tiny_llama(
-    *, vocab: int = VOCAB, hidden: int = 64, layers: int = 2, intermediate: int = 128
+    *,
+    vocab: int = VOCAB,
+    hidden: int = 64,
+    layers: int = 2,
+    intermediate: int = 128,
+    tie: bool = False,
 ) -> nn.Module:
-    """A randomly initialized ``LlamaForCausalLM`` (4 heads, 2 key/value heads), in eval mode."""
+    """A randomly initialized ``LlamaForCausalLM`` (4 heads, 2 key/value heads), in eval mode.
+
+    ``tie``: its ``lm_head`` shares the embedding's weight (``tie_word_embeddings``).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = _config(
@@ -244,6 +252,7 @@ def tiny_llama(
         num_key_value_heads=2,
         intermediate_size=intermediate,
         max_position_embeddings=64,
+        tie_word_embeddings=tie,
         **_SPECIAL,
     )
     return cast(nn.Module, LlamaForCausalLM(cfg).eval())

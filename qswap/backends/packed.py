@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,14 @@ from qswap.quantizers import QParams
 from qswap.rounding import expand_qparams
 from qswap.tree import replace_module
 
-__all__ = ["PackedLinear", "check_layer", "lower", "pack_nibbles", "unpack_nibbles"]
+__all__ = [
+    "PackedEmbedding",
+    "PackedLinear",
+    "check_layer",
+    "lower",
+    "pack_nibbles",
+    "unpack_nibbles",
+]
 
 _INT4_GROUPS = (32, 64, 128, 256)
 _FEW_ROWS = 8  # inputs of at most this many rows (decoding) time the kernels on their own
@@ -81,23 +88,19 @@ def _per_group(qp: QParams, in_features: int) -> tuple[Tensor, Tensor, int]:
     return scale.reshape(1, 1), zero.reshape(1, 1), in_features
 
 
-class PackedLinear(nn.Module):
-    """A Linear with packed integer weights and float activations (the ``packed`` backend).
+class _Packed(nn.Module):
+    """Packed integer weights ``(rows, in_features)`` with per-row or per-group scales.
 
     Buffers (all saved): ``qweight`` -- the codes ``q - quant_min`` as uint8, two per byte at
-    up to 4 bits (``(out, in / 2)``), one per byte above (``(out, in)``; int8 as they are for
-    signed 8-bit); ``scales`` (float32) and ``zero_points`` (the smallest integer type that holds
-    them: int8 on signed grids) ``(out, groups)``; ``input_scale`` ``(in,)``
-    or empty. ``weight`` reads the dequantized float weight, as code written for
-    ``nn.Linear`` expects.
+    up to 4 bits (``(rows, in / 2)``), one per byte above (``(rows, in)``; int8 as they are
+    for signed 8-bit); ``scales`` (float32) and ``zero_points`` (the smallest integer type
+    that holds them: int8 on signed grids) ``(rows, groups)``. ``weight`` reads the
+    dequantized float weight, as code written for the float layer expects.
     """
 
-    #: the modes in which the layer applies a weight method's ``input_scale`` (AWQ)
-    input_scale_modes: ClassVar[frozenset[str]] = frozenset({"weight_only"})
     qweight: Tensor
     scales: Tensor
     zero_points: Tensor
-    input_scale: Tensor
 
     def __init__(
         self,
@@ -106,13 +109,11 @@ class PackedLinear(nn.Module):
         zero_points: Tensor,
         quant_range: tuple[int, int],
         group_size: int,
-        bias: Tensor | None,
-        input_scale: Tensor | None = None,
     ) -> None:
         super().__init__()
-        out_features, in_features = codes.shape
+        rows, in_features = codes.shape
         qmin, qmax = quant_range
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.rows, self.in_features = int(rows), int(in_features)
         self.quant_min, self.quant_max, self.group_size = qmin, qmax, int(group_size)
         self.bits = max(1, (qmax - qmin).bit_length())
         if self.bits <= 4:
@@ -131,6 +132,81 @@ class PackedLinear(nn.Module):
             if torch.iinfo(t).min <= lo and hi <= torch.iinfo(t).max
         )
         self.register_buffer("zero_points", zero_points.to(zdtype).contiguous())
+
+    @staticmethod
+    def _codes(module: nn.Module, spec: Any, rows_axis: int) -> tuple[Tensor, QParams, Tensor]:
+        """``module``'s float weight as ``(rows, in)`` and its codes on the calibrated grid."""
+        qp: QParams = spec.qparams["weight"]
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise PlanError(
+                f"layer {spec.name!r}: backend 'packed' runs 2-D weights (Linear, Conv1D, "
+                f"Embedding), got {type(module).__name__}"
+            )
+        w = weight.detach().to(torch.float32)
+        if (qp.axis or 0) != rows_axis:
+            w = w.t()
+        full_scale, full_zero = expand_qparams(qp, (w.shape[0], w.shape[1]))
+        # as torch's fake-quantize kernels round (times the inverse scale): the same codes
+        codes = torch.round(w * (1.0 / full_scale)) + full_zero
+        return w, qp, codes.clamp(qp.quant_min, qp.quant_max).to(torch.int32)
+
+    def _dequantize(self, stored: Tensor, scales: Tensor, zero_points: Tensor) -> Tensor:
+        """Rows of stored codes (and their scales, zero points) as float32 ``(n, in)``."""
+        if self.bits <= 4:
+            w = unpack_nibbles(stored).to(torch.float32)  # q - quant_min
+            offset = zero_points.to(torch.int32) - self.quant_min
+        else:
+            w = stored.to(torch.float32)  # q (int8), or q - quant_min (uint8)
+            offset = (
+                zero_points.to(torch.int32)
+                if stored.dtype == torch.int8
+                else zero_points.to(torch.int32) - self.quant_min
+            )
+        groups = scales.shape[1]
+        view = w.view(w.shape[0], groups, self.in_features // groups)
+        # exact integer offsets, then one rounding: the fake-quant simulation's own values
+        view.sub_(offset.to(torch.float32).unsqueeze(-1)).mul_(scales.unsqueeze(-1))
+        return w
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight ``(q - zero_point) * scale``, float32 ``(rows, in)``."""
+        return self._dequantize(self.qweight, self.scales, self.zero_points)
+
+    def _describe(self) -> str:
+        bits = f"int{self.bits}" if self.quant_min < 0 else f"uint{self.bits}"
+        group = (
+            "per_channel"
+            if self.group_size >= self.in_features
+            else f"group_size={self.group_size}"
+        )
+        return f"{bits} {group}"
+
+
+class PackedLinear(_Packed):
+    """A Linear with packed integer weights and float activations (the ``packed`` backend).
+
+    Buffers (all saved): those of the packed weight (``qweight``, ``scales``,
+    ``zero_points``, rows = output features) and ``input_scale`` ``(in,)`` or empty.
+    """
+
+    #: the modes in which the layer applies a weight method's ``input_scale`` (AWQ)
+    input_scale_modes: ClassVar[frozenset[str]] = frozenset({"weight_only"})
+    input_scale: Tensor
+
+    def __init__(
+        self,
+        codes: Tensor,
+        scales: Tensor,
+        zero_points: Tensor,
+        quant_range: tuple[int, int],
+        group_size: int,
+        bias: Tensor | None,
+        input_scale: Tensor | None = None,
+    ) -> None:
+        super().__init__(codes, scales, zero_points, quant_range, group_size)
+        self.out_features = self.rows
         empty = torch.zeros(0, dtype=torch.float32)
         self.register_buffer("input_scale", empty if input_scale is None else input_scale.float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
@@ -163,21 +239,8 @@ class PackedLinear(nn.Module):
         ``spec`` is the layer's ``LayerSpec``; an ``(in, out)`` weight (transformers'
         ``Conv1D``, channel axis 1) is transposed.
         """
-        qp: QParams = spec.qparams["weight"]
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() != 2:
-            raise PlanError(
-                f"layer {spec.name!r}: backend 'packed' runs 2-D weights (Linear, Conv1D), got "
-                f"{type(module).__name__}"
-            )
-        w = weight.detach().to(torch.float32)
-        if (qp.axis or 0) == 1:
-            w = w.t()
+        w, qp, codes = cls._codes(module, spec, rows_axis=0)
         scale, zero, group = _per_group(qp, w.shape[1])
-        full_scale, full_zero = expand_qparams(qp, (w.shape[0], w.shape[1]))
-        # as torch's fake-quantize kernels round (times the inverse scale): the same codes
-        codes = torch.round(w * (1.0 / full_scale)) + full_zero
-        codes = codes.clamp(qp.quant_min, qp.quant_max).to(torch.int32)
         bias = getattr(module, "bias", None)
         return cls(
             codes,
@@ -188,26 +251,6 @@ class PackedLinear(nn.Module):
             bias if isinstance(bias, Tensor) else None,
             getattr(spec, "input_scale", None),
         )
-
-    @property
-    def weight(self) -> Tensor:
-        """The dequantized weight ``(q - zero_point) * scale``, float32 ``(out, in)``."""
-        stored = self.qweight
-        if self.bits <= 4:
-            w = unpack_nibbles(stored).to(torch.float32)  # q - quant_min
-            offset = self.zero_points.to(torch.int32) - self.quant_min
-        else:
-            w = stored.to(torch.float32)  # q (int8), or q - quant_min (uint8)
-            offset = (
-                self.zero_points.to(torch.int32)
-                if stored.dtype == torch.int8
-                else self.zero_points.to(torch.int32) - self.quant_min
-            )
-        groups = self.scales.shape[1]
-        view = w.view(self.out_features, groups, self.in_features // groups)
-        # exact integer offsets, then one rounding: the fake-quant simulation's own values
-        view.sub_(offset.to(torch.float32).unsqueeze(-1)).mul_(self.scales.unsqueeze(-1))
-        return w
 
     def _int4_operands(self) -> tuple[Tensor, Tensor]:
         if self._int4 is None or self._int4[0].device != self.qweight.device:
@@ -280,18 +323,80 @@ class PackedLinear(nn.Module):
         self._int4 = None  # new bytes: the kernel layout is built again
 
     def extra_repr(self) -> str:
-        bits = f"int{self.bits}" if self.quant_min < 0 else f"uint{self.bits}"
-        group = (
-            "per_channel"
-            if self.group_size >= self.in_features
-            else f"group_size={self.group_size}"
-        )
         scaled = ", input_scale" if self.input_scale.numel() else ""
         chosen = "".join(f", {key} rows: {k}" for key, k in sorted(self.chosen.items()))
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, {bits} {group}, "
-            f"kernel={self.kernel}{chosen}{scaled}"
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"{self._describe()}, kernel={self.kernel}{chosen}{scaled}"
         )
+
+
+class PackedEmbedding(_Packed):
+    """An ``nn.Embedding`` with packed integer rows: a lookup dequantizes only the rows it reads.
+
+    One scale (and zero point) per row, or per group of ``group_size`` features in a row,
+    as calibration chose for the weight (``axis: 0``). A language model's ``lm_head`` tied to
+    its embedding and rounded the same way shares these bytes (see :func:`lower`).
+    """
+
+    def __init__(
+        self,
+        codes: Tensor,
+        scales: Tensor,
+        zero_points: Tensor,
+        quant_range: tuple[int, int],
+        group_size: int,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+    ) -> None:
+        super().__init__(codes, scales, zero_points, quant_range, group_size)
+        self.num_embeddings, self.embedding_dim = self.rows, self.in_features
+        self.padding_idx = padding_idx
+        self.max_norm, self.norm_type = max_norm, norm_type
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: Any) -> PackedEmbedding:
+        """Round an ``nn.Embedding``'s rows onto the grid calibration chose (``spec.qparams``)."""
+        if not isinstance(module, nn.Embedding):
+            raise PlanError(
+                f"layer {spec.name!r}: PackedEmbedding packs nn.Embedding, got "
+                f"{type(module).__name__}"
+            )
+        qp: QParams = spec.qparams["weight"]
+        if (qp.axis or 0) != 0 and qp.scale.numel() > 1:
+            raise PlanError(
+                f"layer {spec.name!r}: packed embeddings keep one scale per row or per group "
+                f"in a row (axis: 0), not axis {qp.axis}"
+            )
+        w, qp, codes = cls._codes(module, spec, rows_axis=0)
+        scale, zero, group = _per_group(qp, w.shape[1])
+        return cls(
+            codes,
+            scale,
+            zero,
+            (qp.quant_min, qp.quant_max),
+            group,
+            module.padding_idx,
+            module.max_norm,
+            module.norm_type,
+        )
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        rows = self._dequantize(self.qweight[flat], self.scales[flat], self.zero_points[flat])
+        if self.max_norm is not None:
+            # what nn.Embedding's max_norm returns (torch.embedding_renorm_'s factor), applied
+            # to the rows read; the packed bytes themselves are never rewritten
+            norms = rows.norm(p=self.norm_type, dim=-1, keepdim=True)
+            factor = (self.max_norm / (norms + 1e-7)).clamp(max=1.0)
+            rows = torch.where(norms > self.max_norm, rows * factor, rows)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        norm = "" if self.max_norm is None else f", max_norm={self.max_norm}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self._describe()}{pad}{norm}"
 
 
 def check_layer(layer: Any) -> str | None:
@@ -319,12 +424,35 @@ def lower(
     A layer without a packed counterpart (the plan's generic fake-quant of a convolution,
     an embedding) is simulated as on the fake backend.
     """
-    generic = {n: layer for n, layer in layers.items() if layer.counterpart is not PackedLinear}
+    packed = (PackedLinear, PackedEmbedding)
+    generic = {n: layer for n, layer in layers.items() if layer.counterpart not in packed}
     if generic:
         model = fake.lower(model, generic, example_args, example_kwargs)
+    first: dict[int, _Packed] = {}  # by float weight: the packed layer made from it first
     for name, layer in layers.items():
         if name in generic:
             continue
-        new = PackedLinear.from_float(model.get_submodule(name), layer)
+        module = model.get_submodule(name)
+        new = cast(_Packed, layer.counterpart.from_float(module, layer))
+        weight = getattr(module, "weight", None)
+        _share_tied(first.setdefault(id(weight), new), new)
         model = replace_module(model, (name, *layer.aliases), new)
     return model
+
+
+def _share_tied(first: _Packed, other: _Packed) -> None:
+    """Make ``other`` hold ``first``'s tensors where both packed the same weight alike.
+
+    An ``lm_head`` tied to the embedding, rounded to nearest on the same grid, stores the
+    same bytes: one copy in memory and in ``qswap.save``'s file.
+    """
+    names = ("qweight", "scales", "zero_points")
+    if other is first or any(
+        getattr(first, n).shape != getattr(other, n).shape
+        or getattr(first, n).dtype != getattr(other, n).dtype
+        or not torch.equal(getattr(first, n), getattr(other, n))
+        for n in names
+    ):
+        return
+    for n in names:
+        setattr(other, n, getattr(first, n))

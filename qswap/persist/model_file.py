@@ -54,12 +54,27 @@ _KIND = "qswap-model"
 # --------------------------------------------------------------------------- state encoding
 
 
-def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """A JSON description of one ``state_dict`` value; its tensors go into ``tensors``."""
+def _encode(
+    value: Any,
+    key: str,
+    tensors: dict[str, torch.Tensor],
+    seen: dict[tuple[Any, ...], tuple[str, torch.Tensor]],
+) -> Any:
+    """A JSON description of one ``state_dict`` value; its tensors go into ``tensors``.
+
+    A tensor several entries share (a tied embedding and lm_head holding the same packed
+    bytes) is written once: ``seen`` maps a view's identity to the name it was stored under,
+    and holds the tensor, so that a temporary's memory is not reused by a later one.
+    """
 
     def put(t: torch.Tensor) -> str:
+        ident = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device)
+        if t.data_ptr() and ident in seen:
+            return seen[ident][0]
         name = f"s{len(tensors)}"
         tensors[name] = t.detach().to("cpu").clone()
+        if t.data_ptr():
+            seen[ident] = (name, t)
         return name
 
     if isinstance(value, torch.Tensor):
@@ -86,7 +101,7 @@ def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
         return entry
     if isinstance(value, (tuple, list)):
         return {
-            "seq": [_encode(v, f"{key}[{i}]", tensors) for i, v in enumerate(value)],
+            "seq": [_encode(v, f"{key}[{i}]", tensors, seen) for i, v in enumerate(value)],
             "tuple": isinstance(value, tuple),
         }
     if isinstance(value, torch.dtype):
@@ -302,7 +317,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     tensors = dict(calibration["tensors"])
     state_tensors: dict[str, torch.Tensor] = {}
     state_dict = model.state_dict()
-    encoded = {key: _encode(value, key, state_tensors) for key, value in state_dict.items()}
+    seen: dict[tuple[Any, ...], tuple[str, torch.Tensor]] = {}
+    encoded = {key: _encode(value, key, state_tensors, seen) for key, value in state_dict.items()}
     # per-module state versions: torch.ao's quantized modules read their state by version
     versions = {
         prefix: {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
