@@ -413,6 +413,28 @@ def test_packed_models_export_to_matmulnbits_and_run_in_onnx_runtime(
     assert path.stat().st_size < 1.3 * stored < 0.4 * sum(p.numel() * 4 for p in model.parameters())
 
 
+@pytest.mark.parametrize("preset", ["w4_packed", "w8_packed"])
+def test_packed_embeddings_export_as_a_gather_of_their_bytes_and_run_in_onnx_runtime(
+    tmp_path: Path, preset: str
+) -> None:
+    """A packed embedding exports as a gather of its packed rows, dequantized in the graph:
+    ONNX Runtime reads the same rows qswap reads (the exporter's trace used to lose the
+    in-place dequantization, and ONNX has no bitwise AND for the int4 nibbles)."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 32)).eval()
+    q = qswap.quantize(model, preset, progress=False)
+    ids = torch.randint(0, 64, (3, 9))
+    path = qswap.export_onnx(q, ids, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probe = torch.randint(0, 64, (3, 9))
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: probe.numpy()})[0])
+    with torch.no_grad():
+        expected = q(probe)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_groups_matmulnbits_cannot_hold_are_refused_by_name(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     model = nn.Sequential(nn.Linear(96, 8))

@@ -73,7 +73,11 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     >>> unpack_nibbles(torch.tensor([[33, 15]], dtype=torch.uint8)).tolist()
     [[1, 2, 15, 0]]
     """
-    lo, hi = packed & 0xF, packed >> 4
+    if torch.onnx.is_in_onnx_export():  # ONNX has no bitwise AND on integers: same by division
+        hi = torch.div(packed, 16, rounding_mode="floor")
+        lo = packed - hi * 16
+    else:
+        lo, hi = packed & 0xF, packed >> 4
     return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
@@ -166,7 +170,10 @@ class _Packed(nn.Module):
         groups = scales.shape[1]
         view = w.view(w.shape[0], groups, self.in_features // groups)
         # exact integer offsets, then one rounding: the fake-quant simulation's own values
-        view.sub_(offset.to(torch.float32).unsqueeze(-1)).mul_(scales.unsqueeze(-1))
+        shift, scale = offset.to(torch.float32).unsqueeze(-1), scales.unsqueeze(-1)
+        if torch.onnx.is_in_onnx_export():  # the exporter's trace loses in-place ops on views
+            return ((view - shift) * scale).reshape(w.shape)
+        view.sub_(shift).mul_(scale)
         return w
 
     @property
