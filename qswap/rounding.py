@@ -42,7 +42,7 @@ from torch import Tensor
 from qswap.exceptions import CalibrationError
 from qswap.observers import Observer
 from qswap.quantizers import QParams, add_buffer, set_buffer
-from qswap.weight_methods import awq_scales, gptq
+from qswap.weight_methods import awq_clip, awq_scales, gptq
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
@@ -273,15 +273,28 @@ class AWQOptions(BaseModel):
     samples: int = Field(
         default=512, ge=1, description="Input rows kept to score each exponent (reservoir)."
     )
+    clip: bool = Field(
+        default=True,
+        description=(
+            "After scaling, shrink each group's (or row's) range where that lowers the output "
+            "error on the sample, as AWQ's clipping search does. Per-tensor weights: ignored."
+        ),
+    )
+    max_shrink: float = Field(
+        default=0.5, ge=0, lt=1, description="Largest share of a range clipping may cut."
+    )
 
 
 class AWQ(WeightMethod):
     """AWQ (Lin et al., 2023): scale up the input channels that carry large activations.
 
-    Records an evenly spread sample of at most ``samples`` input rows; ``solve`` tries ``s = mean|x| ** alpha`` for ``alpha`` on a grid, rounds ``W * s`` to
-    nearest and keeps the ``alpha`` whose output on the sample is closest to float. The
-    layer then computes ``round(W * s) @ (x / s)``: the backend applies ``input_scale``.
-    ``alpha = 0`` is plain RTN, so the result is never worse than RTN on the sample.
+    Records an evenly spread sample of at most ``samples`` input rows; ``solve`` tries
+    ``s = mean|x| ** alpha`` for ``alpha`` on a grid, rounds ``W * s`` to nearest and keeps
+    the ``alpha`` whose output on the sample is closest to float; with ``clip`` it then
+    shrinks each group's range where that brings the output closer (``awq_clip``). The
+    layer computes ``round(W * s) @ (x / s)``: the backend applies ``input_scale``.
+    ``alpha = 0`` is plain RTN and clipping keeps a row's range where cutting it does not
+    help, so the result is never worse than RTN on the sample.
     """
 
     options_model: ClassVar[type[BaseModel]] = AWQOptions
@@ -331,6 +344,17 @@ class AWQ(WeightMethod):
         sample = self.sample.to(weight)
         scales, _alpha = awq_scales(weight, sample, lambda w: rtn(w)[0], grid=self.options.grid)
         scaled = weight * scales
+        rows = self.spec.granularity == "per_channel" and self.spec.axis == 0
+        if self.options.clip and (rows or self.spec.granularity == "per_group"):
+            group = None if rows else self.spec.group_size
+            scaled = awq_clip(
+                scaled,
+                sample / scales,
+                lambda w: rtn(w)[0],
+                group,
+                grid=self.options.grid,
+                max_shrink=self.options.max_shrink,
+            )
         _, qp = rtn(scaled)
         return Rounded(scaled, qp, input_scale=(1.0 / scales).to(torch.float32))
 

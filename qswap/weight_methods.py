@@ -245,3 +245,86 @@ def awq_scales(
             if error < best_error:
                 best_scales, best_alpha, best_error = s, alpha, error
     return best_scales, best_alpha
+
+
+def awq_clip(
+    weight: Tensor,
+    inputs: Tensor,
+    quantize: Callable[[Tensor], Tensor],
+    group_size: int | None,
+    *,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+) -> Tensor:
+    """AWQ's clipping search: shrink each group's range where that lowers the output error.
+
+    For ``r`` in ``1, 1 - max_shrink/grid, ..., 1 - max_shrink (grid-1)/grid`` every group of
+    ``group_size`` inputs of every row (the whole row when ``group_size`` is None) is clamped
+    to ``r`` times its own ``[min, max]`` and quantized by ``quantize`` (the caller's
+    round-to-nearest, whose qparams follow the clamped range). Each group keeps the ``r``
+    whose error on ``inputs`` restricted to its own columns,
+    ``sum_n (x_n,g . (w_g - q_g)) ** 2``, is least. A row's error also has cross terms between
+    its groups, so a row whose total error on ``inputs`` came out higher than unclipped keeps
+    its unclipped weight: the result is never worse than round-to-nearest, row by row.
+
+    Returns the clamped weight (``weight``'s shape and dtype); quantizing it with
+    ``quantize`` gives the chosen rounding.
+
+        >>> w = torch.tensor([[0.3, 0.3, 0.3, 4.0]])
+        >>> x = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the outlier weight meets a zero input
+        >>> def rtn(v):  # 4-bit symmetric, one scale for the row
+        ...     scale = v.abs().amax() / 7
+        ...     return (v / scale).round() * scale
+        >>> awq_clip(w, x, rtn, None)  # the range shrinks until 0.3 is on the grid
+        tensor([[0.3000, 0.3000, 0.3000, 2.1000]])
+    """
+    if weight.dim() != 2 or inputs.dim() != 2 or inputs.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"awq_clip: weight must be (out, in) and inputs (n, in), got shapes "
+            f"{tuple(weight.shape)} and {tuple(inputs.shape)}"
+        )
+    if grid < 1 or not 0.0 <= max_shrink < 1.0:
+        raise ValueError(
+            f"awq_clip: grid must be >= 1 and max_shrink in [0, 1), got {grid} and {max_shrink}"
+        )
+    features = weight.shape[1]
+    size = group_size or features
+    with torch.no_grad():
+        work = torch.promote_types(torch.promote_types(weight.dtype, inputs.dtype), torch.float32)
+        w = weight.detach().to(work)
+        x = inputs.detach().to(device=weight.device, dtype=work)
+        starts = range(0, features, size)
+        grams = [x[:, s : s + size].T @ x[:, s : s + size] for s in starts]
+        lows, highs = [], []
+        for s in starts:
+            block = w[:, s : s + size]
+            lows.append(block.amin(dim=1, keepdim=True).clamp_max(0).expand_as(block))
+            highs.append(block.amax(dim=1, keepdim=True).clamp_min(0).expand_as(block))
+        low, high = torch.cat(lows, dim=1), torch.cat(highs, dim=1)
+
+        def group_errors(candidate: Tensor) -> Tensor:
+            diff = w - quantize(candidate.to(weight.dtype)).to(work)
+            return torch.stack(
+                [
+                    ((diff[:, s : s + size] @ gram) * diff[:, s : s + size]).sum(dim=1)
+                    for s, gram in zip(starts, grams, strict=True)
+                ],
+                dim=1,
+            )  # (out, groups)
+
+        best = w.clone()
+        best_error = group_errors(w)
+        for step in range(1, grid):
+            ratio = 1.0 - max_shrink * step / grid
+            candidate = torch.minimum(torch.maximum(w, low * ratio), high * ratio)
+            error = group_errors(candidate)
+            better = error < best_error  # ties keep the wider range
+            best_error = torch.where(better, error, best_error)
+            mask = better.repeat_interleave(size, dim=1)[:, :features]
+            best = torch.where(mask, candidate, best)
+        # keep each row unclipped where its whole-row error (cross terms included) grew
+        reference = x @ w.T
+        plain = ((x @ quantize(weight.detach()).to(work).T - reference) ** 2).sum(dim=0)
+        clipped = ((x @ quantize(best.to(weight.dtype)).to(work).T - reference) ** 2).sum(dim=0)
+        keep = (clipped <= plain).unsqueeze(1)
+        return torch.where(keep, best, w).to(weight.dtype)

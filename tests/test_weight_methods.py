@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from qswap.weight_methods import awq_scales, fake_quantize, gptq
+from qswap.weight_methods import awq_clip, awq_scales, fake_quantize, gptq
 
 # 4-bit symmetric, per group of 32 input channels
 QMIN, QMAX, GROUP = -8, 7, 32
@@ -206,3 +206,42 @@ def test_awq_zero_input_channel_stays_finite() -> None:
     x[:, 3] = 0
     scales, alpha = awq_scales(w, x, _rtn)
     assert alpha > 0 and torch.isfinite(scales).all() and (scales >= 1e-4).all()
+
+
+def _rtn_rows(w: Tensor) -> Tensor:
+    """4-bit symmetric round to nearest, one scale per row."""
+    scale = (w.abs().amax(1, keepdim=True) / QMAX).clamp_min(1e-8).expand_as(w)
+    return fake_quantize(w, scale, torch.zeros_like(scale), QMIN, QMAX)
+
+
+def test_awq_clip_cuts_heavy_tails_and_is_never_worse_than_rtn_per_row() -> None:
+    """Heavy-tailed weights (Student's t, 2 degrees of freedom): measured for seeds 0..4,
+    clipping leaves 0.925-0.948 of RTN's held-out output error, in per-row and in 32-input
+    groups; on the sample itself no row is worse than RTN."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        w = torch.distributions.StudentT(2.0).sample((64, 128))
+        x, held = torch.randn(512, 128), torch.randn(512, 128)
+        clipped = awq_clip(w, x, _rtn_rows, None)
+        assert clipped.shape == w.shape and clipped.dtype == w.dtype
+        assert (clipped.abs() <= w.abs()).all() and (clipped != w).any()
+        assert _output_error(held, w, _rtn_rows(clipped)) < 0.97 * _output_error(
+            held, w, _rtn_rows(w)
+        )
+        rows = ((x.double() @ (_rtn_rows(clipped) - w).double().T) ** 2).sum(0)
+        plain = ((x.double() @ (_rtn_rows(w) - w).double().T) ** 2).sum(0)
+        assert (rows <= plain).all(), seed
+        grouped = awq_clip(w, x, _rtn, GROUP)
+        assert _output_error(held, w, _rtn(grouped)) < _output_error(held, w, _rtn(w))
+
+
+def test_awq_clip_keeps_the_range_when_cutting_cannot_help() -> None:
+    w, x = _layer(0)
+    # a quantizer that is exact: any clipping only adds error
+    assert torch.equal(awq_clip(w, x, lambda v: v, GROUP), w)
+    # max_shrink 0: the only ratio is 1
+    assert torch.equal(awq_clip(w, x, _rtn, GROUP, max_shrink=0.0), w)
+    with pytest.raises(ValueError, match="max_shrink"):
+        awq_clip(w, x, _rtn, GROUP, max_shrink=1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        awq_clip(w, x[:, :5], _rtn, GROUP)
