@@ -134,6 +134,7 @@ class Row:
     quantized: str = ""  # which layers it quantized
     bytes: int | None = None
     ppl: float | None = None
+    nll: list[float] = field(default_factory=list, repr=False)  # per held-out window
     note: str = ""
     prefill_ms: dict[int, float] = field(default_factory=dict)  # by thread count
     decode_ms: dict[int, float] = field(default_factory=dict)  # per token, by thread count
@@ -233,21 +234,41 @@ def coverage(reference: nn.Module, model: nn.Module) -> str:
 # --------------------------------------------------------------------------- quality
 
 
-def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> float:
-    """``exp`` of the mean next-byte negative log-likelihood over ``windows`` (chunks of 16)."""
-    total, count = 0.0, 0
+def window_nll(
+    logits_of: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor
+) -> list[float]:
+    """Each window's mean next-byte negative log-likelihood (run in chunks of 16 windows)."""
+    out: list[float] = []
     with torch.no_grad():
         for chunk in windows.split(16):
             logits = logits_of(chunk).float()
-            total += float(
-                F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]),
-                    chunk[:, 1:].reshape(-1),
-                    reduction="sum",
-                )
-            )
-            count += chunk[:, 1:].numel()
-    return math.exp(total / count)
+            nll = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), chunk[:, 1:], reduction="none"
+            ).double()
+            out += nll.mean(dim=1).tolist()
+    return out
+
+
+def perplexity_of(nll: list[float]) -> float:
+    """``exp`` of the mean negative log-likelihood (windows are of equal length)."""
+    return math.exp(statistics.fmean(nll))
+
+
+def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> float:
+    """``exp`` of the mean next-byte negative log-likelihood over ``windows``."""
+    return perplexity_of(window_nll(logits_of, windows))
+
+
+def gap_share(
+    float_nll: list[float], base_nll: list[float], nll: list[float]
+) -> tuple[float, float]:
+    """The share of ``base``'s log-perplexity gap to float that ``nll`` closes, and its standard
+    error over the held-out windows (paired: the same windows in all three)."""
+    n = len(nll)
+    gap = statistics.fmean(b - f for b, f in zip(base_nll, float_nll, strict=True))
+    gains = [b - q for b, q in zip(base_nll, nll, strict=True)]
+    error = statistics.stdev(gains) / math.sqrt(n) if n > 1 else math.inf
+    return statistics.fmean(gains) / gap, error / abs(gap)
 
 
 def torch_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -653,9 +674,11 @@ def targets(rows: list[Row], threads: int) -> list[str]:
         gap = base - f.ppl
         if gap <= 0:
             return f"{label}: n/a ({rtn} ppl {base:.4f} is not above float's {f.ppl:.4f})"
+        share, error = gap_share(f.nll, by[rtn].nll, by[label].nll)
         return (
-            f"{label}: closes {(base - q) / gap:.1%} of {rtn}'s perplexity gap "
-            f"(float {f.ppl:.4f}, RTN {base:.4f}, it {q:.4f})"
+            f"{label}: closes {share:.1%} ± {error:.1%} of {rtn}'s perplexity gap (in log "
+            f"perplexity; ± one standard error over the held-out windows; float {f.ppl:.4f}, "
+            f"RTN {base:.4f}, it {q:.4f})"
         )
 
     out += [gap_closed(GPTQ4, RTN4), gap_closed(AWQ4, RTN4), gap_closed(ORT_GPTQ, ORT_RTN)]
@@ -731,7 +754,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, nargs="+", default=[1], help="torch/ORT threads to time (default 1)"
     )
-    parser.add_argument("--eval-windows", type=int, help="held-out windows (default 64, quick 16)")
+    parser.add_argument("--eval-windows", type=int, help="held-out windows (default 256, quick 64)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -764,10 +787,12 @@ def measure_quality(
                     def logits(ids: torch.Tensor, s: Any = session, n: str = name) -> torch.Tensor:
                         return torch.from_numpy(s.run(None, {n: ids.numpy()})[0])
 
-                    row.ppl = perplexity(logits, windows)
+                    row.nll = window_nll(logits, windows)
+                    row.ppl = perplexity_of(row.nll)
                     row.bytes, row.quantized = onnx_bytes_and_ops(built)
                 else:
-                    row.ppl = perplexity(torch_logits(built), windows)
+                    row.nll = window_nll(torch_logits(built), windows)
+                    row.ppl = perplexity_of(row.nll)
                     row.bytes = state_bytes(built)
                     row.quantized = coverage(float_model, built)
         except Exception as err:
@@ -816,7 +841,7 @@ def measure_latency(
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     timing = QUICK if args.quick else FULL
-    windows_n = args.eval_windows or (16 if args.quick else 64)
+    windows_n = args.eval_windows or (64 if args.quick else 256)
     import transformers
 
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]

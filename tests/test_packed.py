@@ -342,13 +342,22 @@ def test_embeddings_pack_and_a_tied_lm_head_shares_their_bytes(
     assert sizes[False] - sizes[True] >= 256 * width
 
 
-def test_packed_embedding_reads_rows_as_nn_embedding_does() -> None:
-    """padding_idx and max_norm behave as in nn.Embedding, on the rounded rows."""
+@pytest.mark.parametrize(
+    ("preset", "group"),
+    [("w4_packed", 8), ("w8_packed", None), ("w8_packed", 8), ("w8_affine", None)],
+)
+def test_packed_embedding_reads_rows_as_nn_embedding_does(preset: str, group: int | None) -> None:
+    """padding_idx and max_norm behave as in nn.Embedding, on the rounded rows; int8 codes
+    with zero points 0 take a shorter path (no offset), affine ones the general one."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(32, 16, padding_idx=3, max_norm=2.5), nn.Linear(16, 16))
     ids = torch.tensor([[3, 1, 7, 1], [0, 31, 3, 5]])
-    q = qswap.quantize(model, {"extends": ["w4_packed"], "weight": {"group_size": 8}})
-    assert isinstance(q[0], PackedEmbedding) and q[0].group_size == 8
+    weight: dict[str, Any] = {"scheme": "affine"} if preset == "w8_affine" else {}
+    if group:
+        weight.update(granularity="per_group", group_size=group)
+    cfg = {"extends": ["w8_packed" if preset == "w8_affine" else preset], "weight": weight}
+    q = qswap.quantize(model, cfg)
+    assert isinstance(q[0], PackedEmbedding) and q[0].group_size == (group or 16)
     assert "padding_idx=3, max_norm=2.5" in repr(q[0])
     rounded = q[0].weight.clone()  # the dequantized rows
     before = q[0].qweight.clone()

@@ -361,6 +361,18 @@ class PackedEmbedding(_Packed):
         self.num_embeddings, self.embedding_dim = self.rows, self.in_features
         self.padding_idx = padding_idx
         self.max_norm, self.norm_type = max_norm, norm_type
+        self._plain: bool | None = None  # codes are int8 with zero points 0: rows are q * scale
+
+    def _plain_codes(self) -> bool:
+        if self._plain is None:
+            self._plain = self.qweight.dtype == torch.int8 and not bool(self.zero_points.any())
+        return self._plain
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._plain = None
 
     @classmethod
     def from_float(cls, module: nn.Module, spec: Any) -> PackedEmbedding:
@@ -391,7 +403,13 @@ class PackedEmbedding(_Packed):
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
-        rows = self._dequantize(self.qweight[flat], self.scales[flat], self.zero_points[flat])
+        if self._plain_codes() and not torch.onnx.is_in_onnx_export():
+            # a decoding step reads one row: three small ops instead of the general eight
+            rows = self.qweight.index_select(0, flat).to(torch.float32)
+            scales = self.scales.index_select(0, flat).unsqueeze(-1)
+            rows.view(flat.numel(), scales.shape[1], -1).mul_(scales)
+        else:
+            rows = self._dequantize(self.qweight[flat], self.scales[flat], self.zero_points[flat])
         if self.max_norm is not None:
             # what nn.Embedding's max_norm returns (torch.embedding_renorm_'s factor), applied
             # to the rows read; the packed bytes themselves are never rewritten
