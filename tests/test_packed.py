@@ -342,6 +342,31 @@ def test_embeddings_pack_and_a_tied_lm_head_shares_their_bytes(
     assert sizes[False] - sizes[True] >= 256 * width
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_stays_in_its_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Packed layers compute in float32 and hand back the model's own dtype: a packed
+    embedding's rows are bfloat16 for a bfloat16 model (float32 rows would silently turn
+    the rest of the model float32), through save and load too."""
+    pytest.importorskip("transformers")
+    from zoo_models import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=256, hidden=128, intermediate=256, tie=True).to(dtype)
+    ids = torch.randint(0, 256, (1, 12))
+    q = qswap.quantize(model, "w4_packed", progress=False)
+    seen: list[torch.dtype] = []
+    hook = q.model.layers[0].register_forward_pre_hook(lambda _m, a: seen.append(a[0].dtype))
+    with torch.no_grad():
+        logits = q(ids).logits
+    hook.remove()
+    assert seen == [dtype] and logits.dtype == dtype
+    assert f"dtype={dtype}" in repr(q.model.embed_tokens)
+    back = qswap.load(qswap.save(q, tmp_path / "m.qswap"), model)
+    _same_kernels(q, back)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, logits)
+
+
 @pytest.mark.parametrize(
     ("preset", "group"),
     [("w4_packed", 8), ("w8_packed", None), ("w8_packed", 8), ("w8_affine", None)],

@@ -356,9 +356,11 @@ class PackedEmbedding(_Packed):
         padding_idx: int | None = None,
         max_norm: float | None = None,
         norm_type: float = 2.0,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(codes, scales, zero_points, quant_range, group_size)
         self.num_embeddings, self.embedding_dim = self.rows, self.in_features
+        self.dtype = dtype  # the float embedding's: a bfloat16 model's rows stay bfloat16
         self.padding_idx = padding_idx
         self.max_norm, self.norm_type = max_norm, norm_type
         self._plain: bool | None = None  # codes are int8 with zero points 0: rows are q * scale
@@ -399,6 +401,7 @@ class PackedEmbedding(_Packed):
             module.padding_idx,
             module.max_norm,
             module.norm_type,
+            module.weight.dtype if module.weight.is_floating_point() else torch.float32,
         )
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -416,12 +419,14 @@ class PackedEmbedding(_Packed):
             norms = rows.norm(p=self.norm_type, dim=-1, keepdim=True)
             factor = (self.max_norm / (norms + 1e-7)).clamp(max=1.0)
             rows = torch.where(norms > self.max_norm, rows * factor, rows)
-        return rows.view(*ids.shape, self.embedding_dim)
+        rows = rows.view(*ids.shape, self.embedding_dim)
+        return rows if self.dtype == torch.float32 else rows.to(self.dtype)
 
     def extra_repr(self) -> str:
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         norm = "" if self.max_norm is None else f", max_norm={self.max_norm}"
-        return f"{self.num_embeddings}, {self.embedding_dim}, {self._describe()}{pad}{norm}"
+        dtype = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self._describe()}{pad}{norm}{dtype}"
 
 
 def check_layer(layer: Any) -> str | None:
