@@ -92,7 +92,21 @@ QSWAP_ROWS: list[tuple[str, str | dict[str, Any]]] = [
         {"extends": ["x86_dynamic_int8"], "weight": {"method": "smoothquant"}},
     ),
 ]
+#: rows built with quantize's keyword arguments too
+QSWAP_KW_ROWS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    (
+        "qswap GPTQ int4 g128, sequential=quantized",
+        dict(QSWAP_ROWS[2][1]),
+        {"sequential": "quantized"},
+    ),  # type: ignore[arg-type]
+    (
+        "qswap AWQ int4 g128, sequential=quantized",
+        dict(QSWAP_ROWS[3][1]),
+        {"sequential": "quantized"},
+    ),  # type: ignore[arg-type]
+]
 RTN4, GPTQ4, AWQ4 = (label for label, _ in QSWAP_ROWS[1:4])
+GPTQ4Q, AWQ4Q = (label for label, _, _ in QSWAP_KW_ROWS)
 RTN8, DYN8, SMOOTH8 = QSWAP_ROWS[0][0], QSWAP_ROWS[5][0], QSWAP_ROWS[6][0]
 #: qswap's int8 rows and the torchao row each is held against (perplexity and latency)
 INT8_PEERS = (
@@ -602,10 +616,10 @@ def sequential_memory(float_model: nn.Module, calib: list[torch.Tensor]) -> dict
 
 def qswap_rows(float_model: nn.Module, calib: list[torch.Tensor]) -> list[tuple[Row, Any]]:
     out: list[tuple[Row, Any]] = []
-    for label, config in QSWAP_ROWS:
+    for label, config, kwargs in [(lab, c, {}) for lab, c in QSWAP_ROWS] + QSWAP_KW_ROWS:
         row = Row(label, "torch")
         build = functools.partial(
-            qswap.quantize, float_model, config, calib_data=calib, progress=False
+            qswap.quantize, float_model, config, calib_data=calib, progress=False, **kwargs
         )
         model = timed_build(row, build)
         if model is None:
@@ -681,7 +695,8 @@ def targets(rows: list[Row], threads: int) -> list[str]:
             f"RTN {base:.4f}, it {q:.4f})"
         )
 
-    out += [gap_closed(GPTQ4, RTN4), gap_closed(AWQ4, RTN4), gap_closed(ORT_GPTQ, ORT_RTN)]
+    out += [gap_closed(label, RTN4) for label in (GPTQ4, AWQ4, GPTQ4Q, AWQ4Q)]
+    out.append(gap_closed(ORT_GPTQ, ORT_RTN))
     for label in INT4_ROWS:
         ratio = _ratio(by[label].bytes, f.bytes) if label in by else None
         verdict = "n/a" if ratio is None else ("PASS" if ratio <= INT4_BYTES_TARGET else "MISS")

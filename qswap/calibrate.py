@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ def calibrate(
     max_batches: int | None = None,
     progress: bool | None = None,
     process_group: ProcessGroup | None = None,
-    sequential: bool = False,
+    sequential: bool | Literal["quantized"] = False,
 ) -> nn.Module:
     """Run ``batches`` through a prepared model (eval mode, no grad) so its observers see data.
 
@@ -61,6 +61,9 @@ def calibrate(
     solved as soon as it has seen every batch, so only one block's statistics are held (see
     ``qswap.sequential``; the prepared model's method layers then hold their rounded weights).
     It needs every batch at once (they are kept), one process, and not QAT.
+    ``sequential="quantized"`` also runs each solved block again with its rounded weights and
+    calibrates the next block on those outputs (GPTQ's reference recipe): later blocks make
+    up for earlier blocks' rounding, and the result differs from ``sequential=False``'s.
 
     >>> import torch, qswap
     >>> prepared = qswap.prepare(torch.nn.Linear(4, 4), "w8a8_minmax")
@@ -87,6 +90,11 @@ def calibrate(
         batches = [batches]  # one batch, not one per row
     from qswap.distributed import check_reducible, distributed_context, report_failure
 
+    if sequential not in (False, True, "quantized"):
+        raise CalibrationError(
+            f"sequential must be False, True (block by block, float inputs) or 'quantized' "
+            f"(block by block, each block fed the rounded blocks' outputs), got {sequential!r}"
+        )
     group = distributed_context(process_group)
     if sequential and (group is not None or state.plan.config.mode == "qat"):
         where = "under torch.distributed" if group is not None else "in QAT"
@@ -116,7 +124,9 @@ def calibrate(
             try:
                 depth = nesting_depth(prepared)
                 if sequential:
-                    first, seen = _sequential(prepared, bar, depth, show)
+                    first, seen = _sequential(
+                        prepared, bar, depth, show, rounded=sequential == "quantized"
+                    )
                 for batch in () if sequential else bar:
                     args, kwargs = _batch_inputs(batch, seen)
                     with recursion_room(depth):
@@ -177,10 +187,10 @@ def _batch_inputs(batch: Any, index: int) -> tuple[tuple[Any, ...], dict[str, An
 
 
 def _sequential(
-    prepared: nn.Module, batches: Iterable[Any], depth: int, show: bool
+    prepared: nn.Module, batches: Iterable[Any], depth: int, show: bool, *, rounded: bool
 ) -> tuple[tuple[tuple[Any, ...], dict[str, Any]] | None, int]:
     """Calibrate block by block (``qswap.sequential``): the first batch's inputs, the count."""
-    from qswap.qparams import solve_methods
+    from qswap.qparams import solve_methods, solved_weights
     from qswap.sequential import calibrate_blocks
 
     state = state_of(prepared)
@@ -194,6 +204,11 @@ def _sequential(
             pairs,
             lambda names: solve_methods(prepared, state.plan, state.layers, names),
             show=show,
+            rounded=(
+                (lambda names: solved_weights(prepared, state.plan, state.layers, names))
+                if rounded
+                else None
+            ),
         )
     return pairs[0], seen
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -199,7 +199,7 @@ def quantize(
     registry: Registry | None = None,
     max_batches: int | None = None,
     progress: bool | None = None,
-    sequential: bool = False,
+    sequential: bool | Literal["quantized"] = False,
 ) -> nn.Module:
     """Plan, prepare, calibrate on ``calib_data`` and convert, in one call; ``model`` is untouched.
 
@@ -208,7 +208,8 @@ def quantize(
     ``example_inputs`` the first calibration batch is the example the plan traces (fusion
     across the model's own ``forward``, inputs shared between layers); a one-shot iterable
     still calibrates on every batch. ``sequential=True`` calibrates block by block, solving
-    weight methods in bounded memory (``qswap.calibrate``'s option of that name).
+    weight methods in bounded memory; ``"quantized"`` also feeds each block the rounded blocks'
+    outputs (``qswap.calibrate``'s option of that name).
 
     >>> import torch, qswap
     >>> x = torch.randn(16, 4)

@@ -7,10 +7,11 @@ qparams as its input ones (:func:`chain_inputs`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -200,6 +201,45 @@ def solve_methods(
         rounded = Rounded(torch.empty(0), done.qparams["weight"], done.input_scale)
         added = done.notes[len(layer.notes) :]
         slot._modules["stats"] = Solved(method, rounded, notes=added)
+
+
+@contextlib.contextmanager
+def solved_weights(
+    model: nn.Module, the_plan: Plan, layers: Mapping[str, LayerSpec], names: Iterable[str]
+) -> Iterator[None]:
+    """While inside, the layers ``names`` whose methods are solved compute with their rounded
+    weights: each weight is fake-quantized with its solved qparams (an input scale folded
+    in along the input features), and restored on exit. Activations stay float.
+
+    ``calibrate(..., sequential="quantized")`` runs a solved block this way, so the next
+    block calibrates on the inputs the quantized model will give it (as GPTQ's reference
+    implementation does).
+    """
+    parts = Components(the_plan.registry)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for name in names:
+                layer = layers.get(name)
+                module = model.get_submodule(name)
+                solved = input_method(module)
+                if layer is None or layer.weight is None or not isinstance(solved, Solved):
+                    continue
+                weight = unquantized(*param_location(module, "weight"))
+                qp = solved.qparams
+                effective = parts.quantizer(layer.weight, qp)(weight.detach().float())
+                if solved.input_scale.numel():
+                    axis = 1 - (qp.axis or 0)  # the input features: 1 for Linear, 0 for Conv1D
+                    shape = [1, 1]
+                    shape[axis] = -1
+                    effective = effective * solved.input_scale.view(shape).to(effective)
+                saved.append((weight, weight.detach().clone()))
+                weight.copy_(effective.to(weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
 
 
 def _apply_method(

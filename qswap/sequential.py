@@ -17,6 +17,10 @@ a time:
 At most one block's method statistics and one block's activations for all batches are held
 at once. Each block sees the float outputs of the block before it, as in a whole-model
 calibration, so the result is the same as ``sequential=False``'s, in less memory.
+``sequential="quantized"`` instead runs each solved block once more with its rounded weights
+(:func:`qswap.qparams.solved_weights`) and hands those outputs on: every block then fits
+its weights to the inputs the quantized model will really give it, and can make up for the
+rounding of the blocks before it, as GPTQ's reference implementation calibrates.
 The blocks must be called once each, in order, each taking the previous block's output as
 its first floating-point input and the same other inputs (as a transformer's decoder layers
 are): the first batch checks this before anything is solved. ``sequential=True`` runs in
@@ -26,7 +30,8 @@ one process (not with ``torch.distributed``) and not in QAT.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,11 +202,14 @@ def calibrate_blocks(
     solve: Any,
     *,
     show: bool,
+    rounded: Callable[[list[str]], AbstractContextManager[Any]] | None = None,
 ) -> int:
     """Calibrate ``prepared`` block by block (the module docstring); returns the batch count.
 
     ``batches`` yields ``(args, kwargs)``; ``solve(names)`` solves the weight methods of the
-    named layers (``qswap.qparams.solve_methods`` bound to the model's plan).
+    named layers (``qswap.qparams.solve_methods`` bound to the model's plan). With
+    ``rounded(names)`` (``qswap.qparams.solved_weights``), a solved block runs again with its
+    rounded weights and the next block calibrates on those outputs instead of the float ones.
     """
     methods = [n for n, m in prepared.named_modules() if input_method(m) is not None]
     path, blocks = find_blocks(prepared, methods)
@@ -235,10 +243,14 @@ def calibrate_blocks(
             outputs = []
             for inputs in kept:
                 outputs.append(block(*inputs.args, **inputs.kwargs))
+            own = f"{prefix}{i}."
+            names = [n for n in methods if n.startswith(own)]
+            solve(names)
+            if rounded is not None:  # what the quantized block hands the next one
+                with rounded(names), paused():
+                    outputs = [block(*inputs.args, **inputs.kwargs) for inputs in kept]
             carried = [_first_float_out(out) for out in outputs]
             kept = [inp.carrying(h) for inp, h in zip(kept, carried, strict=True)]  # type: ignore[arg-type]
-            own = f"{prefix}{i}."
-            solve([n for n in methods if n.startswith(own)])
             bar.update()
     finally:
         bar.close()

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 import qswap
+from qswap.backends.packed import PackedLinear
 from qswap.registry import Registry, default_registry
 from qswap.rounding import GPTQ, QParams, Rounded, RoundToNearest, Solved
 from qswap.slots import input_method
@@ -101,6 +102,38 @@ def test_sequential_on_a_transformers_decoder_is_exact_and_generates() -> None:
     _same_state(whole, blockwise)
     ids = torch.randint(0, 256, (1, 12), generator=g)
     assert blockwise.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 16)
+
+
+@pytest.mark.parametrize("config", [GPTQ4, AWQ4])
+def test_quantized_sequential_feeds_each_block_the_rounded_blocks_outputs(config: Any) -> None:
+    """sequential="quantized": block 1 calibrates on what the quantized block 0 computes
+    (its packed layers, to float-sum order: 1e-5); block 0 itself sees the same float inputs
+    as with sequential=True and comes out identical, later blocks differ."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    batches = _batches()
+    prepared = qswap.prepare(model, config, example_inputs=batches[0])
+    seen: list[Tensor] = []
+    hook = prepared.blocks[1].register_forward_pre_hook(  # type: ignore[union-attr]
+        lambda _m, a: seen.append(a[0].clone())
+    )
+    qswap.calibrate(prepared, batches, progress=False, sequential="quantized")
+    hook.remove()
+    rounded = qswap.convert(prepared, inplace=True)
+    plain = qswap.quantize(model, config, calib_data=batches, progress=False, sequential=True)
+    half = torch.full((1,), 0.5)
+    with torch.no_grad():
+        expected = [rounded.blocks[0](model.embed(x), scale=half) for x in batches]
+        floats = [model.blocks[0](model.embed(x), scale=half) for x in batches]
+    got = seen[-len(batches) :]  # the first call is the first batch's probe run, float
+    for g, e, f in zip(got, expected, floats, strict=True):
+        assert torch.allclose(g, e, atol=1e-5) and not torch.allclose(g, f, atol=1e-3)
+    _same_state(rounded.blocks[0], plain.blocks[0])
+    assert not torch.equal(rounded.blocks[1].up.qweight, plain.blocks[1].up.qweight)
+    # the float model is untouched and the option is checked by name
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    with pytest.raises(qswap.CalibrationError, match="sequential must be"):
+        qswap.calibrate(qswap.prepare(model, config), batches, sequential="float")  # type: ignore[arg-type]
 
 
 class Watching(GPTQ):
