@@ -30,6 +30,7 @@ one process (not with ``torch.distributed``) and not in QAT.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -61,11 +62,35 @@ class _Inputs:
         found = self.args[self.where] if isinstance(self.where, int) else self.kwargs[self.where]
         return found  # type: ignore[no-any-return]
 
+    def snapshot(self) -> _Inputs:
+        """A copy whose objects are its own and whose tensors are shared: a block run on it
+        leaves this one as it was (a transformers KV cache passed in grows on every call)."""
+        memo: dict[int, Any] = {}
+        _share_tensors((self.args, self.kwargs), memo, depth=6)
+        return _Inputs(copy.deepcopy(self.args, memo), copy.deepcopy(self.kwargs, memo), self.where)
+
     def carrying(self, hidden: torch.Tensor) -> _Inputs:
         if isinstance(self.where, int):
             args = (*self.args[: self.where], hidden, *self.args[self.where + 1 :])
             return _Inputs(args, self.kwargs, self.where)
         return _Inputs(self.args, {**self.kwargs, self.where: hidden}, self.where)
+
+
+def _share_tensors(value: Any, memo: dict[int, Any], depth: int) -> None:
+    """Enter every tensor reachable from ``value`` in ``memo``: ``copy.deepcopy`` keeps them."""
+    if isinstance(value, torch.Tensor):
+        memo[id(value)] = value
+        return
+    if depth == 0 or id(value) in memo:
+        return
+    if isinstance(value, dict):
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, (list, tuple, set)):
+        items = value
+    else:
+        items = getattr(value, "__dict__", {}).values()
+    for item in items:
+        _share_tensors(item, memo, depth - 1)
 
 
 def _first_float(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | str | None:
@@ -240,6 +265,8 @@ def calibrate_blocks(
     outputs: list[Any] = []
     try:
         for i, block in enumerate(blocks):
+            # the rounded run below takes the inputs as they were before this one
+            again = [inputs.snapshot() for inputs in kept] if rounded is not None else []
             outputs = []
             for inputs in kept:
                 outputs.append(block(*inputs.args, **inputs.kwargs))
@@ -248,7 +275,8 @@ def calibrate_blocks(
             solve(names)
             if rounded is not None:  # what the quantized block hands the next one
                 with rounded(names), paused():
-                    outputs = [block(*inputs.args, **inputs.kwargs) for inputs in kept]
+                    outputs = [block(*inputs.args, **inputs.kwargs) for inputs in again]
+                kept = again  # the rounded run's objects carry on (the float run's are dropped)
             carried = [_first_float_out(out) for out in outputs]
             kept = [inp.carrying(h) for inp, h in zip(kept, carried, strict=True)]  # type: ignore[arg-type]
             bar.update()

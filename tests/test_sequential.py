@@ -136,6 +136,51 @@ def test_quantized_sequential_feeds_each_block_the_rounded_blocks_outputs(config
         qswap.calibrate(qswap.prepare(model, config), batches, sequential="float")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("family", "config"), [("llama", GPTQ4), ("gpt2", AWQ4)])
+def test_quantized_sequential_on_a_decoder_with_a_kv_cache(family: str, config: Any) -> None:
+    """A transformers decoder passes its blocks a KV cache that grows on every call: the
+    rounded run of a block starts from the cache as it was, so block 1 calibrates on exactly
+    what the converted model's block 0 gives it (embeddings kept float here, so both start
+    from the same input). GPT-2's Conv1D holds its weight transposed, AWQ's input scale
+    along its rows."""
+    transformers = pytest.importorskip("transformers")
+    from zoo_models import tiny_llama
+
+    torch.manual_seed(0)
+    if family == "llama":
+        model = tiny_llama(vocab=256, layers=2)
+    else:
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256)
+        model = transformers.GPT2LMHeadModel(cfg).eval()
+    blocks = "model.layers" if family == "llama" else "transformer.h"
+    g = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(0, 256, (2, 24), generator=g)} for _ in range(3)]
+    cfg = {
+        **config,
+        "weight": {**config["weight"], "group_size": 32},
+        "rules": [{"match": {"type": "Embedding"}, "skip": True}],
+    }
+    prepared = qswap.prepare(model, cfg, example_inputs=batches[0])
+    seen: list[Tensor] = []
+
+    def watch(root: nn.Module) -> Any:
+        block = root.get_submodule(blocks)[1]
+        return block.register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
+
+    hook = watch(prepared)
+    qswap.calibrate(prepared, batches, progress=False, sequential="quantized")
+    hook.remove()
+    calibrated, seen = seen[-len(batches) :], []
+    q = qswap.convert(prepared, inplace=True)
+    hook = watch(q)
+    with torch.no_grad():
+        for batch in batches:
+            q(**batch)
+    hook.remove()
+    for got, expected in zip(calibrated, seen, strict=True):
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
 class Watching(GPTQ):
     """GPTQ that counts, each time a layer is solved, the methods still holding statistics."""
 
