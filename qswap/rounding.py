@@ -42,7 +42,7 @@ from torch import Tensor
 from qswap.exceptions import CalibrationError
 from qswap.observers import Observer
 from qswap.quantizers import QParams, add_buffer, set_buffer
-from qswap.weight_methods import awq_clip, awq_scales, gptq
+from qswap.weight_methods import awq_clip, awq_scales, gptq, moment_root
 
 if TYPE_CHECKING:
     from qswap.config import QuantSpec
@@ -270,9 +270,6 @@ class AWQOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     grid: int = Field(default=20, ge=1, le=200, description="Exponents tried in [0, 1).")
-    samples: int = Field(
-        default=512, ge=1, description="Input rows kept to score each exponent (reservoir)."
-    )
     clip: bool = Field(
         default=True,
         description=(
@@ -288,68 +285,76 @@ class AWQOptions(BaseModel):
 class AWQ(WeightMethod):
     """AWQ (Lin et al., 2023): scale up the input channels that carry large activations.
 
-    Records an evenly spread sample of at most ``samples`` input rows; ``solve`` tries
-    ``s = mean|x| ** alpha`` for ``alpha`` on a grid, rounds ``W * s`` to nearest and keeps
-    the ``alpha`` whose output on the sample is closest to float; with ``clip`` it then
-    shrinks each group's range where that brings the output closer (``awq_clip``). The
-    layer computes ``round(W * s) @ (x / s)``: the backend applies ``input_scale``.
-    ``alpha = 0`` is plain RTN and clipping keeps a row's range where cutting it does not
-    help, so the result is never worse than RTN on the sample.
+    Records the inputs' second moments ``sum x x^T`` (``in x in``, as GPTQ's Hessian) and
+    each input channel's summed magnitude, both sums (reduced across batches and processes,
+    exactly); ``solve`` tries ``s = mean|x| ** alpha`` for ``alpha`` on a grid, rounds
+    ``W * s`` to nearest and keeps the ``alpha`` whose output error over all calibration
+    inputs, ``tr(D H D^T)``, is least; with ``clip`` it then shrinks each group's range where
+    that brings the output closer (``awq_clip``). The layer computes
+    ``round(W * s) @ (x / s)``: the backend applies ``input_scale``. ``alpha = 0`` is plain
+    RTN and clipping keeps a row's range where cutting it does not help, so the result is
+    never worse than RTN on the calibration inputs.
     """
 
     options_model: ClassVar[type[BaseModel]] = AWQOptions
     options: AWQOptions
     scales_inputs: ClassVar[bool] = True
     rows: Tensor
-    sample: Tensor
+    moments: Tensor
+    magnitude: Tensor
 
     def __init__(
         self, spec: QuantSpec, options: BaseModel | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(spec, options)
         add_buffer(self, "rows", torch.zeros((), dtype=torch.int64))
-        add_buffer(self, "sample", torch.zeros(0, 0, dtype=torch.float32))
+        add_buffer(self, "moments", torch.zeros(0, 0, dtype=torch.float32))
+        add_buffer(self, "magnitude", torch.zeros(0, dtype=torch.float32))
 
     def observe(self, x: Tensor) -> None:
         rows = self._features(x)
-        self._add(rows, rows.shape[0])
+        self._add(rows.T @ rows, rows.abs().sum(dim=0), rows.shape[0])
 
-    def _add(self, rows: Tensor, count: int) -> None:
-        """Count ``count`` more input rows, of which ``rows`` join the sample."""
-        if self.sample.numel() and self.sample.shape[1] != rows.shape[1]:
+    def _add(self, moments: Tensor, magnitude: Tensor, count: int) -> None:
+        if self.moments.numel() == 0:
+            set_buffer(self, "moments", moments.clone())
+            set_buffer(self, "magnitude", magnitude.clone())
+        elif self.moments.shape != moments.shape:
             raise CalibrationError(
-                f"awq saw inputs with {rows.shape[1]} features after {self.sample.shape[1]}; "
-                "a layer's input size must stay the same"
+                f"awq saw inputs with {moments.shape[0]} features after "
+                f"{self.moments.shape[0]}; a layer's input size must stay the same"
             )
+        else:
+            self.moments.add_(moments.to(self.moments.device))
+            self.magnitude.add_(magnitude.to(self.magnitude.device))
         self.rows.add_(count)
-        # keep an evenly spread, deterministic sample of at most `samples` rows
-        keep = self.options.samples
-        joined = (
-            rows if self.sample.numel() == 0 else torch.cat([self.sample, rows.to(self.sample)])
-        )
-        if joined.shape[0] > keep:
-            joined = joined[torch.linspace(0, joined.shape[0] - 1, keep).round().long()]
-        set_buffer(self, "sample", joined.clone())
 
     def _merge_state(self, other: AWQ) -> None:
-        self._add(other.sample, int(other.rows))
+        self._add(other.moments, other.magnitude, int(other.rows))
 
     def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
         self._require_seen()
-        if self.sample.shape[1] != weight.shape[1]:
+        if self.moments.shape[0] != weight.shape[1]:
             raise CalibrationError(
-                f"awq recorded inputs with {self.sample.shape[1]} features for a weight with "
+                f"awq recorded inputs with {self.moments.shape[0]} features for a weight with "
                 f"{weight.shape[1]} input features"
             )
-        sample = self.sample.to(weight)
-        scales, _alpha = awq_scales(weight, sample, lambda w: rtn(w)[0], grid=self.options.grid)
+        count = max(int(self.rows), 1)
+        root = moment_root(self.moments / count).to(weight)  # stands in for every input row
+        scales, _alpha = awq_scales(
+            weight,
+            root,
+            lambda w: rtn(w)[0],
+            grid=self.options.grid,
+            activation=self.magnitude / count,
+        )
         scaled = weight * scales
         rows = self.spec.granularity == "per_channel" and self.spec.axis == 0
         if self.options.clip and (rows or self.spec.granularity == "per_group"):
             group = None if rows else self.spec.group_size
             scaled = awq_clip(
                 scaled,
-                sample / scales,
+                root / scales,
                 lambda w: rtn(w)[0],
                 group,
                 grid=self.options.grid,

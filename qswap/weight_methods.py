@@ -22,7 +22,8 @@ channels with large activations matter most, and protects them by scaling: ``W @
 (W * s) @ (x / s)`` for any per-input-channel ``s > 0``, so the layer can quantize
 ``W * s`` and fold ``1 / s`` into whatever produces ``x``. Scaling a salient channel up
 shrinks its relative rounding error. ``s = mean(|x|) ** alpha`` with ``alpha`` found by a
-grid search that minimises the output error on a sample of inputs (:func:`awq_scales`).
+grid search that minimises the output error on the calibration inputs (:func:`awq_scales`;
+the inputs' second moments stand in for them through :func:`moment_root`).
 
     >>> w = torch.tensor([[0.30, -0.70], [1.00, 0.26]])
     >>> scale, zero = torch.full_like(w, 0.25), torch.zeros_like(w)
@@ -200,6 +201,7 @@ def awq_scales(
     quantize: Callable[[Tensor], Tensor],
     *,
     grid: int = 20,
+    activation: Tensor | None = None,
 ) -> tuple[Tensor, float]:
     """AWQ's per-input-channel scales ``s``: quantize ``weight * s``, divide the input by ``s``.
 
@@ -210,6 +212,10 @@ def awq_scales(
     ``sqrt(s.max() * s.min())`` as in the paper and clamped to ``>= 1e-4`` (also before
     normalising, so an input channel that is always zero cannot divide by zero); its error
     is ``mean((inputs @ (quantize(weight * s) / s).T - inputs @ weight.T) ** 2)``.
+
+    ``activation`` (``(in,)``) replaces ``mean(|x|, dim=0)`` where ``inputs`` are not the
+    inputs themselves but a factor of their second moments (:func:`moment_root`): the error
+    depends on the rows only through ``inputs.T @ inputs``.
 
     Returns the ``s`` with the least error (of ``weight``'s dtype, shape ``(in,)``) and its
     ``alpha``. ``alpha = 0`` gives ``s = ones``, plain round-to-nearest, and ties keep the
@@ -231,7 +237,8 @@ def awq_scales(
         work = torch.promote_types(torch.promote_types(weight.dtype, inputs.dtype), torch.float32)
         x = inputs.detach().to(device=weight.device, dtype=work)
         reference = x @ weight.detach().to(work).T
-        activation = x.abs().mean(dim=0).clamp_min(_AWQ_MIN_SCALE)
+        mean = x.abs().mean(dim=0) if activation is None else activation.to(x)
+        activation = mean.clamp_min(_AWQ_MIN_SCALE)
 
         best_scales = torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device)
         best_alpha, best_error = 0.0, math.inf
@@ -328,3 +335,23 @@ def awq_clip(
         clipped = ((x @ quantize(best.to(weight.dtype)).to(work).T - reference) ** 2).sum(dim=0)
         keep = (clipped <= plain).unsqueeze(1)
         return torch.where(keep, best, w).to(weight.dtype)
+
+
+def moment_root(moments: Tensor) -> Tensor:
+    """A square ``F`` with ``F.T @ F == moments`` for a symmetric positive semi-definite
+    ``moments`` (``sum x x^T / n`` over a layer's inputs): ``F``'s rows stand in for every
+    input row in an output error ``sum_n (x_n . d) ** 2 == d @ moments @ d``, at the cost of
+    ``in`` rows however many the calibration had. From the eigendecomposition, negative
+    rounding-error eigenvalues set to 0.
+
+        >>> h = torch.tensor([[4.0, 2.0], [2.0, 2.0]])
+        >>> f = moment_root(h)
+        >>> torch.allclose(f.T @ f, h, atol=1e-5)
+        True
+    """
+    if moments.dim() != 2 or moments.shape[0] != moments.shape[1]:
+        raise ValueError(f"moment_root: a square matrix is needed, got {tuple(moments.shape)}")
+    work = moments.to(torch.float64)
+    values, vectors = torch.linalg.eigh((work + work.T) / 2)
+    root: Tensor = values.clamp_min(0).sqrt().unsqueeze(1) * vectors.T
+    return root.to(moments.dtype)

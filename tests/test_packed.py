@@ -219,6 +219,27 @@ def test_smoothquant_statistics_merge_as_maxima() -> None:
         a(torch.zeros(1, 3))
 
 
+def test_awq_statistics_are_sums_that_merge_exactly() -> None:
+    """AWQ keeps sums (second moments, magnitudes, a count), not a sample: two halves merged
+    are the whole, so distributed calibration gives what one process gives."""
+    from qswap.config import QuantSpec
+    from qswap.rounding import AWQ
+
+    x = _correlated(64, 3, loud=4)
+    whole, a, b = AWQ(QuantSpec()), AWQ(QuantSpec()), AWQ(QuantSpec())
+    whole(x)
+    a(x[:40])
+    b(x[40:])
+    a.merge(b)
+    top = float(whole.moments.abs().max())  # float sums in another order
+    assert int(a.rows) == 64
+    assert torch.allclose(a.moments, whole.moments, rtol=1e-5, atol=1e-6 * top)
+    assert torch.allclose(a.magnitude, whole.magnitude, rtol=1e-5)
+    assert torch.allclose(whole.magnitude / 64, x.abs().mean(0))
+    with pytest.raises(qswap.CalibrationError, match="3 features after 256"):
+        a(torch.zeros(1, 3))
+
+
 def test_methods_are_chosen_from_yaml_and_shown_in_the_plan(tmp_path: Path) -> None:
     path = tmp_path / "q.yaml"
     path.write_text(

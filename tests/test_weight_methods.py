@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from qswap.weight_methods import awq_clip, awq_scales, fake_quantize, gptq
+from qswap.weight_methods import awq_clip, awq_scales, fake_quantize, gptq, moment_root
 
 # 4-bit symmetric, per group of 32 input channels
 QMIN, QMAX, GROUP = -8, 7, 32
@@ -245,3 +245,20 @@ def test_awq_clip_keeps_the_range_when_cutting_cannot_help() -> None:
         awq_clip(w, x, _rtn, GROUP, max_shrink=1.0)
     with pytest.raises(ValueError, match="shapes"):
         awq_clip(w, x[:, :5], _rtn, GROUP)
+
+
+def test_a_moment_root_stands_in_for_every_input_row() -> None:
+    """AWQ scores scales on ``F`` with ``F.T F = X.T X / n`` instead of the rows: the same
+    errors up to float rounding, so the same alpha and scales, at ``in`` rows; a
+    rank-deficient matrix (fewer rows than features) included."""
+    for rows in (512, 40):
+        w, x = _outlier_inputs(0)
+        x = x[:rows]
+        root = moment_root(x.T @ x / rows)
+        assert root.shape == (128, 128)
+        torch.testing.assert_close(root.T @ root, x.T @ x / rows, rtol=1e-4, atol=1e-3)
+        direct, alpha = awq_scales(w, x, _rtn)
+        stood_in, same = awq_scales(w, root, _rtn, activation=x.abs().mean(0))
+        assert alpha == same and torch.allclose(direct, stood_in, rtol=1e-5)
+    with pytest.raises(ValueError, match="square"):
+        moment_root(torch.zeros(2, 3))
