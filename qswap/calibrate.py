@@ -20,7 +20,7 @@ from torch import nn
 
 from qswap.exceptions import CalibrationError
 from qswap.methods import learns_qparams
-from qswap.plan import set_eval, split_inputs
+from qswap.plan import restore_training, set_eval, split_inputs
 from qswap.progress import bar as progress_bar
 from qswap.progress import stderr_is_tty
 from qswap.slots import ActivationSlot, WeightObserver
@@ -148,8 +148,7 @@ def calibrate(
             report_failure(group, exc)  # the other ranks raise instead of waiting for us
         raise
     finally:
-        for m, flag in flags:
-            m.training = flag
+        restore_training(flags)
     state.failed = None  # a calibration that ran to its end: what the observers hold is whole
     if state.example_args is None:
         state.example_args, state.example_kwargs = first

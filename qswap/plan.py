@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import gc
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -577,17 +578,21 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def set_eval(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+def set_eval(model: nn.Module) -> list[weakref.ref[nn.Module]]:
     """``model.train(False)``, touching only the modules still in training mode.
 
     ``train`` sets the flag of every module through ``nn.Module.__setattr__``; on a model of
     thousands of modules that costs milliseconds even when all are in eval mode already. A
-    module that overrides ``train`` gets the real call. Returns ``(module, flag)`` pairs
-    that restore the modes as they were (``module.training = flag``).
+    module that overrides ``train`` gets the real call. Returns weak references to the
+    modules that were in training mode, for :func:`restore_training`: a module replaced
+    meanwhile (sequential calibration swaps each solved weight method out) is not kept
+    alive by them.
 
     >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2)).train()
     >>> restore = set_eval(m); m.training, m[0].training, len(restore)
     (False, False, 2)
+    >>> restore_training(restore); m[0].training
+    True
     """
     found = {id(model): model}  # model.modules(), without its per-module generator frames
     stack = [model]
@@ -597,14 +602,22 @@ def set_eval(model: nn.Module) -> list[tuple[nn.Module, bool]]:
                 found[id(child)] = child
                 stack.append(child)
     modules = list(found.values())
+    training = [weakref.ref(m) for m in modules if m.training]
     if any(type(m).train is not nn.Module.train for m in modules):
-        flags = [(m, m.training) for m in modules]
         model.train(False)
-        return flags
-    flags = [(m, True) for m in modules if m.training]
-    for m, _ in flags:
-        m.training = False
-    return flags
+    else:
+        for m in modules:
+            if m.training:
+                m.training = False
+    return training
+
+
+def restore_training(modules: Sequence[weakref.ref[nn.Module]]) -> None:
+    """Put back in training mode the modules :func:`set_eval` took out of it (those alive)."""
+    for ref in modules:
+        module = ref()
+        if module is not None:
+            module.training = True
 
 
 # --------------------------------------------------------------------------- the walk

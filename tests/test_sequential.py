@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any, ClassVar
 
 import pytest
@@ -182,32 +183,47 @@ def test_quantized_sequential_on_a_decoder_with_a_kv_cache(family: str, config: 
 
 
 class Watching(GPTQ):
-    """GPTQ that counts, each time a layer is solved, the methods still holding statistics."""
+    """GPTQ that counts, each time a layer is solved, the methods alive in the process (not
+    only in the model: anything that keeps a replaced method keeps its Hessian) that still
+    hold statistics."""
 
-    model: ClassVar[nn.Module | None] = None
     held: ClassVar[list[int]] = []
 
     def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
-        assert Watching.model is not None
-        live = [
-            m
-            for m in map(input_method, Watching.model.modules())
-            if isinstance(m, Watching) and m.hessian.numel()
-        ]
+        gc.collect()
+        live = [m for m in gc.get_objects() if type(m) is Watching and m.hessian.numel()]
         Watching.held.append(len(live))
         return super().solve(weight, qparams, rtn)
 
 
+class Overriding(Stack):
+    """A model whose ``train`` is its own (as transformers' models have): calibration calls it."""
+
+    def train(self, mode: bool = True) -> Overriding:
+        return super().train(mode)
+
+
+@pytest.mark.parametrize("kind", ["eval", "train", "override"])
 @pytest.mark.parametrize(("sequential", "most"), [(False, 3 * 2 + 2), (True, 2)])
-def test_sequential_holds_one_blocks_statistics_at_a_time(sequential: bool, most: int) -> None:
+def test_sequential_holds_one_blocks_statistics_at_a_time(
+    sequential: bool, most: int, kind: str
+) -> None:
     """Whole-model calibration holds every layer's Hessian until convert; sequential only the
-    block being solved (2 layers here), freeing each as it goes."""
+    block being solved (2 layers here), freeing each as it goes, whatever mode the model is
+    in (calibration used to keep every module to restore its mode: every Hessian too)."""
     registry = Registry("watch", parent=default_registry())
     registry.register_method("watching", Watching)
     config = {"extends": ["w4_packed"], "weight": {"method": "watching"}}
-    prepared = qswap.prepare(Stack(), config, registry=registry, example_inputs=_batches(1)[0])
-    Watching.model, Watching.held = prepared, []
+    model = Overriding() if kind == "override" else Stack()
+    model.train(kind == "train")
+    prepared = qswap.prepare(model, config, registry=registry, example_inputs=_batches(1)[0])
+    was = {name: m.training for name, m in prepared.named_modules()}
+    Watching.held = []
     qswap.calibrate(prepared, _batches(), sequential=sequential, progress=False)
+    # the modes come back as they were (but a Solved, new in a solved method's place)
+    now = {n: m.training for n, m in prepared.named_modules() if not isinstance(m, Solved)}
+    assert now == {n: t for n, t in was.items() if n in now}
+    assert now[""] == (kind == "train")
     solved = [m for m in map(input_method, prepared.modules()) if isinstance(m, Solved)]
     assert len(solved) == (6 if sequential else 0)
     assert "solved" in repr(solved[0]) if solved else True
