@@ -26,7 +26,7 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from qswap.exceptions import (
     CalibrationError,
@@ -413,6 +413,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from qswap.plan import plan
     from qswap.prepare import prepare
     from qswap.report import report
+    from qswap.slots import input_method
 
     shown = args.out
     out = Path(os.path.abspath(args.out))
@@ -424,17 +425,36 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     example = _example(calib)
     the_plan = plan(model, cfg, example_inputs=example)
     prepared = prepare(model, the_plan, example_inputs=example)
+    # weight methods (GPTQ, AWQ, SmoothQuant) change the weights, which a calibration file
+    # (qparams only) cannot hold: model.pt alone keeps their result
+    methods = sorted({type(m).__name__ for m in map(input_method, prepared.modules()) if m})
     if args.calibration:
         qmodel = qswap.convert(prepared, calibration=args.calibration)
     else:
-        calibrate(prepared, calib, max_batches=args.max_batches, progress=False)
+        modes: dict[str | None, bool | Literal["quantized"]] = {
+            None: False,
+            "float": True,
+            "quantized": "quantized",
+        }
+        sequential = modes[args.sequential]
+        calibrate(
+            prepared,
+            calib,
+            max_batches=args.max_batches,
+            progress=False,
+            sequential=sequential,
+        )
     tmp = _make_temp_folder(out)
+    written = ["model.pt", "config.yaml", "plan.txt", "report.txt/json/csv"]
     try:
         if not args.calibration:
-            save_calibration(prepared, tmp / "calibration.pt")
+            if not methods:
+                save_calibration(prepared, tmp / "calibration.pt")
             qmodel = qswap.convert(prepared, inplace=True)
         else:
             save_calibration(qmodel, tmp / "calibration.pt")
+        if not methods or args.calibration:
+            written.insert(0, "calibration.pt")
         save(qmodel, tmp / "model.pt")
         # the plan's config: what it measured (vnni) included, so the folder rebuilds as is
         write_atomic(tmp / "config.yaml", dump_config(the_plan.config).encode("utf-8"))
@@ -462,9 +482,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(
-        f"wrote {shown.rstrip(os.sep)}/: calibration.pt, model.pt, config.yaml, plan.txt, "
-        "report.txt/json/csv" + (", model.onnx, onnx_check.txt" if want_onnx else "")
+        f"wrote {shown.rstrip(os.sep)}/: {', '.join(written)}"
+        + (", model.onnx, onnx_check.txt" if want_onnx else "")
     )
+    if methods and not args.calibration:
+        print(
+            f"no calibration.pt: weight method(s) {', '.join(methods)} rounded the weights "
+            "themselves, which a calibration file (qparams only) cannot hold; model.pt keeps them"
+        )
     print(
         f"output SQNR {rep.output_sqnr_db:.1f} dB over {rep.batches} batch(es); "
         f"{sum(r.params_before for r in rep.rows)} -> {sum(r.params_after for r in rep.rows)} "
@@ -597,6 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration", metavar="FILE", help="reuse this artifact instead of calibrating"
     )
     p.add_argument("--max-batches", type=int, help="calibrate on at most this many batches")
+    p.add_argument(
+        "--sequential",
+        choices=["float", "quantized"],
+        help="calibrate block by block, one block's weight-method statistics in memory at a "
+        "time; 'quantized' feeds each block the rounded blocks' outputs",
+    )
     p.add_argument(
         "--sensitivity", action="store_true", help="add per-layer sensitivity to the report"
     )

@@ -41,7 +41,7 @@ from torch import nn
 
 from qswap.exceptions import CalibrationError
 from qswap.progress import bar as progress_bar
-from qswap.slots import input_method, paused
+from qswap.slots import activation_owner, input_method, paused
 
 __all__ = ["calibrate_blocks", "find_blocks"]
 
@@ -236,7 +236,11 @@ def calibrate_blocks(
     ``rounded(names)`` (``qswap.qparams.solved_weights``), a solved block runs again with its
     rounded weights and the next block calibrates on those outputs instead of the float ones.
     """
-    methods = [n for n, m in prepared.named_modules() if input_method(m) is not None]
+    methods = [  # a container's input slot is its first child's: the child is named
+        n
+        for n, m in prepared.named_modules()
+        if input_method(m) is not None and activation_owner(m, "input") is m
+    ]
     path, blocks = find_blocks(prepared, methods)
     items = iter(batches)
     first = next(items, None)

@@ -43,6 +43,33 @@ FACTORY = textwrap.dedent(
         raise RuntimeError("the dataset is not downloaded")
 
     EMPTY = []
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return x + torch.relu(self.linear(x))
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+            self.head = nn.Linear(64, 8)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    def blocks():
+        torch.manual_seed(0)
+        return Blocks().eval()
+
+    def vectors():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(16, 64, generator=g) for _ in range(3)]
     """
 )
 
@@ -361,3 +388,29 @@ def test_data_that_does_not_fit_the_model_is_one_error_line(
     assert err.startswith("error: qswap quantize failed: RuntimeError")
     assert err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_quantize_with_a_weight_method_writes_the_model_without_a_calibration_file(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GPTQ rounds the weights themselves, which calibration.pt (qparams only) cannot hold:
+    the folder has model.pt alone and says why, instead of failing after calibrating.
+    --sequential calibrates block by block, as the Python API's sequential= does."""
+    config = "{extends: [w4_packed], weight: {method: gptq, group_size: 32}}"
+    out = tmp_path / "out"
+    args = ["quantize", "--model", f"{factory}:blocks", "--config", config]
+    args += ["--calib", f"{factory}:vectors", "--out", str(out), "--sequential", "quantized"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "no calibration.pt: weight method(s) GPTQ rounded the weights" in printed
+    assert "model.pt" in {p.name for p in out.iterdir()}
+    assert "calibration.pt" not in {p.name for p in out.iterdir()}
+    from cli_factory import blocks, vectors  # type: ignore[import-not-found]
+
+    expected = qswap.quantize(
+        blocks(), qswap.load_config(config), calib_data=vectors(), sequential="quantized"
+    )
+    loaded = load(out / "model.pt", blocks())
+    x = vectors()[0]
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), expected(x), atol=1e-6)
