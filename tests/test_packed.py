@@ -363,6 +363,30 @@ def test_embeddings_pack_and_a_tied_lm_head_shares_their_bytes(
     assert sizes[False] - sizes[True] >= 256 * width
 
 
+def test_a_tied_lm_head_a_method_untied_loads_its_own_bytes(tmp_path: Path) -> None:
+    """GPTQ gives a tied lm_head its own copy (same grid as the embedding's); the float model
+    it loads onto is tied, so the rebuilt packed layers share bytes until load gives the
+    lm_head its own again: before, the lm_head's rounded bytes overwrote the embedding's."""
+    pytest.importorskip("transformers")
+    from zoo_models import tiny_llama
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(0, 256, (2, 24), generator=g)} for _ in range(3)]
+    model = tiny_llama(vocab=256, hidden=128, intermediate=256, tie=True)
+    cfg = {"extends": ["w4_packed"], "weight": {"method": "gptq"}}
+    q = qswap.quantize(model, cfg, calib_data=batches, progress=False)
+    assert q.lm_head.qweight is not q.model.embed_tokens.qweight
+    back = qswap.load(qswap.save(q, tmp_path / "m.qswap"), model)
+    _same_kernels(q, back)
+    assert back.lm_head.qweight is not back.model.embed_tokens.qweight
+    saved, loaded = q.state_dict(), back.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, q(ids).logits)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_model_stays_in_its_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
     """Packed layers compute in float32 and hand back the model's own dtype: a packed

@@ -335,6 +335,41 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     return save_payload(path, make_payload(_KIND, meta, tensors))
 
 
+def _untie_where_saved_apart(qmodel: nn.Module, state: Mapping[str, Any]) -> None:
+    """Give a state entry its own tensor where the rebuilt model shares it but the file does not.
+
+    A float model with tied weights (a language model's ``lm_head`` and embedding) rebuilds
+    with the tie, and a backend that keeps ties (``packed``) shares the packed bytes; but a
+    weight method that fitted one of them untied it when it was saved. Loading both into
+    one tensor would leave whichever came last in both modules.
+    """
+    groups: dict[int, list[str]] = {}
+    for key, tensor in qmodel.state_dict(keep_vars=True).items():
+        if isinstance(tensor, torch.Tensor) and key in state:
+            groups.setdefault(id(tensor), []).append(key)
+    for keys in groups.values():
+        first = state[keys[0]]
+        for key in keys[1:]:
+            saved = state[key]
+            if saved is first or (
+                isinstance(saved, torch.Tensor)
+                and isinstance(first, torch.Tensor)
+                and saved.shape == first.shape
+                and torch.equal(saved, first)
+            ):
+                continue
+            path, _, name = key.rpartition(".")
+            owner = qmodel.get_submodule(path)
+            if name in owner._parameters:
+                old = owner._parameters[name]
+                assert old is not None
+                owner._parameters[name] = nn.Parameter(old.detach().clone(), old.requires_grad)
+            elif name in owner._buffers:
+                buffer = owner._buffers[name]
+                assert buffer is not None
+                owner._buffers[name] = buffer.clone()
+
+
 def load(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -418,6 +453,7 @@ def load(
     prepared.train(False)
     qmodel = convert(prepared, inplace=True, calibration=calibration)
     _check_quantization_buffers(qmodel, state, f)
+    _untie_where_saved_apart(qmodel, state)
     try:
         result = qmodel.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a saved tensor whose shape does not fit this model
