@@ -439,7 +439,9 @@ def test_packed_embedding_reads_rows_as_nn_embedding_does(preset: str, group: in
     assert torch.equal(q[0].qweight, before)  # reading never rewrites the packed rows
 
 
-def test_gpt2_conv1d_packs_its_transposed_weight() -> None:
+def test_gpt2_conv1d_packs_its_transposed_weight(tmp_path: Path) -> None:
+    """Conv1D holds its weight as (in, out): packed as (out, in), saved with the float
+    layout's shape (load checks the model it rebuilds on against it) and loaded exactly."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
@@ -454,6 +456,18 @@ def test_gpt2_conv1d_packs_its_transposed_weight() -> None:
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         assert torch.allclose(q(ids).logits, fake(ids).logits, atol=1e-4)
+    assert attn.transposed and attn.float_shape("weight") == (128, 384)
+    back = qswap.load(qswap.save(q, tmp_path / "gpt2.qswap"), transformers.GPT2LMHeadModel(config))
+    _same_kernels(q, back)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, q(ids).logits)
+    # an ONNX graph takes and returns tensors: the KV cache and a flag are named, no file
+    with pytest.raises(qswap.UnsupportedModuleError, match="returns a DynamicCache.*wrap"):
+        qswap.export_onnx(q, ids, tmp_path / "gpt2.onnx")
+    flag = {"input_ids": ids, "use_cache": False}
+    with pytest.raises(qswap.UnsupportedModuleError, match="'use_cache' is a bool.*wrap"):
+        qswap.export_onnx(q, flag, tmp_path / "gpt2.onnx")
+    assert not (tmp_path / "gpt2.onnx").exists()
 
 
 def test_weight_methods_show_progress_over_their_layers(

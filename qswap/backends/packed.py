@@ -211,9 +211,12 @@ class PackedLinear(_Packed):
         group_size: int,
         bias: Tensor | None,
         input_scale: Tensor | None = None,
+        transposed: bool = False,
     ) -> None:
         super().__init__(codes, scales, zero_points, quant_range, group_size)
         self.out_features = self.rows
+        #: the float layer held its weight as ``(in, out)`` (transformers' ``Conv1D``)
+        self.transposed = transposed
         empty = torch.zeros(0, dtype=torch.float32)
         self.register_buffer("input_scale", empty if input_scale is None else input_scale.float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
@@ -257,7 +260,15 @@ class PackedLinear(_Packed):
             group,
             bias if isinstance(bias, Tensor) else None,
             getattr(spec, "input_scale", None),
+            transposed=(qp.axis or 0) != 0,
         )
+
+    def float_shape(self, slot: str) -> tuple[int, ...] | None:
+        """The shape ``slot`` had on the float layer (a saved file checks the model against it)."""
+        if slot != "weight":
+            return None
+        rows, cols = self.out_features, self.in_features
+        return (cols, rows) if self.transposed else (rows, cols)
 
     def _int4_operands(self) -> tuple[Tensor, Tensor]:
         if self._int4 is None or self._int4[0].device != self.qweight.device:

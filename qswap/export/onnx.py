@@ -648,6 +648,23 @@ def _exporter_quiet() -> Iterator[None]:
         yield
 
 
+def _unexportable(out: Any) -> str | None:
+    """The type name of the first thing in a model's output an ONNX graph cannot return."""
+    if out is None or isinstance(out, (Tensor, bool, int, float, str)):
+        return None
+    if isinstance(out, Mapping):
+        items: Any = out.values()
+    elif isinstance(out, (tuple, list)):
+        items = out
+    else:
+        return type(out).__name__
+    for item in items:
+        found = _unexportable(item)
+        if found is not None:
+            return found
+    return None
+
+
 def _split(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(example_inputs, Tensor):
         return (example_inputs,), {}
@@ -704,6 +721,17 @@ def export_onnx(
     target = _int8_twin(model) if runtime is not None else (_nbits_twin(model) or model)
     flags = [(m, m.training) for m in target.modules()]
     target.train(False)
+    wrap = (
+        "wrap the model in a module whose forward takes tensors and returns tensors (for a "
+        "transformers model: model(input_ids=ids, attention_mask=torch.ones_like(ids), "
+        "use_cache=False).logits) and export that"
+    )
+    for key, value in [*enumerate(args), *kwargs.items()]:
+        if not isinstance(value, Tensor):
+            raise UnsupportedModuleError(
+                f"export_onnx(): example input {key!r} is a {type(value).__name__}; the graph's "
+                f"inputs are tensors: {wrap}"
+            )
     n_in = len(args) + len(kwargs)
     names_in = (
         list(input_names)
@@ -712,6 +740,12 @@ def export_onnx(
     )
     with torch.no_grad():
         out = target(*args, **kwargs)
+    odd = _unexportable(out)
+    if odd is not None:
+        raise UnsupportedModuleError(
+            f"export_onnx(): this {type(model).__name__} returns a {odd}, which an ONNX graph "
+            f"cannot output (a transformers model's KV cache): {wrap}"
+        )
     n_out = len(flatten_tensors(out, []))
     names_out = (
         list(output_names)

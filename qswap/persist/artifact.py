@@ -581,7 +581,10 @@ def calibration_payload(model: nn.Module) -> dict[str, Any]:
                 value = _slot_tensor(module, slot)
                 if value is None:
                     continue
-                shapes[slot] = list(value.shape)
+                # a counterpart that stores its weight in another layout says the float one
+                float_shape = getattr(module, "float_shape", None)
+                shape = float_shape(slot) if callable(float_shape) else None
+                shapes[slot] = list(value.shape if shape is None else shape)
                 if state.stage == "prepared" or not getattr(model, "_qswap_int8", None):
                     digests[slot] = _digest(value)
         dropped = [
