@@ -461,13 +461,16 @@ def test_gpt2_conv1d_packs_its_transposed_weight(tmp_path: Path) -> None:
     _same_kernels(q, back)
     with torch.no_grad():
         assert torch.equal(back(ids).logits, q(ids).logits)
-    # an ONNX graph takes and returns tensors: the KV cache and a flag are named, no file
+    # an ONNX graph takes and returns tensors: the KV cache and a flag are named, no file,
+    # and the model's training modes are as they were
+    q.train()
     with pytest.raises(qswap.UnsupportedModuleError, match="returns a DynamicCache.*wrap"):
         qswap.export_onnx(q, ids, tmp_path / "gpt2.onnx")
     flag = {"input_ids": ids, "use_cache": False}
     with pytest.raises(qswap.UnsupportedModuleError, match="'use_cache' is a bool.*wrap"):
         qswap.export_onnx(q, flag, tmp_path / "gpt2.onnx")
     assert not (tmp_path / "gpt2.onnx").exists()
+    assert all(m.training for m in q.modules())
 
 
 def test_weight_methods_show_progress_over_their_layers(

@@ -56,6 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from qswap.exceptions import FileError, PlanError, UnsupportedModuleError
 from qswap.persist.artifact import check_writable, write_atomic
+from qswap.plan import restore_training, set_eval
 from qswap.trace import flatten_tensors, function_name
 
 if TYPE_CHECKING:
@@ -717,10 +718,6 @@ def export_onnx(
         )
     _check_exportable(model)
     args, kwargs = _split(example_inputs)
-    runtime = getattr(model, "_qswap_int8", None)
-    target = _int8_twin(model) if runtime is not None else (_nbits_twin(model) or model)
-    flags = [(m, m.training) for m in target.modules()]
-    target.train(False)
     wrap = (
         "wrap the model in a module whose forward takes tensors and returns tensors (for a "
         "transformers model: model(input_ids=ids, attention_mask=torch.ones_like(ids), "
@@ -732,31 +729,34 @@ def export_onnx(
                 f"export_onnx(): example input {key!r} is a {type(value).__name__}; the graph's "
                 f"inputs are tensors: {wrap}"
             )
+    runtime = getattr(model, "_qswap_int8", None)
+    target = _int8_twin(model) if runtime is not None else (_nbits_twin(model) or model)
     n_in = len(args) + len(kwargs)
     names_in = (
         list(input_names)
         if input_names is not None
         else ([f"input_{i}" for i in range(len(args))] + list(kwargs) if n_in > 1 else ["input"])
     )
-    with torch.no_grad():
-        out = target(*args, **kwargs)
-    odd = _unexportable(out)
-    if odd is not None:
-        raise UnsupportedModuleError(
-            f"export_onnx(): this {type(model).__name__} returns a {odd}, which an ONNX graph "
-            f"cannot output (a transformers model's KV cache): {wrap}"
-        )
-    n_out = len(flatten_tensors(out, []))
-    names_out = (
-        list(output_names)
-        if output_names is not None
-        else (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
-    )
-    dynamic_axes = (
-        {name: {0: "batch"} for name in [*names_in, *names_out]} if dynamic_batch else None
-    )
     buffer = io.BytesIO()
+    training = set_eval(target)  # the model's modes come back as they were, whatever happens
     try:
+        with torch.no_grad():
+            out = target(*args, **kwargs)
+        odd = _unexportable(out)
+        if odd is not None:
+            raise UnsupportedModuleError(
+                f"export_onnx(): this {type(model).__name__} returns a {odd}, which an ONNX "
+                f"graph cannot output (a transformers model's KV cache): {wrap}"
+            )
+        n_out = len(flatten_tensors(out, []))
+        names_out = (
+            list(output_names)
+            if output_names is not None
+            else (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+        )
+        dynamic_axes = (
+            {name: {0: "batch"} for name in [*names_in, *names_out]} if dynamic_batch else None
+        )
         with _exporter_quiet(), torch.no_grad():
             torch.onnx.export(
                 target,
@@ -776,8 +776,7 @@ def export_onnx(
             f"torch's ONNX exporter could not export this {type(model).__name__}: {exc}"
         ) from exc
     finally:
-        for m, flag in flags:
-            m.training = flag
+        restore_training(training)
     onnx = _require("onnx")
     proto = onnx.load_from_string(buffer.getvalue())
     proto = _QDQGraph(proto).canonical(quantize_bias=quantize_bias)
