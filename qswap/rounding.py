@@ -113,6 +113,24 @@ class WeightMethod(Observer):
         """``x`` as rows of input features, float32."""
         return x.reshape(-1, x.shape[-1]).to(torch.float32)
 
+    def _add_sums(self, sums: Mapping[str, Tensor]) -> None:
+        """Add each of ``sums`` (buffer name -> a batch's or another instance's sum) into the
+        buffer of that name, taken as is the first time. The first sum's leading size is the
+        layer's input feature count: it must match what came before."""
+        name, value = next(iter(sums.items()))
+        held = getattr(self, name)
+        if held.numel() and held.shape != value.shape:
+            raise CalibrationError(
+                f"{type(self).__name__.lower()} saw inputs with {value.shape[0]} features after "
+                f"{held.shape[0]}; a layer's input size must stay the same"
+            )
+        for key, total in sums.items():
+            current = getattr(self, key)
+            if current.numel() == 0:
+                set_buffer(self, key, total.clone())
+            else:
+                current.add_(total.to(current.device))
+
 
 class Solved(WeightMethod):
     """A method that has rounded its layer already (sequential calibration); statistics freed.
@@ -225,22 +243,12 @@ class GPTQ(WeightMethod):
 
     def observe(self, x: Tensor) -> None:
         rows = self._features(x)
-        self._add(rows.T @ rows, rows.shape[0])
-
-    def _add(self, h: Tensor, rows: int) -> None:
-        if self.hessian.numel() == 0:
-            set_buffer(self, "hessian", h.clone())
-        elif self.hessian.shape != h.shape:
-            raise CalibrationError(
-                f"gptq saw inputs with {h.shape[0]} features after {self.hessian.shape[0]}; a "
-                "layer's input size must stay the same"
-            )
-        else:
-            self.hessian.add_(h.to(self.hessian.device))
-        self.rows.add_(rows)
+        self._add_sums({"hessian": rows.T @ rows})
+        self.rows.add_(rows.shape[0])
 
     def _merge_state(self, other: GPTQ) -> None:
-        self._add(other.hessian, int(other.rows))
+        self._add_sums({"hessian": other.hessian})
+        self.rows.add_(int(other.rows))
 
     def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
         self._require_seen()
@@ -274,7 +282,8 @@ class AWQOptions(BaseModel):
         default=True,
         description=(
             "After scaling, shrink each group's (or row's) range where that lowers the output "
-            "error on the sample, as AWQ's clipping search does. Per-tensor weights: ignored."
+            "error on the calibration inputs, as AWQ's clipping search does. Per-tensor "
+            "weights: ignored."
         ),
     )
     max_shrink: float = Field(
@@ -313,24 +322,12 @@ class AWQ(WeightMethod):
 
     def observe(self, x: Tensor) -> None:
         rows = self._features(x)
-        self._add(rows.T @ rows, rows.abs().sum(dim=0), rows.shape[0])
-
-    def _add(self, moments: Tensor, magnitude: Tensor, count: int) -> None:
-        if self.moments.numel() == 0:
-            set_buffer(self, "moments", moments.clone())
-            set_buffer(self, "magnitude", magnitude.clone())
-        elif self.moments.shape != moments.shape:
-            raise CalibrationError(
-                f"awq saw inputs with {moments.shape[0]} features after "
-                f"{self.moments.shape[0]}; a layer's input size must stay the same"
-            )
-        else:
-            self.moments.add_(moments.to(self.moments.device))
-            self.magnitude.add_(magnitude.to(self.magnitude.device))
-        self.rows.add_(count)
+        self._add_sums({"moments": rows.T @ rows, "magnitude": rows.abs().sum(dim=0)})
+        self.rows.add_(rows.shape[0])
 
     def _merge_state(self, other: AWQ) -> None:
-        self._add(other.moments, other.magnitude, int(other.rows))
+        self._add_sums({"moments": other.moments, "magnitude": other.magnitude})
+        self.rows.add_(int(other.rows))
 
     def solve(self, weight: Tensor, qparams: QParams, rtn: RoundToNearest) -> Rounded:
         self._require_seen()
