@@ -309,8 +309,11 @@ def awq_clip(
             highs.append(block.amax(dim=1, keepdim=True).clamp_min(0).expand_as(block))
         low, high = torch.cat(lows, dim=1), torch.cat(highs, dim=1)
 
-        def group_errors(candidate: Tensor) -> Tensor:
-            diff = w - quantize(candidate.to(weight.dtype)).to(work)
+        def rounded(candidate: Tensor) -> Tensor:
+            return quantize(candidate.to(weight.dtype)).to(work)
+
+        def group_errors(quantized: Tensor) -> Tensor:
+            diff = w - quantized
             return torch.stack(
                 [
                     ((diff[:, s : s + size] @ gram) * diff[:, s : s + size]).sum(dim=1)
@@ -319,20 +322,21 @@ def awq_clip(
                 dim=1,
             )  # (out, groups)
 
+        plain_q = rounded(w)  # the unclipped rounding, scored here and kept where it wins
         best = w.clone()
-        best_error = group_errors(w)
+        best_error = group_errors(plain_q)
         for step in range(1, grid):
             ratio = 1.0 - max_shrink * step / grid
             candidate = torch.minimum(torch.maximum(w, low * ratio), high * ratio)
-            error = group_errors(candidate)
+            error = group_errors(rounded(candidate))
             better = error < best_error  # ties keep the wider range
             best_error = torch.where(better, error, best_error)
             mask = better.repeat_interleave(size, dim=1)[:, :features]
             best = torch.where(mask, candidate, best)
         # keep each row unclipped where its whole-row error (cross terms included) grew
         reference = x @ w.T
-        plain = ((x @ quantize(weight.detach()).to(work).T - reference) ** 2).sum(dim=0)
-        clipped = ((x @ quantize(best.to(weight.dtype)).to(work).T - reference) ** 2).sum(dim=0)
+        plain = ((x @ plain_q.T - reference) ** 2).sum(dim=0)
+        clipped = ((x @ rounded(best).T - reference) ** 2).sum(dim=0)
         keep = (clipped <= plain).unsqueeze(1)
         return torch.where(keep, best, w).to(weight.dtype)
 
