@@ -431,12 +431,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.calibration:
         qmodel = qswap.convert(prepared, calibration=args.calibration)
     else:
-        modes: dict[str | None, bool | Literal["quantized"]] = {
-            None: False,
-            "float": True,
-            "quantized": "quantized",
-        }
-        sequential = modes[args.sequential]
+        sequential: bool | Literal["quantized"] = (
+            "quantized" if args.sequential == "quantized" else args.sequential == "float"
+        )
         calibrate(
             prepared,
             calib,
@@ -445,16 +442,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             sequential=sequential,
         )
     tmp = _make_temp_folder(out)
-    written = ["model.pt", "config.yaml", "plan.txt", "report.txt/json/csv"]
+    with_calibration = bool(args.calibration) or not methods
+    written = ["calibration.pt"] if with_calibration else []
+    written += ["model.pt", "config.yaml", "plan.txt", "report.txt/json/csv"]
     try:
         if not args.calibration:
-            if not methods:
+            if with_calibration:
                 save_calibration(prepared, tmp / "calibration.pt")
             qmodel = qswap.convert(prepared, inplace=True)
         else:
             save_calibration(qmodel, tmp / "calibration.pt")
-        if not methods or args.calibration:
-            written.insert(0, "calibration.pt")
         save(qmodel, tmp / "model.pt")
         # the plan's config: what it measured (vnni) included, so the folder rebuilds as is
         write_atomic(tmp / "config.yaml", dump_config(the_plan.config).encode("utf-8"))
@@ -485,7 +482,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         f"wrote {shown.rstrip(os.sep)}/: {', '.join(written)}"
         + (", model.onnx, onnx_check.txt" if want_onnx else "")
     )
-    if methods and not args.calibration:
+    if not with_calibration:
         print(
             f"no calibration.pt: weight method(s) {', '.join(methods)} rounded the weights "
             "themselves, which a calibration file (qparams only) cannot hold; model.pt keeps them"

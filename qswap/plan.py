@@ -602,14 +602,13 @@ def set_eval(model: nn.Module) -> list[weakref.ref[nn.Module]]:
                 found[id(child)] = child
                 stack.append(child)
     modules = list(found.values())
-    training = [weakref.ref(m) for m in modules if m.training]
+    training = [m for m in modules if m.training]
     if any(type(m).train is not nn.Module.train for m in modules):
         model.train(False)
     else:
-        for m in modules:
-            if m.training:
-                m.training = False
-    return training
+        for m in training:
+            m.training = False
+    return [weakref.ref(m) for m in training]
 
 
 def restore_training(modules: Sequence[weakref.ref[nn.Module]]) -> None:
