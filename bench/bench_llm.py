@@ -80,11 +80,13 @@ import qswap
 
 #: qswap's rows: (label, config). The packed configs are being added to qswap; a row whose
 #: config is missing prints ``not available`` and the run goes on.
+GPTQ_W4: dict[str, Any] = {"extends": ["w4_packed"], "weight": {"method": "gptq"}}
+AWQ_W4: dict[str, Any] = {"extends": ["w4_packed"], "weight": {"method": "awq"}}
 QSWAP_ROWS: list[tuple[str, str | dict[str, Any]]] = [
     ("qswap RTN int8 (w8_packed)", "w8_packed"),
     ("qswap RTN int4 g128 (w4_packed)", "w4_packed"),
-    ("qswap GPTQ int4 g128", {"extends": ["w4_packed"], "weight": {"method": "gptq"}}),
-    ("qswap AWQ int4 g128", {"extends": ["w4_packed"], "weight": {"method": "awq"}}),
+    ("qswap GPTQ int4 g128", GPTQ_W4),
+    ("qswap AWQ int4 g128", AWQ_W4),
     ("qswap fake w4 g128 (simulation)", "w4_per_group"),
     ("qswap dynamic w8a8 (x86_dynamic_int8)", "x86_dynamic_int8"),
     (
@@ -94,16 +96,8 @@ QSWAP_ROWS: list[tuple[str, str | dict[str, Any]]] = [
 ]
 #: rows built with quantize's keyword arguments too
 QSWAP_KW_ROWS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
-    (
-        "qswap GPTQ int4 g128, sequential=quantized",
-        dict(QSWAP_ROWS[2][1]),
-        {"sequential": "quantized"},
-    ),  # type: ignore[arg-type]
-    (
-        "qswap AWQ int4 g128, sequential=quantized",
-        dict(QSWAP_ROWS[3][1]),
-        {"sequential": "quantized"},
-    ),  # type: ignore[arg-type]
+    ("qswap GPTQ int4 g128, sequential=quantized", GPTQ_W4, {"sequential": "quantized"}),
+    ("qswap AWQ int4 g128, sequential=quantized", AWQ_W4, {"sequential": "quantized"}),
 ]
 RTN4, GPTQ4, AWQ4 = (label for label, _ in QSWAP_ROWS[1:4])
 GPTQ4Q, AWQ4Q = (label for label, _, _ in QSWAP_KW_ROWS)
@@ -586,7 +580,7 @@ def sequential_memory(float_model: nn.Module, calib: list[torch.Tensor]) -> dict
 
     from qswap.rounding import GPTQ
 
-    config = dict(QSWAP_ROWS[2][1])  # type: ignore[arg-type]
+    config = GPTQ_W4
     solve = GPTQ.solve
     out: dict[str, Any] = {}
     models = {}
@@ -703,6 +697,8 @@ def targets(rows: list[Row], threads: int) -> list[str]:
         out.append(
             f"{label}: bytes / fp32 {_f(ratio, '.3f')} (target <= {INT4_BYTES_TARGET}: {verdict})"
         )
+    # perplexity is deterministic; a time counts as missed only beyond the noise floor
+    floors = (0.0, *noise(rows, threads))
     for mine, peer in INT8_PEERS:
         if mine not in by or peer not in by:
             out.append(f"{mine} vs {peer}: n/a (not available)")
@@ -713,8 +709,6 @@ def targets(rows: list[Row], threads: int) -> list[str]:
             _ratio(a.prefill_ms.get(threads), b.prefill_ms.get(threads)),
             _ratio(a.decode_ms.get(threads), b.decode_ms.get(threads)),
         )
-        # perplexity is deterministic; a time counts as missed only beyond the noise floor
-        floors = (0.0, *noise(rows, threads))
         missed = [
             name
             for name, r, floor in zip(
@@ -734,7 +728,7 @@ def targets(rows: list[Row], threads: int) -> list[str]:
         for r in by.values()
         if fd and threads in r.decode_ms and r.label not in (FLOAT, FLOAT_AGAIN)
     ]
-    _, decode_noise = noise(rows, threads)
+    decode_noise = floors[2]
     if decoded:
         best, label = min(decoded)
         out.append(
